@@ -1,0 +1,1559 @@
+#!/usr/bin/env python3
+"""agent.py: run Prefect flow runs from a work pool, with nothing but the standard library.
+
+A drop-in for `prefect worker start --type process` on hosts where Prefect itself cannot be
+installed next to the agent: copy this one file, run `python agent.py --pool NAME`. It polls
+the Prefect API for scheduled runs, claims each one (the server guarantees exactly one claimant),
+starts it as a local process, streams and watches it, and reports how it ended.
+
+Requires CPython 3.8 or newer on a POSIX host. Flow runs themselves need `prefect` installed in
+the Python that runs them (see --python), not in the one that runs this file.
+
+Sections, in the order data flows: configuration, API client, job configuration, launcher,
+supervision, reporting, the agent loop, health server, command line.
+"""
+
+import argparse
+import base64
+import collections
+import copy
+import datetime
+import email.utils
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+__version__ = "0.1.0"
+__license__ = "Apache-2.0"
+
+log = logging.getLogger("agent")
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+#: Seconds between polls and of prefetch: Prefect's agent defaults (PREFECT_AGENT_*).
+DEFAULT_POLL_SECONDS = 15.0
+DEFAULT_PREFETCH_SECONDS = 15.0
+#: How often the worker heartbeat, pool re-read and --match re-resolution run.
+SYNC_SECONDS = 30.0
+#: Missed polls after which the health check reports the agent unhealthy.
+UNHEALTHY_AFTER_POLLS = 3
+
+
+class UsageError(Exception):
+    """A flag, environment variable or value the agent cannot start with."""
+
+
+class Config:
+    """Everything the command line and environment decided, validated once."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _positive_number(text, what):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UsageError("%s must be a number, got %r" % (what, text))
+    if not value > 0 or value != value or value == float("inf"):
+        raise UsageError("%s must be a positive number, got %r" % (what, text))
+    return value
+
+
+def _env_pair(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        raise UsageError("--env expects KEY=VALUE with KEY a variable name, got %r" % text)
+    return key, value
+
+
+def _http_address(text, what):
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
+        raise UsageError("%s must look like http://HOST:PORT, got %r" % (what, text))
+    return parsed.hostname, parsed.port
+
+
+def _api_url(text):
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError("--api / PREFECT_API_URL must be an http(s) URL, got %r" % redact_url(text))
+    return text.rstrip("/")
+
+
+def redact_url(url):
+    """The URL with any user:password part removed, safe to log."""
+    parsed = urllib.parse.urlsplit(url)
+    if "@" not in parsed.netloc:
+        return url
+    return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(
+        prog="agent.py",
+        description="Run Prefect flow runs from a work pool as local processes.",
+        epilog="Commands: 'start' (default) runs the agent; 'install' prints a supervisord "
+        "program section for the same flags.")
+    add = parser.add_argument
+    add("--api", help="Prefect API URL (default: $PREFECT_API_URL or %s)" % DEFAULT_API_URL)
+    add("--key", help="Prefect API key, sent as a Bearer token (default: $PREFECT_API_KEY); "
+        "prefer --key-file or the variable, which ps cannot show")
+    add("--key-file", metavar="PATH", help="read the API key from this file")
+    add("-p", "--pool", help="work pool to take runs from (required)")
+    add("-q", "--work-queue", action="append", default=[], metavar="QUEUE",
+        help="only this queue of the pool (repeatable; created when missing)")
+    add("-m", "--match", action="append", default=[], metavar="PREFIX",
+        help="queues whose name starts with PREFIX (repeatable; re-resolved while running)")
+    add("-l", "--limit", help="most flow runs in flight at once (default: no limit)")
+    add("--prefetch-seconds", help="claim runs scheduled up to this far ahead "
+        "(default: $PREFECT_AGENT_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS)
+    add("--poll-interval", help="seconds between polls "
+        "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS)
+    add("--run-once", action="store_true", help="poll once, wait for those runs, exit")
+    add("--hide-welcome", action="store_true", help="do not print the start-up banner")
+    add("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="environment variable set on every flow run (repeatable)")
+    add("-n", "--name", help="worker name shown in the Prefect UI (default: unique per process)")
+    add("--python", metavar="PATH",
+        help="Python that runs flows with the default command (default: this one)")
+    add("--show-flow-logs", action="store_true",
+        help="stream every run's output here, even where the job says stream_output: false")
+    add("--agent-address", metavar="http://HOST:PORT", help="serve GET /api/health here "
+        "(default: $PREFECT__CLOUD__AGENT__AGENT_ADDRESS)")
+    return parser
+
+
+def parse_config(args, environ):
+    """Turn parsed flags plus the environment into a Config, or raise UsageError."""
+    if not args.pool:
+        raise UsageError("--pool is required: name the work pool to take runs from")
+    if args.key and args.key_file:
+        raise UsageError("give either --key or --key-file, not both")
+    key = args.key or environ.get("PREFECT_API_KEY") or None
+    if args.key_file:
+        try:
+            with open(args.key_file) as handle:
+                key = handle.read().strip()
+        except OSError as exc:
+            raise UsageError("cannot read --key-file %r: %s" % (args.key_file, exc.strerror))
+        if not key:
+            raise UsageError("--key-file %r is empty" % args.key_file)
+    limit = None
+    if args.limit is not None:
+        if not re.match(r"^\d+$", args.limit.strip()) or int(args.limit) < 1:
+            raise UsageError("--limit must be a whole number of 1 or more, got %r" % args.limit)
+        limit = int(args.limit)
+    prefetch_text = args.prefetch_seconds
+    if prefetch_text is None:
+        prefetch_text = environ.get("PREFECT_AGENT_PREFETCH_SECONDS", DEFAULT_PREFETCH_SECONDS)
+    prefetch = _nonnegative(prefetch_text, "--prefetch-seconds / PREFECT_AGENT_PREFETCH_SECONDS")
+    poll_text = args.poll_interval
+    if poll_text is None:
+        poll_text = environ.get("PREFECT_AGENT_QUERY_INTERVAL", DEFAULT_POLL_SECONDS)
+    poll = _positive_number(poll_text, "--poll-interval / PREFECT_AGENT_QUERY_INTERVAL")
+    address = args.agent_address or environ.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
+    health = _http_address(address, "--agent-address") if address else None
+    name = args.name or "agent.py %s %s" % (socket.gethostname(), uuid.uuid4().hex[:8])
+    if "/" in name or "%" in name:
+        raise UsageError("--name may not contain '/' or '%%', got %r" % name)
+    for queue in args.work_queue + args.match:
+        if not queue.strip():
+            raise UsageError("--work-queue / --match may not be empty")
+    python = args.python or sys.executable
+    if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise UsageError("--python %r is not an executable file" % python)
+    return Config(
+        api_url=_api_url(args.api or environ.get("PREFECT_API_URL") or DEFAULT_API_URL),
+        api_key=key,
+        auth_string=environ.get("PREFECT_API_AUTH_STRING") or None,
+        pool=args.pool,
+        queues=list(dict.fromkeys(args.work_queue)),
+        match=list(dict.fromkeys(args.match)),
+        limit=limit,
+        prefetch_seconds=prefetch,
+        poll_seconds=poll,
+        run_once=args.run_once,
+        hide_welcome=args.hide_welcome,
+        extra_env=dict(_env_pair(item) for item in args.env),
+        name=name,
+        python=python,
+        show_flow_logs=args.show_flow_logs,
+        health_address=health,
+    )
+
+
+def _nonnegative(text, what):
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UsageError("%s must be a number, got %r" % (what, text))
+    if not value >= 0 or value == float("inf"):
+        raise UsageError("%s must be zero or more, got %r" % (what, text))
+    return value
+
+
+###############################################################################
+# API client ##################################################################
+###############################################################################
+
+#: Statuses Prefect's own client retries (plus 504, which proxies in front of it answer).
+RETRY_STATUSES = (408, 429, 502, 503, 504)
+#: A response larger than this is refused rather than parsed.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+REQUEST_TIMEOUT_SECONDS = 60
+
+
+class APIError(Exception):
+    """The API answered, but not with what was asked for."""
+
+    def __init__(self, method, path, status, detail):
+        self.method, self.path, self.status, self.detail = method, path, status, detail
+        super().__init__("%s %s answered %s: %s" % (method, path, status, detail))
+
+
+class APIUnreachable(Exception):
+    """The API could not be reached, or kept failing after the retries."""
+
+
+class AuthRefused(Exception):
+    """The server refused our credentials: running on would only fail again."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are handled by PrefectAPI itself so credentials never go elsewhere."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _error_detail(body):
+    """The human part of a Prefect error body, or the start of whatever came back."""
+    try:
+        parsed = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        for field in ("detail", "exception_message"):
+            if parsed.get(field):
+                return str(parsed[field])[:300]
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return (text[:200] + "...") if len(text) > 200 else (text or "(empty body)")
+
+
+def _retry_after_seconds(value):
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - utcnow()).total_seconds())
+
+
+def backoff_seconds(attempt, retry_after=None, cap=30.0):
+    """Delay before retry number `attempt` (1-based): Retry-After if given, else doubling from
+    half a second; jittered so agents that failed together do not retry together."""
+    if retry_after is not None:
+        return retry_after * random.uniform(1.0, 1.2)
+    return min(cap, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def isoformat(moment):
+    return moment.isoformat()
+
+
+class PrefectAPI:
+    """JSON over HTTP to one Prefect API, with retries, CSRF and auth. Thread-safe."""
+
+    USER_AGENT = "agent.py/%s (stdlib Prefect agent; Python %d.%d)" % (
+        (__version__,) + tuple(sys.version_info[:2]))
+
+    def __init__(self, url, api_key=None, auth_string=None, max_retries=5):
+        self.url = url.rstrip("/")
+        self.max_retries = max_retries
+        self._auth = None
+        if auth_string:  # Prefect's client prefers the auth string when both are set
+            self._auth = "Basic " + base64.b64encode(auth_string.encode()).decode()
+        elif api_key:
+            self._auth = "Bearer " + api_key
+        self._csrf_client = str(uuid.uuid4())
+        self._csrf_token = None
+        self._csrf_lock = threading.Lock()
+        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._reached = False
+        self.last_success = None
+
+    # -- transport ------------------------------------------------------------
+
+    def request(self, method, path, body=None, retries=None):
+        """Send one request; return the parsed JSON answer (None for an empty one).
+
+        Retries transport errors and RETRY_STATUSES with backoff. Raises AuthRefused, APIError
+        (any other non-2xx answer, or a 2xx that is not JSON) or APIUnreachable."""
+        retries = self.max_retries if retries is None else retries
+        attempt = 0
+        csrf_retried = False
+        while True:
+            attempt += 1
+            try:
+                status, headers, raw = self._send(method, path, body)
+            except (OSError, urllib.error.URLError, ValueError) as exc:
+                # A refused connection before we ever reached the server means a wrong URL:
+                # fail fast rather than spend a minute retrying it.
+                refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                if attempt > retries or (refused and not self._reached and attempt > 1):
+                    raise APIUnreachable("%s %s failed: %s" % (method, path, _describe(exc)))
+                time.sleep(backoff_seconds(attempt))
+                continue
+            if status in RETRY_STATUSES and attempt <= retries:
+                time.sleep(backoff_seconds(attempt, _retry_after_seconds(headers.get("Retry-After"))))
+                continue
+            if status in RETRY_STATUSES:
+                raise APIUnreachable("%s %s answered %s after %d tries: %s"
+                                     % (method, path, status, attempt, _error_detail(raw)))
+            self._reached = True
+            if status == 403 and b"CSRF" in raw and not csrf_retried:
+                csrf_retried = True
+                self._refresh_csrf_token()
+                continue
+            if status == 401 or (status == 403 and method == "GET"):
+                raise AuthRefused(
+                    "the Prefect API at %s refused our credentials (%s %s answered %s: %s); "
+                    "check --key / PREFECT_API_KEY or PREFECT_API_AUTH_STRING"
+                    % (redact_url(self.url), method, path, status, _error_detail(raw)))
+            if not 200 <= status < 300:
+                raise APIError(method, path, status, _error_detail(raw))
+            self.last_success = time.monotonic()
+            if not raw.strip():
+                return None
+            try:
+                return json.loads(raw.decode("utf-8"))
+            except ValueError:
+                raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
+
+    def _send(self, method, path, body, redirects=1):
+        headers = {"Accept": "application/json", "User-Agent": self.USER_AGENT}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self._auth:
+            headers["Authorization"] = self._auth
+        if method != "GET" and self._csrf_token:
+            headers["Prefect-Csrf-Token"] = self._csrf_token
+            headers["Prefect-Csrf-Client"] = self._csrf_client
+        url = path if path.startswith(("http://", "https://")) else self.url + path
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(req, timeout=REQUEST_TIMEOUT_SECONDS) as resp:
+                return resp.status, resp.headers, _read_capped(resp, method, path)
+        except urllib.error.HTTPError as exc:
+            location = exc.headers.get("Location") if exc.headers else None
+            if exc.code in (307, 308) and location and redirects:
+                target = urllib.parse.urljoin(url, location)
+                if urllib.parse.urlsplit(target)[:2] == urllib.parse.urlsplit(url)[:2]:
+                    return self._send(method, target, body, redirects - 1)
+            return exc.code, exc.headers or {}, _read_capped(exc, method, path)
+
+    def _refresh_csrf_token(self):
+        with self._csrf_lock:
+            try:
+                answer = self.request(
+                    "GET", "/csrf-token?client=" + self._csrf_client, retries=2)
+            except APIError:
+                answer = None  # CSRF is off, or the server predates it
+            self._csrf_token = answer.get("token") if isinstance(answer, dict) else None
+
+    # -- calls a worker makes (PROTOCOL.md sections 2-9) ----------------------
+
+    def read_pool(self, pool):
+        """The work pool, or None when it does not exist."""
+        try:
+            return self.request("GET", "/work_pools/" + _quote(pool))
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_pool(self, pool, pool_type, base_job_template):
+        body = {"name": pool, "type": pool_type, "base_job_template": base_job_template}
+        return self.request("POST", "/work_pools/", body)
+
+    def heartbeat(self, pool, worker_name, interval):
+        self.request("POST", "/work_pools/%s/workers/heartbeat" % _quote(pool),
+                     {"name": worker_name, "heartbeat_interval_seconds": int(interval)})
+
+    def queues_with_prefixes(self, pool, prefixes):
+        found, offset = [], 0
+        while True:
+            page = self.request("POST", "/work_pools/%s/queues/filter" % _quote(pool), {
+                "work_queues": {"name": {"startswith_": prefixes}}, "limit": 200, "offset": offset})
+            page = _expect_list(page, "queue filter")
+            found.extend(q["name"] for q in page if isinstance(q, dict) and isinstance(q.get("name"), str))
+            if len(page) < 200:
+                return found
+            offset += len(page)
+
+    def ensure_queue(self, pool, queue):
+        """Create the queue if missing; True when we created it."""
+        try:
+            self.request("GET", "/work_pools/%s/queues/%s" % (_quote(pool), _quote(queue)))
+            return False
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            self.request("POST", "/work_pools/%s/queues" % _quote(pool), {"name": queue})
+        except APIError as exc:
+            if exc.status != 409:  # another agent created it first
+                raise
+        return True
+
+    def scheduled_runs(self, pool, queues, scheduled_before):
+        body = {"scheduled_before": isoformat(scheduled_before)}
+        if queues:
+            body["work_queue_names"] = queues
+        answer = self.request("POST", "/work_pools/%s/get_scheduled_flow_runs" % _quote(pool), body)
+        runs = []
+        for item in _expect_list(answer, "scheduled runs"):
+            run = item.get("flow_run") if isinstance(item, dict) else None
+            if isinstance(run, dict) and isinstance(run.get("id"), str):
+                runs.append(run)
+            else:
+                log.warning("ignoring a malformed entry in the scheduled runs answer: %.200r", item)
+        return runs
+
+    def set_state(self, run_id, state_type, message=None, name=None, force=False,
+                  transition_id=None):
+        state = {"type": state_type, "name": name, "message": message, "data": None,
+                 "state_details": {"flow_run_id": run_id,
+                                   "transition_id": transition_id or str(uuid.uuid4())}}
+        answer = self.request("POST", "/flow_runs/%s/set_state" % run_id,
+                              {"state": state, "force": force})
+        if not isinstance(answer, dict) or answer.get("status") not in (
+                "ACCEPT", "REJECT", "ABORT", "WAIT"):
+            raise APIError("POST", "/flow_runs/%s/set_state" % run_id, 200,
+                           "not an orchestration result: %.200r" % (answer,))
+        return answer
+
+    def read_run(self, run_id):
+        return _expect_dict(self.request("GET", "/flow_runs/" + run_id), "flow run")
+
+    def set_infrastructure_pid(self, run_id, pid):
+        self.request("PATCH", "/flow_runs/" + run_id, {"infrastructure_pid": pid})
+
+    def read_deployment(self, deployment_id):
+        return _expect_dict(self.request("GET", "/deployments/" + deployment_id), "deployment")
+
+    def read_flow(self, flow_id):
+        return _expect_dict(self.request("GET", "/flows/" + flow_id), "flow")
+
+    def read_variable(self, name):
+        try:
+            answer = self.request("GET", "/variables/name/" + _quote(name))
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return answer.get("value") if isinstance(answer, dict) else None
+
+    def write_logs(self, entries):
+        self.request("POST", "/logs/", entries)
+
+
+def _read_capped(resp, method, path):
+    raw = resp.read(MAX_RESPONSE_BYTES + 1)
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise APIError(method, path, resp.status, "answer larger than %d bytes, refused"
+                       % MAX_RESPONSE_BYTES)
+    return raw
+
+
+def _describe(exc):
+    reason = getattr(exc, "reason", None)
+    if reason is not None and not isinstance(reason, str):
+        exc = reason
+    text = str(exc) or exc.__class__.__name__
+    return "%s: %s" % (exc.__class__.__name__, text) if exc.__class__.__name__ not in text else text
+
+
+def _quote(name):
+    return urllib.parse.quote(name, safe="")
+
+
+def _expect_list(answer, what):
+    if not isinstance(answer, list):
+        raise APIError("", what, 200, "expected a JSON list, got %.200r" % (answer,))
+    return answer
+
+
+def _expect_dict(answer, what):
+    if not isinstance(answer, dict):
+        raise APIError("", what, 200, "expected a JSON object, got %.200r" % (answer,))
+    return answer
+
+
+###############################################################################
+# Job configuration ###########################################################
+###############################################################################
+
+
+def _optional(kind, **extra):
+    return dict(extra, anyOf=[{"type": kind}, {"type": "null"}], default=None)
+
+
+#: The base job template Prefect 3 gives a `process` pool (PROTOCOL.md 2.3).
+PROCESS_BASE_JOB_TEMPLATE = {
+    "job_configuration": {key: "{{ %s }}" % key for key in (
+        "command", "env", "labels", "name", "stream_output", "working_dir")},
+    "variables": {"type": "object", "properties": {
+        "name": _optional("string", title="Name",
+                          description="Name given to infrastructure created by a worker."),
+        "env": {"title": "Environment Variables", "type": "object",
+                "description": "Environment variables to set when starting a flow run.",
+                "additionalProperties": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+        "labels": {"title": "Labels", "type": "object",
+                   "description": "Labels applied to infrastructure created by a worker.",
+                   "additionalProperties": {"type": "string"}},
+        "command": _optional("string", title="Command", description=(
+            "The command to use when starting a flow run. In most cases, this should be left "
+            "blank and the command will be automatically generated by the worker.")),
+        "stream_output": {"title": "Stream Output", "type": "boolean", "default": True,
+                          "description": "If enabled, workers will stream output from flow "
+                                         "run processes to local standard output."},
+        "working_dir": dict(_optional("string", title="Working Directory", description=(
+            "If provided, workers will open flow run processes within the specified path as "
+            "the working directory. Otherwise, a temporary directory will be created.")),
+            anyOf=[{"type": "string", "format": "path"}, {"type": "null"}]),
+    }},
+}
+
+PLACEHOLDER = re.compile(r"{{\s*([\w\.\-\[\]$]+)\s*}}")
+_MISSING = object()
+
+
+class JobConfigError(Exception):
+    """The run's job configuration cannot be turned into something to start."""
+
+
+class Job:
+    """What to start for one run: argv, environment, directory, output handling."""
+
+    def __init__(self, argv, env, working_dir, stream_output):
+        self.argv, self.env, self.working_dir = argv, env, working_dir
+        self.stream_output = stream_output
+
+
+def merge_job_variables(deployment_vars, run_vars):
+    """Deployment job_variables overlaid by the run's own: `env` merged per key, the rest
+    replaced (Prefect 3's order, PROTOCOL.md 7.2 step 1)."""
+    values = dict(deployment_vars) if isinstance(deployment_vars, dict) else {}
+    run_vars = dict(run_vars) if isinstance(run_vars, dict) else {}
+    if isinstance(values.get("env"), dict) and isinstance(run_vars.get("env"), dict):
+        env = dict(values["env"])
+        env.update(run_vars.pop("env"))
+        values["env"] = env
+    values.update(run_vars)
+    return values
+
+
+def _nest_dotted_keys(values):
+    nested = {}
+    for key, value in values.items():
+        if "." in key:
+            head, _, rest = key.partition(".")
+            target = nested.setdefault(head, {})
+            if isinstance(target, dict):
+                target.update(_nest_dotted_keys({rest: value}))
+    for key, value in values.items():
+        if "." not in key:
+            if isinstance(value, dict) and isinstance(nested.get(key), dict):
+                merged = dict(nested[key])
+                merged.update(value)
+                nested[key] = merged
+            else:
+                nested[key] = value
+    return nested
+
+
+def resolve_job_configuration(base_job_template, values, lookup_prefect=None, environ=None):
+    """The pool's job_configuration with every {{ placeholder }} filled from the template's
+    defaults overlaid by `values` (PROTOCOL.md 7.2). Keys whose sole placeholder has no value
+    are dropped. `lookup_prefect(name)` answers `prefect.variables.*` / `prefect.blocks.*`."""
+    template = base_job_template or PROCESS_BASE_JOB_TEMPLATE
+    if not isinstance(template, dict) or not isinstance(template.get("job_configuration"), dict):
+        raise JobConfigError("the pool's base job template has no job_configuration object")
+    properties = (template.get("variables") or {}).get("properties") or {}
+    if not isinstance(properties, dict):
+        raise JobConfigError("the pool's base job template variables.properties is not an object")
+    config = copy.deepcopy(template["job_configuration"])
+    defaults = {key: spec["default"] for key, spec in properties.items()
+                if isinstance(spec, dict) and spec.get("default") is not None}
+    if "env" in defaults:
+        if isinstance(config.get("env"), dict):
+            config["env"] = dict(config["env"], **defaults["env"])
+        else:
+            config["env"] = defaults["env"]
+    variables = dict(defaults)
+    variables.update(_nest_dotted_keys(values or {}))
+    if isinstance(config.get("env"), dict) and isinstance(variables.get("env"), dict):
+        config["env"] = dict(config["env"], **variables["env"])
+    environ = os.environ if environ is None else environ
+    return _substitute(config, variables, lookup_prefect, environ)
+
+
+def _substitute(node, variables, lookup_prefect, environ):
+    if isinstance(node, dict):
+        resolved = {}
+        for key, value in node.items():
+            value = _substitute(value, variables, lookup_prefect, environ)
+            if value is not _MISSING:
+                resolved[key] = value
+        return resolved
+    if isinstance(node, list):
+        return [item for item in (_substitute(v, variables, lookup_prefect, environ)
+                                  for v in node) if item is not _MISSING]
+    if not isinstance(node, str):
+        return node
+    whole = PLACEHOLDER.fullmatch(node.strip())
+    if whole:
+        value = _lookup(whole.group(1), variables, lookup_prefect, environ)
+        return _MISSING if value is None or value is _MISSING else value
+
+    def text_of(match):
+        value = _lookup(match.group(1), variables, lookup_prefect, environ)
+        if value is None or value is _MISSING:
+            return ""
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return PLACEHOLDER.sub(text_of, node)
+
+
+def _lookup(name, variables, lookup_prefect, environ):
+    if name.startswith("$"):
+        return environ.get(name[1:], _MISSING)
+    if name.startswith("prefect."):
+        if lookup_prefect is None:
+            return _MISSING
+        return lookup_prefect(name)
+    value = variables
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", name):
+        if part.startswith("[") and isinstance(value, list):
+            index = int(part[1:-1])
+            value = value[index] if index < len(value) else _MISSING
+        elif isinstance(value, dict):
+            value = value.get(part, _MISSING)
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _as_bool(value, field):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise JobConfigError("job variable %r must be true or false, got %r" % (field, value))
+
+
+def _as_env(value):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise JobConfigError("job variable 'env' must be an object of strings, got %s %.100r"
+                             % (type(value).__name__, value))
+    for key, item in value.items():
+        if item is not None and not isinstance(item, str):
+            raise JobConfigError("job variable env.%s must be a string or null, got %s %.100r"
+                                 % (key, type(item).__name__, item))
+        if not key or "=" in key or "\0" in key or (item and "\0" in item):
+            raise JobConfigError("job variable env has an invalid entry %.100r" % key)
+    return value
+
+
+def build_job(config, flow_run_env, default_argv, show_flow_logs):
+    """The Job for a resolved process job configuration.
+
+    `flow_run_env` holds what the agent always sets (run id, API URL, credentials); it wins
+    over the job's own env so a run always reports to the server that handed it out."""
+    command = config.get("command")
+    if command is None or command == "":
+        argv = list(default_argv)
+    elif not isinstance(command, str):
+        raise JobConfigError("job variable 'command' must be a string, got %s %.100r"
+                             % (type(command).__name__, command))
+    else:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise JobConfigError("job variable 'command' %.200r cannot be split: %s" % (command, exc))
+        if not argv:
+            raise JobConfigError("job variable 'command' %.200r is blank" % command)
+    working_dir = config.get("working_dir")
+    if working_dir is not None and (not isinstance(working_dir, str) or not working_dir.strip()):
+        raise JobConfigError("job variable 'working_dir' must be a path, got %.100r" % (working_dir,))
+    env = dict(os.environ)
+    env.update(_as_env(config.get("env")))
+    env.update(flow_run_env)
+    env = {key: value for key, value in env.items() if value is not None}
+    stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
+    return Job(argv, env, working_dir, stream)
+
+
+###############################################################################
+# Launcher ####################################################################
+###############################################################################
+
+
+class LaunchError(Exception):
+    """The run's process could not be started at all."""
+
+
+class Child:
+    """One started flow-run process and what the agent keeps about it."""
+
+    TAIL_LINES = 20
+
+    def __init__(self, run_id, run_name, process, job, temp_dir):
+        self.run_id, self.run_name, self.process, self.job = run_id, run_name, process, job
+        self.temp_dir = temp_dir
+        self.pid = process.pid
+        self.tail = collections.deque(maxlen=self.TAIL_LINES)
+        self.partial = b""
+        self.started = time.monotonic()
+        self.returncode = None
+
+
+def start_process(run_id, run_name, job):
+    """Start `job` in its own session (so the whole tree can be signalled), with output on a
+    pipe the supervisor reads. Raises LaunchError with a reason a user can act on."""
+    temp_dir = None
+    cwd = job.working_dir
+    if cwd is None:
+        temp_dir = cwd = tempfile.mkdtemp(prefix="agentpy-", suffix="-prefect")
+    elif not os.path.isdir(cwd):
+        raise LaunchError("working directory %r does not exist" % cwd)
+    try:
+        process = subprocess.Popen(
+            job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    except FileNotFoundError:
+        _remove(temp_dir)
+        raise LaunchError("command %r not found (argv: %s)" % (job.argv[0], _argv_text(job.argv)))
+    except PermissionError:
+        _remove(temp_dir)
+        raise LaunchError("command %r is not executable (argv: %s)" % (job.argv[0], _argv_text(job.argv)))
+    except (OSError, ValueError) as exc:
+        _remove(temp_dir)
+        raise LaunchError("cannot start %s: %s" % (_argv_text(job.argv), exc))
+    flags = fcntl.fcntl(process.stdout, fcntl.F_GETFL)
+    fcntl.fcntl(process.stdout, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    return Child(run_id, run_name, process, job, temp_dir)
+
+
+def _argv_text(argv, limit=300):
+    text = " ".join(shlex.quote(part) for part in argv)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _remove(path):
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+#: What an exit code most likely means, for the CRASHED message (shell and Prefect conventions).
+EXIT_MEANINGS = {
+    1: "the process exited with a general error",
+    2: "the command was misused (bad arguments)",
+    126: "the command was found but could not be executed",
+    127: "the command was not found",
+    137: "the process was killed with SIGKILL (often the out-of-memory killer)",
+    143: "the process was terminated with SIGTERM",
+    247: "the process ran out of memory",
+}
+
+
+def explain_exit(code):
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "signal %d" % -code
+        hint = " (often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return "the process was killed by %s%s" % (name, hint)
+    return EXIT_MEANINGS.get(code, "the process reported failure")
+
+
+def crash_message(child):
+    code = child.returncode
+    message = "Flow run process exited with non-zero status code %d: %s." % (code, explain_exit(code))
+    tail = [line for line in child.tail if line.strip()]
+    if tail:
+        message += " Last lines of output:\n" + "\n".join(tail[-10:])
+    return message[:4000]
+
+
+###############################################################################
+# Supervision #################################################################
+###############################################################################
+
+
+class Supervisor(threading.Thread):
+    """Reads every child's output through one selector and reaps every child promptly.
+
+    One thread for any number of children: output is read without blocking, and a child is
+    reaped as soon as its pipe closes, a wake-up arrives (SIGCHLD) or, at the latest, on the
+    next tick, so a child whose grandchildren keep the pipe open is still reaped."""
+
+    TICK_SECONDS = 0.25
+
+    def __init__(self, on_exit, console=None):
+        super().__init__(name="supervisor", daemon=True)
+        self._on_exit = on_exit
+        self._console = console or sys.stdout
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._incoming = []
+        self._children = {}
+        self._stopping = False
+
+    @property
+    def wake_fd(self):
+        return self._wake_w
+
+    def add(self, child):
+        with self._lock:
+            self._incoming.append(child)
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending
+
+    def children(self):
+        with self._lock:
+            return list(self._children.values()) + list(self._incoming)
+
+    def stop(self):
+        self._stopping = True
+        self.wake()
+
+    def run(self):
+        while not self._stopping:
+            self._take_incoming()
+            for key, _ in self._selector.select(self.TICK_SECONDS):
+                if key.data is None:
+                    _drain_fd(self._wake_r)
+                else:
+                    self._read(key.data)
+            self._reap()
+
+    def _take_incoming(self):
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            for child in incoming:
+                self._children[child.pid] = child
+        for child in incoming:
+            self._selector.register(child.process.stdout, selectors.EVENT_READ, child)
+
+    def _read(self, child):
+        try:
+            chunk = os.read(child.process.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close_output(child)
+            return
+        lines = (child.partial + chunk).split(b"\n")
+        child.partial = lines.pop()
+        if len(child.partial) > 65536:  # a runaway line without newline: show it in pieces
+            lines.append(child.partial)
+            child.partial = b""
+        for line in lines:
+            self._line(child, line)
+
+    def _line(self, child, raw):
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        child.tail.append(text[:500])
+        if child.job.stream_output:
+            try:
+                self._console.write("[%s] %s\n" % (child.run_name, text))
+                self._console.flush()
+            except (OSError, ValueError):
+                pass  # a closed console must not stop supervision
+
+    def _close_output(self, child):
+        stream = child.process.stdout
+        if stream.closed:
+            return
+        self._selector.unregister(stream)
+        if child.partial:
+            self._line(child, child.partial)
+            child.partial = b""
+        stream.close()
+
+    def _reap(self):
+        with self._lock:
+            children = list(self._children.values())
+        for child in children:
+            code = child.process.poll()
+            if code is None:
+                continue
+            child.returncode = code
+            if not child.process.stdout.closed:
+                self._read(child)  # what the child wrote just before exiting
+                self._close_output(child)
+            with self._lock:
+                del self._children[child.pid]
+            _remove(child.temp_dir)
+            try:
+                self._on_exit(child)
+            except Exception:  # a reporting bug must never stop supervision of the rest
+                log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
+
+
+def _drain_fd(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+###############################################################################
+# Reporting ###################################################################
+###############################################################################
+
+
+class Reporter(threading.Thread):
+    """Delivers what the agent owes the API about runs (logs, pids, final states) in order,
+    off the poll loop, so a slow API never stalls claiming or supervision."""
+
+    LOGGER_NAME = "prefect.flow_runs.worker"
+    BATCH = 200
+
+    def __init__(self, api):
+        super().__init__(name="reporter", daemon=True)
+        self.api = api
+        self._queue = collections.deque()
+        self._ready = threading.Condition()
+        self._busy = False
+
+    def log(self, run_id, message, level=logging.INFO):
+        """A line for the run's logs in the Prefect UI (and the agent's own log)."""
+        log.log(level, "run %s: %s", run_id, message)
+        self._put(("log", {"name": self.LOGGER_NAME, "level": level, "message": message,
+                           "timestamp": isoformat(utcnow()), "flow_run_id": run_id,
+                           "task_run_id": None}))
+
+    def call(self, run_id, what, action):
+        """Run `action()` (an API call about run_id) in order with everything queued before."""
+        self._put(("call", (run_id, what, action)))
+
+    def _put(self, item):
+        with self._ready:
+            self._queue.append(item)
+            self._ready.notify()
+
+    def flush(self, timeout):
+        """Wait until everything queued so far was delivered or given up; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._ready.wait(min(left, 0.1))
+        return True
+
+    def run(self):
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                batch = self._take_batch()
+                self._busy = True
+            try:
+                self._deliver(batch)
+            finally:
+                with self._ready:
+                    self._busy = False
+                    self._ready.notify_all()
+
+    def _take_batch(self):
+        kind = self._queue[0][0]
+        if kind == "call":
+            return [self._queue.popleft()]
+        batch = []
+        while self._queue and self._queue[0][0] == "log" and len(batch) < self.BATCH:
+            batch.append(self._queue.popleft())
+        return batch
+
+    def _deliver(self, batch):
+        if batch[0][0] == "log":
+            entries = [payload for _, payload in batch]
+            self._attempt("writing %d log line(s)" % len(entries), entries[0]["flow_run_id"],
+                          lambda: self.api.write_logs(entries))
+        else:
+            run_id, what, action = batch[0][1]
+            self._attempt(what, run_id, action)
+
+    def _attempt(self, what, run_id, action):
+        """Retry while the API is unreachable (the run's story must reach it); give up only
+        when the API answers that it will not take this (a 4xx such as a deleted run)."""
+        failures = 0
+        while True:
+            try:
+                action()
+                return
+            except APIUnreachable as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("run %s: %s failed; retrying until the API answers: %s",
+                                run_id, what, exc)
+                time.sleep(backoff_seconds(failures, cap=30))
+            except (APIError, AuthRefused) as exc:
+                log.warning("run %s: %s was refused and dropped: %s", run_id, what, exc)
+                return
+            except Exception:
+                log.exception("run %s: %s failed unexpectedly", run_id, what)
+                return
+
+
+###############################################################################
+# The agent loop ##############################################################
+###############################################################################
+
+
+class Agent:
+    """Polls the pool, claims runs, starts them and reports how they ended."""
+
+    def __init__(self, config, api=None, console=None):
+        self.config = config
+        self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
+        self.reporter = Reporter(self.api)
+        self.supervisor = Supervisor(self._child_exited, console=console)
+        self.pool = None
+        self.queues = list(config.queues)
+        self._queues_to_create = list(config.queues)
+        self._in_flight = set()
+        self._in_flight_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._next_sync = 0.0
+        self._outage_since = None
+        self._outage_failures = 0
+        self.started = time.monotonic()
+        self.last_poll = None
+        self._deployments = {}
+        self._flows = {}
+
+    # -- life cycle -----------------------------------------------------------
+
+    def run(self):
+        """Run until stopped (or one poll's runs are done with --run-once). Returns the exit code."""
+        self.reporter.start()
+        self.supervisor.start()
+        next_poll = 0.0
+        while not self._stop.is_set():
+            syncing = time.monotonic() >= self._next_sync
+            try:
+                if syncing:
+                    self._sync()
+                if time.monotonic() >= next_poll:
+                    self._poll()
+                    next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
+                self._api_recovered()
+            except (APIError, APIUnreachable) as exc:
+                self._api_failed(exc)
+                retry_at = time.monotonic() + min(
+                    self.config.poll_seconds, backoff_seconds(self._outage_failures, cap=60))
+                next_poll = retry_at
+                if syncing or self.pool is None:
+                    self._next_sync = retry_at
+            if self.config.run_once and self.last_poll is not None:
+                break
+            self._stop.wait(max(0.0, min(next_poll, self._next_sync) - time.monotonic()))
+        self._wait_for_children()
+        self.reporter.flush(timeout=30)
+        self.supervisor.stop()
+        return 0
+
+    def stop(self):
+        self._stop.set()
+
+    def _wait_for_children(self):
+        while self.in_flight_count():
+            time.sleep(0.1)
+
+    def _api_failed(self, exc):
+        self._outage_failures += 1
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.error("Prefect API at %s is failing, will keep retrying: %s",
+                      redact_url(self.config.api_url), exc)
+        else:
+            log.debug("Prefect API still failing: %s", exc)
+
+    def _api_recovered(self):
+        if self._outage_since is not None:
+            log.info("Prefect API reachable again after %.0f s (%d failed attempts)",
+                     time.monotonic() - self._outage_since, self._outage_failures)
+        self._outage_since = None
+        self._outage_failures = 0
+
+    # -- pool, queues, heartbeat ------------------------------------------------
+
+    def _sync(self):
+        """Read (or create) the pool, make sure our queues exist, heartbeat."""
+        pool = self.api.read_pool(self.config.pool)
+        if pool is None:
+            pool = self._create_pool()
+        if not isinstance(pool, dict):
+            raise APIError("GET", "/work_pools/" + self.config.pool, 200,
+                           "expected a work pool object, got %.200r" % (pool,))
+        self._note_pool_changes(pool)
+        self.pool = pool
+        self._resolve_queues()
+        self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
+        self._next_sync = time.monotonic() + SYNC_SECONDS * random.uniform(0.9, 1.1)
+
+    def _create_pool(self):
+        log.info("Work pool '%s' does not exist; creating it as a process pool", self.config.pool)
+        try:
+            return self.api.create_pool(self.config.pool, "process", PROCESS_BASE_JOB_TEMPLATE)
+        except APIError as exc:
+            if exc.status == 409:  # another agent created it a moment ago
+                return self.api.read_pool(self.config.pool)
+            if exc.status == 403:
+                raise UsageError("the server refused to create work pool %r: %s"
+                                 % (self.config.pool, exc.detail))
+            raise
+
+    def _note_pool_changes(self, pool):
+        old = self.pool or {}
+        if pool.get("is_paused") and not old.get("is_paused"):
+            log.info("Work pool '%s' is paused; no runs will be claimed until it is resumed",
+                     self.config.pool)
+        elif old.get("is_paused") and not pool.get("is_paused"):
+            log.info("Work pool '%s' was resumed", self.config.pool)
+        if pool.get("type") not in (None, "process") and pool.get("type") != old.get("type"):
+            log.warning("Work pool '%s' has type %r; agent.py runs its flows as local processes",
+                        self.config.pool, pool.get("type"))
+
+    def _resolve_queues(self):
+        for queue in self._queues_to_create:
+            if self.api.ensure_queue(self.config.pool, queue):
+                log.info("Created work queue '%s' in pool '%s'", queue, self.config.pool)
+        self._queues_to_create = []
+        if self.config.match:
+            matched = self.api.queues_with_prefixes(self.config.pool, self.config.match)
+            found = sorted(set(self.config.queues) | set(matched))
+            if found != sorted(self.queues):
+                log.info("Polling work queues: %s", ", ".join(found) or "(none match yet)")
+            self.queues = found
+
+    # -- poll, claim, launch ----------------------------------------------------
+
+    def _poll(self):
+        if self.pool is None:
+            return
+        if self.config.match and not self.queues:
+            self._resolve_queues()  # pick up a matching queue as soon as it appears
+            if not self.queues:
+                self.last_poll = time.monotonic()  # polling [] would mean "every queue"
+                return
+        before = utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
+        runs = self.api.scheduled_runs(self.config.pool, self.queues, before)
+        self.last_poll = time.monotonic()
+        for run in runs:
+            if self._stop.is_set():
+                break
+            if not self._reserve_slot(run["id"]):
+                if self.config.limit and self.in_flight_count() >= self.config.limit:
+                    break
+                continue
+            try:
+                self._submit(run)
+            except Exception as exc:
+                self._release_slot(run["id"])
+                if isinstance(exc, (AuthRefused, UsageError)):
+                    raise
+                log.exception("run %s: submitting failed unexpectedly", run["id"])
+
+    def in_flight_count(self):
+        with self._in_flight_lock:
+            return len(self._in_flight)
+
+    def _reserve_slot(self, run_id):
+        with self._in_flight_lock:
+            if run_id in self._in_flight:
+                return False
+            if self.config.limit and len(self._in_flight) >= self.config.limit:
+                return False
+            self._in_flight.add(run_id)
+            return True
+
+    def _release_slot(self, run_id):
+        with self._in_flight_lock:
+            self._in_flight.discard(run_id)
+        self.supervisor.wake()
+
+    def _submit(self, run):
+        """Claim the run; start it only if the server says it is ours."""
+        run_id = run["id"]
+        try:
+            if not self._claim(run):
+                self._release_slot(run_id)
+                return
+        except (APIError, APIUnreachable) as exc:
+            log.warning("run %s: could not claim it, will see it again next poll: %s", run_id, exc)
+            self._release_slot(run_id)
+            return
+        self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
+        try:
+            job = self._job_for(run)
+            child = start_process(run_id, run.get("name") or run_id, job)
+        except (JobConfigError, LaunchError, APIError, APIUnreachable) as exc:
+            self._crash_unstarted(run_id, exc)
+            return
+        self.supervisor.add(child)
+        pid = "%s:%d" % (socket.gethostname(), child.pid)
+        self.reporter.call(run_id, "recording infrastructure_pid",
+                           lambda: self.api.set_infrastructure_pid(run_id, pid))
+        self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: process %d, "
+                          "command %s" % (child.run_name, child.pid, _argv_text(job.argv)))
+
+    def _claim(self, run):
+        """Propose PENDING. True only when the run ends up PENDING by our proposal."""
+        run_id = run["id"]
+        transition_id = str(uuid.uuid4())
+        try:
+            result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
+        except APIUnreachable:
+            # The claim may have landed before the connection broke: the run says whose it is.
+            current = self.api.read_run(run_id).get("state") or {}
+            details = current.get("state_details") or {}
+            return current.get("type") == "PENDING" and details.get("transition_id") == transition_id
+        state = result.get("state") or {}
+        if result["status"] in ("ACCEPT", "REJECT") and state.get("type") == "PENDING":
+            return True
+        reason = (result.get("details") or {}).get("reason") or state.get("name") or "no reason"
+        log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
+                 state.get("type"), reason)
+        return False
+
+    def _job_for(self, run):
+        deployment = {}
+        if run.get("deployment_id"):
+            deployment = self._deployment(run["deployment_id"])
+        values = merge_job_variables(
+            deployment.get("job_variables", deployment.get("infra_overrides")),
+            run.get("job_variables"))
+        config = resolve_job_configuration(
+            self.pool.get("base_job_template"), values, self._lookup_prefect)
+        flow_name = self._flow_name(run.get("flow_id"))
+        return build_job(config, self._flow_run_env(run, deployment, flow_name),
+                         [self.config.python, "-m", "prefect.engine"], self.config.show_flow_logs)
+
+    def _deployment(self, deployment_id):
+        # Deployments change rarely but are read for every run: cache per sync period.
+        cached = self._deployments.get(deployment_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        deployment = self.api.read_deployment(deployment_id)
+        self._deployments[deployment_id] = (time.monotonic() + SYNC_SECONDS, deployment)
+        return deployment
+
+    def _flow_name(self, flow_id):
+        if not flow_id:
+            return None
+        if flow_id not in self._flows:
+            self._flows[flow_id] = self.api.read_flow(flow_id).get("name")
+        return self._flows[flow_id]
+
+    def _lookup_prefect(self, name):
+        if name.startswith("prefect.variables."):
+            value = self.api.read_variable(name[len("prefect.variables."):])
+            return "" if value is None else value
+        raise JobConfigError("placeholder {{ %s }} is not supported by agent.py (only "
+                             "prefect.variables.* are)" % name)
+
+    def _flow_run_env(self, run, deployment, flow_name):
+        env = dict(self.config.extra_env)
+        env.update({
+            "PREFECT__FLOW_RUN_ID": run["id"],
+            "PREFECT_API_URL": self.config.api_url,
+            "PREFECT__WORKER_NAME": self.config.name,
+        })
+        for key, value in (("PREFECT__FLOW_ID", run.get("flow_id")),
+                           ("PREFECT__FLOW_NAME", flow_name),
+                           ("PREFECT__DEPLOYMENT_ID", run.get("deployment_id")),
+                           ("PREFECT__DEPLOYMENT_NAME", deployment.get("name"))):
+            if isinstance(value, str):
+                env[key] = value
+        if self.config.api_key:
+            env["PREFECT_API_KEY"] = self.config.api_key
+        if self.config.auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.config.auth_string
+        return env
+
+    def _crash_unstarted(self, run_id, exc):
+        message = "Failed to start flow run: %s" % exc
+        self.reporter.log(run_id, message, logging.ERROR)
+        self._report_crash(run_id, message)
+        self._release_slot(run_id)
+
+    def _report_crash(self, run_id, message):
+        transition_id = str(uuid.uuid4())
+
+        def propose():
+            result = self.api.set_state(run_id, "CRASHED", message=message,
+                                        transition_id=transition_id)
+            state = result.get("state") or {}
+            if result["status"] == "ACCEPT":
+                log.info("run %s: reported as crashed", run_id)
+            else:
+                log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
+                         result["status"], state.get("type"),
+                         (result.get("details") or {}).get("reason"))
+
+        self.reporter.call(run_id, "reporting the run as crashed", propose)
+
+    # -- child exits (called on the supervisor thread) ------------------------
+
+    def _child_exited(self, child):
+        code = child.returncode
+        self.reporter.log(child.run_id, "Process %d exited with status code: %d" % (child.pid, code),
+                          logging.INFO if code == 0 else logging.WARNING)
+        if code != 0:
+            self._report_crash(child.run_id, crash_message(child))
+        self._release_slot(child.run_id)
+
+
+###############################################################################
+# Health server ###############################################################
+###############################################################################
+
+
+def health_report(agent, now=None):
+    """(HTTP status, body) for GET /api/health: healthy while polls keep succeeding."""
+    now = time.monotonic() if now is None else now
+    limit = UNHEALTHY_AFTER_POLLS * agent.config.poll_seconds + REQUEST_TIMEOUT_SECONDS / 2
+    body = {"agent": agent.config.name, "pool": agent.config.pool,
+            "runs_in_flight": agent.in_flight_count()}
+    if agent.last_poll is None:
+        age = now - agent.started
+        reason = "has not polled the Prefect API successfully yet"
+    else:
+        age = now - agent.last_poll
+        reason = "last successful poll was %.0f s ago" % age
+    body["seconds_since_last_poll"] = round(age, 1) if agent.last_poll is not None else None
+    if agent.last_poll is not None and age <= limit:
+        body["status"] = "healthy"
+        return 200, body
+    if agent.last_poll is None and age <= limit:
+        body["status"] = "starting"
+        body["reason"] = reason
+        return 503, body
+    body["status"] = "unhealthy"
+    body["reason"] = reason + " (limit %.0f s)" % limit
+    return 503, body
+
+
+def start_health_server(agent, host, port):
+    """Serve GET /api/health on host:port from a daemon thread; returns the server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class HealthHandler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?")[0].rstrip("/") != "/api/health":
+                self._answer(404, {"detail": "not found; try /api/health"})
+                return
+            self._answer(*health_report(agent))
+
+        def _answer(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass  # health probes every few seconds would drown the agent's own log
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("HealthServer", (ThreadingHTTPServer,),
+                        {"address_family": family, "daemon_threads": True})
+    server = server_class((host, port), HealthHandler)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+BANNER = """\
+ agent.py %s: Prefect flow runs from work pool '%s', standard library only
+ API %s, worker name '%s'"""
+
+
+def supervisord_section(argv, config, executable, script):
+    """A supervisord [program] section running the agent with the same flags. Credentials
+    never appear in it: a --key flag is dropped and the key, like the auth string, is read
+    from supervisord's own environment (or keep using --key-file)."""
+    flags, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--key":
+            skip = True
+        elif not arg.startswith("--key="):
+            flags.append(arg)
+    if not any(arg == "--api" or arg.startswith("--api=") for arg in flags):
+        flags += ["--api", redact_url(config.api_url)]
+    environment = []
+    if config.api_key and not any(a == "--key-file" or a.startswith("--key-file=") for a in flags):
+        environment.append('PREFECT_API_KEY="%(ENV_PREFECT_API_KEY)s"')
+    if config.auth_string:
+        environment.append('PREFECT_API_AUTH_STRING="%(ENV_PREFECT_API_AUTH_STRING)s"')
+    program = re.sub(r"[^A-Za-z0-9_-]", "-", "prefect-agent-%s" % config.pool)
+    command = " ".join(shlex.quote(part) for part in [executable, script] + flags)
+    lines = [
+        "; Generated by 'agent.py install'. Add it to supervisord.conf, then: supervisorctl update",
+        "[program:%s]" % program,
+        "command=%s" % command.replace("%", "%%"),
+        "autostart=true",
+        "; exit 0: asked to stop; 2: bad flags (restarting will not help); 1: anything else",
+        "autorestart=unexpected",
+        "exitcodes=0,2",
+        "startsecs=5",
+        "; SIGTERM: stop claiming and let running flows finish; stopwaitsecs bounds that wait",
+        "stopsignal=TERM",
+        "stopwaitsecs=600",
+        "; flow runs live in their own sessions; the agent signals them itself",
+        "stopasgroup=false",
+        "killasgroup=false",
+        "redirect_stderr=true",
+        "stdout_logfile=/var/log/%s.log" % program,
+    ]
+    if environment:
+        lines.append("; credentials come from supervisord's environment, never from argv")
+        lines.append("environment=" + ",".join(environment))
+    return "\n".join(lines) + "\n"
+
+
+def configure_logging():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d | %(levelname)-7s | agent | %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def install_signal_handlers(agent):
+    """SIGTERM/SIGINT stop claiming and let running flows finish; a second one exits now.
+    SIGCHLD wakes the supervisor so exits are reaped at once."""
+    state = {"signals": 0}
+
+    def on_stop(signum, frame):
+        state["signals"] += 1
+        if state["signals"] == 1:
+            log.info("Received %s: no new runs will be claimed; waiting for %d running flow(s) "
+                     "to finish (send it again to stop now)", signal.Signals(signum).name,
+                     agent.in_flight_count())
+            agent.stop()
+        else:
+            log.warning("Received %s again: exiting without waiting for running flows",
+                        signal.Signals(signum).name)
+            os._exit(1)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: agent.supervisor.wake())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = "start"
+    if argv and argv[0] in ("start", "install"):
+        command = argv.pop(0)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)  # exits 2 with a one-line reason on a malformed flag
+    try:
+        config = parse_config(args, os.environ)
+    except UsageError as exc:
+        parser.exit(2, "agent.py: error: %s\n" % exc)
+    if command == "install":
+        sys.stdout.write(supervisord_section(argv, config, sys.executable,
+                                             os.path.abspath(__file__)))
+        return 0
+    configure_logging()
+    agent = Agent(config)
+    if config.health_address:
+        host, port = config.health_address
+        try:
+            start_health_server(agent, host, port)
+        except OSError as exc:
+            parser.exit(2, "agent.py: error: cannot serve health checks on %s:%d: %s\n"
+                        % (host, port, exc.strerror or exc))
+    install_signal_handlers(agent)
+    if not config.hide_welcome:
+        print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name))
+        print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
+    try:
+        return agent.run()
+    except AuthRefused as exc:
+        log.error("%s; stopping", exc)
+        return 1
+    except UsageError as exc:
+        log.error("%s; stopping", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
