@@ -20,6 +20,7 @@ import copy
 import datetime
 import email.utils
 import fcntl
+import http.client
 import json
 import logging
 import os
@@ -330,7 +331,7 @@ class PrefectAPI:
             attempt += 1
             try:
                 status, headers, raw = self._send(method, path, body)
-            except (OSError, urllib.error.URLError, ValueError) as exc:
+            except (OSError, http.client.HTTPException, ValueError) as exc:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
