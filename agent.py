@@ -1090,6 +1090,7 @@ class Agent:
         self.last_poll = None
         self._deployments = {}
         self._flows = {}
+        self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
 
     # -- life cycle -----------------------------------------------------------
 
@@ -1206,6 +1207,7 @@ class Agent:
             if not self.queues:
                 self.last_poll = time.monotonic()  # polling [] would mean "every queue"
                 return
+        self._settle_unanswered_claims()
         before = utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
         runs = self.api.scheduled_runs(self.config.pool, self.queues, before)
         self.last_poll = time.monotonic()
@@ -1243,19 +1245,119 @@ class Agent:
         self.supervisor.wake()
 
     def _submit(self, run):
-        """Claim the run; start it only if the server says it is ours."""
+        """Read what the run needs, claim it, and start it only if the server says it is ours.
+        Reads come first so that an API failure leaves the run for the next poll, unclaimed."""
         run_id = run["id"]
         try:
-            if not self._claim(run):
-                self._release_slot(run_id)
-                return
-        except (APIError, APIUnreachable) as exc:
-            log.warning("run %s: could not claim it, will see it again next poll: %s", run_id, exc)
+            deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
+            flow_name = self._flow_name(run.get("flow_id"))
+            claimed = self._claim(run)
+        except APIError as exc:
             self._release_slot(run_id)
+            if exc.status == 404 and exc.path == "/deployments/%s" % run.get("deployment_id"):
+                self._cancel_orphan(run)
+            else:
+                log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
             return
+        except APIUnreachable as exc:
+            self._release_slot(run_id)
+            log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
+            return
+        if claimed:
+            self._launch(run, deployment, flow_name)
+        else:
+            self._release_slot(run_id)
+
+    def _claim(self, run):
+        """Propose PENDING. True only when the run ends up PENDING by our proposal."""
+        run_id = run["id"]
+        transition_id = str(uuid.uuid4())
+        try:
+            result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
+        except APIUnreachable:
+            # The claim may have landed before the connection broke; until the run itself says
+            # whose it is, keep it on the books so it cannot be left Pending with no process.
+            self._unsettled[run_id] = (run, transition_id)
+            return self._settle(run_id)
+        state = result.get("state") or {}
+        details = state.get("state_details") or {}
+        ours = state.get("type") == "PENDING" and (
+            result["status"] == "ACCEPT" or details.get("transition_id") == transition_id)
+        if ours and details.get("scheduled_time") is None:
+            # The server also accepts PENDING from a final state: the poll's answer was stale
+            # and another agent has already run it to the end. Put that end back; run nothing.
+            self._restore_final_state(run_id, transition_id)
+            return False
+        if ours:
+            return True
+        reason = (result.get("details") or {}).get("reason") or state.get("name") or "no reason"
+        log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
+                 state.get("type"), reason)
+        return False
+
+    def _restore_final_state(self, run_id, our_transition_id):
+        states = _expect_list(self.api.request(
+            "GET", "/flow_run_states/?flow_run_id=" + _quote(run_id)), "flow run states")
+        earlier = [s for s in states if isinstance(s, dict) and
+                   (s.get("state_details") or {}).get("transition_id") != our_transition_id]
+        if not earlier:
+            return
+        # Timestamps are taken when a request arrives, not when it commits, so ours may sort
+        # before the final state it replaced: pick the newest state that is not ours.
+        previous = max(earlier, key=lambda s: str(s.get("timestamp")))
+        log.warning("run %s: already %s when our claim landed (stale poll answer); restoring "
+                    "that state instead of starting it", run_id, previous.get("type"))
+        details = dict(previous.get("state_details") or {}, transition_id=str(uuid.uuid4()))
+        self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
+            "type": previous.get("type"), "name": previous.get("name"),
+            "message": previous.get("message"), "data": previous.get("data"),
+            "state_details": details}})
+
+    def _settle(self, run_id):
+        """Whether an unanswered claim landed: True if the run is Pending by our transition.
+        Raises APIUnreachable (and keeps the claim unsettled) while the API cannot tell."""
+        run, transition_id = self._unsettled[run_id]
+        current = self.api.read_run(run_id).get("state") or {}
+        del self._unsettled[run_id]
+        details = current.get("state_details") or {}
+        return current.get("type") == "PENDING" and details.get("transition_id") == transition_id
+
+    def _settle_unanswered_claims(self):
+        for run_id in list(self._unsettled):
+            run = self._unsettled[run_id][0]
+            if self._reserve_slot(run_id):
+                try:
+                    ours = self._settle(run_id)
+                except (APIError, APIUnreachable):
+                    self._release_slot(run_id)
+                    raise
+                if ours:
+                    log.info("run %s: an unanswered claim had landed; starting it now", run_id)
+                    self._submit_claimed(run)
+                else:
+                    self._release_slot(run_id)
+
+    def _submit_claimed(self, run):
+        try:
+            deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
+            flow_name = self._flow_name(run.get("flow_id"))
+        except (APIError, APIUnreachable) as exc:
+            self._crash_unstarted(run["id"], exc)
+            return
+        self._launch(run, deployment, flow_name)
+
+    def _cancel_orphan(self, run):
+        message = "Deployment %s no longer exists, cancelled run." % run.get("deployment_id")
+        log.warning("run %s: %s", run["id"], message)
+        self.reporter.call(run["id"], "cancelling a run of a deleted deployment",
+                           lambda: self.api.set_state(run["id"], "CANCELLED", message=message,
+                                                      force=True))
+
+    def _launch(self, run, deployment, flow_name):
+        run_id = run["id"]
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
-            job = self._job_for(run)
+            job = self._job_for(run, deployment, flow_name)
             child = start_process(run_id, run.get("name") or run_id, job)
         except (JobConfigError, LaunchError, APIError, APIUnreachable) as exc:
             self._crash_unstarted(run_id, exc)
@@ -1267,35 +1369,12 @@ class Agent:
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: process %d, "
                           "command %s" % (child.run_name, child.pid, _argv_text(job.argv)))
 
-    def _claim(self, run):
-        """Propose PENDING. True only when the run ends up PENDING by our proposal."""
-        run_id = run["id"]
-        transition_id = str(uuid.uuid4())
-        try:
-            result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
-        except APIUnreachable:
-            # The claim may have landed before the connection broke: the run says whose it is.
-            current = self.api.read_run(run_id).get("state") or {}
-            details = current.get("state_details") or {}
-            return current.get("type") == "PENDING" and details.get("transition_id") == transition_id
-        state = result.get("state") or {}
-        if result["status"] in ("ACCEPT", "REJECT") and state.get("type") == "PENDING":
-            return True
-        reason = (result.get("details") or {}).get("reason") or state.get("name") or "no reason"
-        log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
-                 state.get("type"), reason)
-        return False
-
-    def _job_for(self, run):
-        deployment = {}
-        if run.get("deployment_id"):
-            deployment = self._deployment(run["deployment_id"])
+    def _job_for(self, run, deployment, flow_name):
         values = merge_job_variables(
             deployment.get("job_variables", deployment.get("infra_overrides")),
             run.get("job_variables"))
         config = resolve_job_configuration(
             self.pool.get("base_job_template"), values, self._lookup_prefect)
-        flow_name = self._flow_name(run.get("flow_id"))
         return build_job(config, self._flow_run_env(run, deployment, flow_name),
                          [self.config.python, "-m", "prefect.engine"], self.config.show_flow_logs)
 

@@ -3,6 +3,7 @@
 import base64
 import copy
 import datetime
+import http.client
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -290,6 +292,7 @@ class FakePrefect(object):
             ("GET", r"/deployments/" + uid,
              lambda b, q, i: (200, self._get(self._deployments, i, "Deployment not found"))),
             ("GET", r"/flows/" + uid, lambda b, q, i: (200, self._get(self._flows, i, "Flow not found"))),
+            ("GET", r"/flow_run_states/", self._run_states),
             ("POST", r"/logs/", self._create_logs))]
 
     # -- lifecycle -------------------------------------------------------------
@@ -861,6 +864,13 @@ class FakePrefect(object):
             run["end_time"] = now
         self._history[run["id"]].append(copy.deepcopy(state))
         return state
+
+    def _run_states(self, body, query):
+        run_id = (query.get("flow_run_id") or [None])[0]
+        if not run_id:
+            raise _invalid("missing", ("query", "flow_run_id"), "Field required", None)
+        self._get_run(run_id)
+        return 200, copy.deepcopy(self._history[run_id])
 
     # -- routes: logs (P9.1) -----------------------------------------------------------
     def _create_logs(self, body, query):
@@ -1571,10 +1581,7 @@ class PoolTests(AgentTestCase):
             wait_for(lambda: running.agent.last_poll, what="first poll")
         pool = self.fake.pool("pool")
         self.assertEqual(pool["type"], "process")
-        with open(os.path.join(os.path.dirname(HERE), "shared", "reference",
-                               "prefect3-process-pool-template.json")) as handle:
-            reference = json.load(handle)
-        self.assertEqual(pool["base_job_template"], reference)
+        self.assertEqual(pool["base_job_template"], PROCESS_POOL_TEMPLATE)
 
     def test_named_queues_are_created_and_polled(self):
         self.fake.add_pool("pool")
@@ -1728,6 +1735,31 @@ class ClaimTests(AgentTestCase):
         claims = [r for r in self.fake.calls("POST", "/set_state")]
         self.assertEqual(claims[0][3]["state"]["state_details"]["transition_id"],
                          claims[1][3]["state"]["state_details"]["transition_id"])
+
+    def test_a_run_finished_elsewhere_after_a_stale_poll_is_not_run_again(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        stale = self.fake.run(run)  # what a poll answered, before another agent got there
+        for state in ("PENDING", "RUNNING", "COMPLETED"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+                "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
+        with RunningAgent(self.fake) as running:
+            running.agent.pool = {"base_job_template": {}}
+            self.assertTrue(running.agent._reserve_slot(run))
+            running.agent._submit(stale)
+        self.assertEqual(self.started_ids(), [])
+        self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
+        self.assertEqual(final_type(self.fake, run), "COMPLETED")
+
+    def test_a_reject_that_returns_someone_elses_pending_is_not_a_claim(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        result = {"status": "REJECT", "details": {"reason": "x"}, "state": {
+            "type": "PENDING", "state_details": {"transition_id": "someone-else",
+                                                 "scheduled_time": "2026-01-01T00:00:00Z"}}}
+        with RunningAgent(self.fake) as running:
+            running.agent.api.set_state = lambda *args, **kwargs: result
+            self.assertFalse(running.agent._claim(self.fake.run(run)))
 
     def test_limit_caps_runs_in_flight(self):
         dep = self.deployment(command=marker_command(self.markers, "import time; time.sleep(0.6)"))
@@ -2061,6 +2093,654 @@ class ShippedFilesTests(unittest.TestCase):
         if stdlib is None:
             self.skipTest("sys.stdlib_module_names needs Python 3.10+")
         self.assertEqual(sorted(names - set(stdlib)), [])
+
+
+# =============================================================================
+# Conformance against a real Prefect 3 server
+#
+# agent.py runs as a subprocess against a live server and real flow-run
+# children. Needs AGENT_TEST_PREFECT_API (the server's API URL) and
+# AGENT_TEST_FLOW_PYTHON (a Python with prefect 3.x). Without them the tests
+# skip with the reason, or fail when AGENT_TEST_REQUIRE_REAL=1 (as in .ci/run).
+# Each test uses a fresh pool, stops its agents in tearDown and has a deadline.
+# =============================================================================
+
+class RestError(Exception):
+    def __init__(self, method, path, status, body):
+        Exception.__init__(self, "%s %s -> HTTP %s: %s" % (method, path, status, body))
+        self.status = status
+        self.body = body
+
+
+class Rest(object):
+    """Minimal Prefect REST client.  Retries 408/429/502/503 (sqlite answers
+    503 under light concurrency) and connection errors until `retry_for`
+    seconds have passed, or until `deadline` (a time.monotonic() value)."""
+
+    def __init__(self, api, retry_for=60.0, timeout=30.0):
+        self.api = api.rstrip("/")
+        self.retry_for = retry_for
+        self.timeout = timeout
+        self.deadline = None
+
+    def call(self, method, path, body=None, ok=(200, 201, 204)):
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        url = self.api + path
+        give_up = time.monotonic() + self.retry_for
+        if self.deadline is not None:
+            give_up = min(give_up, self.deadline)
+        attempt = 0
+        while True:
+            attempt += 1
+            req = urllib.request.Request(url, data=data, method=method)
+            req.add_header("Accept", "application/json")
+            if data is not None:
+                req.add_header("Content-Type", "application/json")
+            retry_why = None
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    status, raw = resp.status, resp.read()
+            except urllib.error.HTTPError as e:
+                status, raw = e.code, e.read()
+                if status in agent.RETRY_STATUSES:
+                    retry_why = "HTTP %s" % status
+            except (urllib.error.URLError, ConnectionError, socket.timeout,
+                    http.client.HTTPException, OSError) as e:
+                status, raw = None, b""
+                retry_why = "%s: %s" % (type(e).__name__, e)
+            if retry_why is not None:
+                if time.monotonic() >= give_up:
+                    raise RestError(method, path, status, "gave up after %d tries (%s)"
+                                    % (attempt, retry_why))
+                time.sleep(min(0.2 * (2 ** min(attempt, 4)), 2.0))
+                continue
+            text = raw.decode("utf-8", "replace")
+            try:
+                parsed = json.loads(text) if text.strip() else None
+            except ValueError:
+                parsed = text
+            if status not in ok:
+                raise RestError(method, path, status, text[:1000])
+            return parsed
+
+    # -- convenience -------------------------------------------------------
+    @staticmethod
+    def q(name):
+        return urllib.parse.quote(name, safe="")
+
+    def health(self):
+        return self.call("GET", "/health")
+
+    def read_pool(self, pool):
+        """GET /work_pools/{name}; None when it does not exist."""
+        try:
+            return self.call("GET", "/work_pools/" + self.q(pool))
+        except RestError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create_pool(self, pool):
+        return self.call("POST", "/work_pools/", {
+            "name": pool, "type": "process", "base_job_template": PROCESS_POOL_TEMPLATE})
+
+    def create_flow(self, name):
+        # 201 new, 200 when the flow already exists (same id back).
+        return self.call("POST", "/flows/", {"name": name})
+
+    def create_deployment(self, flow_id, name, pool, entrypoint=None, directory=None,
+                          job_variables=None):
+        body = {"name": name, "flow_id": flow_id, "work_pool_name": pool}
+        if entrypoint is not None:
+            body["entrypoint"] = entrypoint
+        if directory is not None:
+            body["pull_steps"] = [{"prefect.deployments.steps.set_working_directory":
+                                   {"directory": directory}}]
+        if job_variables is not None:
+            body["job_variables"] = job_variables
+        # The pool must exist first: otherwise 404 'Work pool "x" not found.'
+        return self.call("POST", "/deployments/", body)
+
+    def create_flow_run(self, deployment_id, **body):
+        return self.call("POST", "/deployments/%s/create_flow_run" % deployment_id, body)
+
+    def read_run(self, run_id):
+        return self.call("GET", "/flow_runs/%s" % run_id)
+
+    def read_runs(self, run_ids):
+        out = {}
+        ids = list(run_ids)
+        for i in range(0, len(ids), 200):
+            chunk = ids[i:i + 200]
+            for run in self.call("POST", "/flow_runs/filter", {
+                    "flow_runs": {"id": {"any_": chunk}}, "limit": 200, "offset": 0}):
+                out[run["id"]] = run
+        return out
+
+    def workers(self, pool):
+        return self.call("POST", "/work_pools/%s/workers/filter" % self.q(pool), {})
+
+
+def state_of(run):
+    st = run.get("state") or {}
+    return (st.get("type") or run.get("state_type"), st.get("name") or run.get("state_name"),
+            st.get("message"))
+
+
+# --------------------------------------------------------------------------
+# Children used by the tests
+# --------------------------------------------------------------------------
+
+FLOW_SOURCE = textwrap.dedent('''\
+    import os
+    from prefect import flow
+
+    MARKER = {marker!r}
+
+    @flow(name={flow_name!r})
+    def conformance_flow():
+        fd = os.open(MARKER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (os.environ.get("PREFECT__FLOW_RUN_ID", "MISSING") + "\\n").encode())
+        finally:
+            os.close(fd)
+        return 42
+    ''')
+
+# Cheap stand-in for the engine (stdlib only, ~0.1 s): records
+# "<PREFECT__FLOW_RUN_ID> <state type seen at start>" with one O_APPEND write,
+# then drives the run PENDING -> RUNNING -> COMPLETED like the engine would.
+CHILD_SOURCE = textwrap.dedent('''\
+    import json, os, sys, time, uuid, urllib.error, urllib.request
+
+    out = sys.argv[1]
+    rid = os.environ.get("PREFECT__FLOW_RUN_ID", "")
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+
+    def call(method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        end = time.monotonic() + 60
+        while True:
+            req = urllib.request.Request(api + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as e:
+                if e.code not in (408, 429, 502, 503) or time.monotonic() > end:
+                    raise
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > end:
+                    raise
+            time.sleep(0.3)
+
+    seen = "?"
+    if rid and api:
+        try:
+            seen = call("GET", "/flow_runs/" + rid)["state"]["type"]
+        except Exception as e:
+            seen = "ERR:" + type(e).__name__
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, ("%s %s\\n" % (rid or "MISSING", seen)).encode())
+    os.close(fd)
+    if not rid or not api:
+        sys.exit(5)
+
+    def propose(state_type):
+        for _ in range(30):
+            res = call("POST", "/flow_runs/%s/set_state" % rid, {"state": {
+                "type": state_type, "state_details": {
+                    "flow_run_id": rid, "transition_id": str(uuid.uuid4())}},
+                "force": False})
+            if res["status"] == "WAIT":
+                time.sleep(min(float(res["details"].get("delay_seconds") or 1), 5))
+                continue
+            return res
+        return res
+
+    r1 = propose("RUNNING")
+    r2 = propose("COMPLETED")
+    sys.exit(0 if (r2.get("state") or {}).get("type") == "COMPLETED" else 6)
+    ''')
+
+
+# --------------------------------------------------------------------------
+# Loopback proxy (lets a test act between an agent's request and the server)
+# --------------------------------------------------------------------------
+
+class InterceptingProxy(object):
+    """Forwards http://127.0.0.1:<port>/api/... to the real API.  `hook(method,
+    path, body_json)` runs in the request thread before forwarding."""
+
+    def __init__(self, upstream_api, hook):
+        self.upstream = upstream_api.rstrip("/")
+        self.hook = hook
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else None
+                path = self.path[len("/api"):] if self.path.startswith("/api") else self.path
+                try:
+                    body = json.loads(raw.decode("utf-8")) if raw else None
+                except ValueError:
+                    body = None
+                try:
+                    proxy.hook(self.command, path, body)
+                except Exception:  # noqa: BLE001 - a broken hook must not hang the agent
+                    pass
+                req = urllib.request.Request(proxy.upstream + path, data=raw, method=self.command)
+                for h in ("Content-Type", "Accept", "Authorization"):
+                    if self.headers.get(h):
+                        req.add_header(h, self.headers[h])
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        status, ctype, out = resp.status, resp.headers.get("Content-Type"), resp.read()
+                except urllib.error.HTTPError as e:
+                    status, ctype, out = e.code, e.headers.get("Content-Type"), e.read()
+                except Exception:  # noqa: BLE001
+                    status, ctype, out = 502, "application/json", b'{"detail":"proxy error"}'
+                self.send_response(status)
+                if ctype:
+                    self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.api = "http://127.0.0.1:%d/api" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+class RealServerConformance(unittest.TestCase):
+    """agent.py against a real Prefect 3 server and real flow-run children."""
+
+    TEST_TIMEOUT = 150.0      # overall deadline per test (seconds)
+    STOP_GRACE = 8.0          # SIGTERM -> SIGKILL
+    MANY_RUNS = 50
+
+    _env_checked = None       # (ok, reason) cached across tests
+
+    # -- environment ---------------------------------------------------------
+    @classmethod
+    def _check_env(cls):
+        if cls._env_checked is not None:
+            return cls._env_checked
+        api = os.environ.get("AGENT_TEST_PREFECT_API", "").strip()
+        flow_py = os.environ.get("AGENT_TEST_FLOW_PYTHON", "").strip()
+        missing = [n for n, v in (("AGENT_TEST_PREFECT_API", api),
+                                  ("AGENT_TEST_FLOW_PYTHON", flow_py)) if not v]
+        if missing:
+            cls._env_checked = ("skip", "real Prefect server not configured: set %s "
+                                "(see .ci/run)" % " and ".join(missing))
+            return cls._env_checked
+        if not os.path.isfile(AGENT_PY):
+            cls._env_checked = ("fail", "agent.py not found at %s" % AGENT_PY)
+            return cls._env_checked
+        if not (os.path.isfile(flow_py) and os.access(flow_py, os.X_OK)):
+            cls._env_checked = ("fail", "AGENT_TEST_FLOW_PYTHON=%r is not an executable file"
+                                % flow_py)
+            return cls._env_checked
+        try:
+            out = subprocess.run([flow_py, "-c", "import prefect; print(prefect.__version__)"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(out.stdout.decode("utf-8", "replace")[-500:])
+        except Exception as e:  # noqa: BLE001 - reported to the user
+            cls._env_checked = ("fail", "AGENT_TEST_FLOW_PYTHON cannot import prefect: %s" % e)
+            return cls._env_checked
+        rest = Rest(api, retry_for=30)
+        try:
+            if rest.health() is not True:
+                raise RuntimeError("GET /health did not answer true")
+        except Exception as e:  # noqa: BLE001
+            cls._env_checked = ("fail", "Prefect server at %s not healthy: %s" % (api, e))
+            return cls._env_checked
+        cls._env_checked = ("ok", "")
+        return cls._env_checked
+
+    def setUp(self):
+        verdict, reason = self._check_env()
+        if verdict == "skip":
+            if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
+                self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
+            self.skipTest(reason)
+        if verdict == "fail":
+            self.fail(reason)
+        self.api = os.environ["AGENT_TEST_PREFECT_API"].strip().rstrip("/")
+        self.flow_python = os.environ["AGENT_TEST_FLOW_PYTHON"].strip()
+        self.deadline = time.monotonic() + self.TEST_TIMEOUT
+        self.rest = Rest(self.api)
+        self.rest.deadline = self.deadline
+        self.tmp = tempfile.mkdtemp(prefix="agentpy-conf-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pool = "agentpy-conf-" + uuid.uuid4().hex[:12]
+        self.agents = []  # list of (Popen, log path)
+
+    def tearDown(self):
+        self.stop_agents()
+
+    # -- agents ----------------------------------------------------------------
+    def start_agent(self, *extra, **kw):
+        name = kw.get("name") or "conf-" + uuid.uuid4().hex[:8]
+        api = kw.get("api") or self.api
+        log_path = os.path.join(self.tmp, "agent-%d.log" % len(self.agents))
+        argv = [sys.executable, AGENT_PY, "start", "--pool", self.pool,
+                "--api", api, "--name", name, "--python", self.flow_python,
+                "--poll-interval", "1", "--prefetch-seconds", "5"] + list(extra)
+        env = dict(os.environ)
+        # The agent must hand its --api to children itself.
+        for k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
+            env.pop(k, None)
+        env["PREFECT_HOME"] = os.path.join(self.tmp, "prefect-home")
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=self.tmp, env=env,
+                                    start_new_session=True)
+        self.agents.append((proc, log_path))
+        return proc
+
+    def stop_agents(self):
+        for proc, _ in self.agents:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+        end = time.monotonic() + self.STOP_GRACE
+        for proc, _ in self.agents:
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc, _ in self.agents:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    proc.kill()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def agent_logs(self, limit=3000):
+        parts = []
+        for i, (proc, path) in enumerate(self.agents):
+            try:
+                with open(path, "rb") as f:
+                    text = f.read().decode("utf-8", "replace")
+            except OSError:
+                text = "<no log>"
+            if len(text) > limit:
+                text = "...\n" + text[-limit:]
+            parts.append("--- agent %d (pid %s, exit %s) ---\n%s"
+                         % (i, proc.pid, proc.poll(), text))
+        return "\n".join(parts)
+
+    def fail_with_logs(self, msg):
+        self.fail("%s\n%s" % (msg, self.agent_logs()))
+
+    def remaining(self, cap):
+        return max(0.0, min(cap, self.deadline - time.monotonic()))
+
+    def check_agents_alive(self):
+        for i, (proc, _) in enumerate(self.agents):
+            if proc.poll() is not None:
+                self.fail_with_logs("agent %d exited early with code %s" % (i, proc.returncode))
+
+    # -- server fixtures -------------------------------------------------------
+    def make_pool(self):
+        self.rest.create_pool(self.pool)
+
+    def make_deployment(self, flow_name, **kw):
+        flow = self.rest.create_flow(flow_name)
+        return self.rest.create_deployment(flow["id"], "dep-" + uuid.uuid4().hex[:8],
+                                           self.pool, **kw)
+
+    def child_command(self):
+        """(command, launches file) for the cheap stdlib stand-in child."""
+        child = os.path.join(self.tmp, "child.py")
+        with open(child, "w") as f:
+            f.write(CHILD_SOURCE)
+        out = os.path.join(self.tmp, "launches.txt")
+        return " ".join(shlex.quote(a) for a in (sys.executable, child, out)), out
+
+    @staticmethod
+    def read_launches(out):
+        if not os.path.exists(out):
+            return []
+        with open(out) as f:
+            return [ln.split() for ln in f.read().splitlines() if ln.strip()]
+
+    def wait_final(self, run_id, timeout):
+        end = time.monotonic() + self.remaining(timeout)
+        last = None
+        while time.monotonic() < end:
+            run = self.rest.read_run(run_id)
+            last = state_of(run)
+            if last[0] in TERMINAL:
+                return run
+            self.check_agents_alive()
+            time.sleep(0.5)
+        self.fail_with_logs("run %s not final after %.0f s; last state %r"
+                            % (run_id, timeout, last))
+
+    # -- tests -----------------------------------------------------------------
+    def test_real_flow_completes(self):
+        """A deployment of a real @flow (pull step sets the working directory)
+        is run by agent.py with `<--python> -m prefect.engine` and COMPLETES."""
+        code = os.path.join(self.tmp, "code")
+        os.mkdir(code)
+        marker = os.path.join(self.tmp, "ran.txt")
+        flow_name = "agentpy-conformance-flow"
+        with open(os.path.join(code, "flow.py"), "w") as f:
+            f.write(FLOW_SOURCE.format(marker=marker, flow_name=flow_name))
+        self.make_pool()
+        dep = self.make_deployment(flow_name, entrypoint="flow.py:conformance_flow",
+                                   directory=code)
+        run = self.rest.create_flow_run(dep["id"])
+        self.start_agent()
+        final = self.wait_final(run["id"], 120)
+        st = state_of(final)
+        if st[0] != "COMPLETED":
+            self.fail_with_logs("expected COMPLETED, got %r" % (st,))
+        with open(marker) as f:
+            self.assertEqual(f.read().split(), [run["id"]],
+                             "the flow body must run exactly once, with PREFECT__FLOW_RUN_ID set")
+
+    def test_nonzero_exit_reports_crashed(self):
+        """A command that exits 3 without touching the run leaves it PENDING on
+        the server; the agent must propose CRASHED with the exit code."""
+        self.make_pool()
+        dep = self.make_deployment("agentpy-conformance-cmd",
+                                   job_variables={"command": "sh -c 'exit 3'"})
+        run = self.rest.create_flow_run(dep["id"])
+        self.start_agent()
+        final = self.wait_final(run["id"], 60)
+        st = state_of(final)
+        if st[0] != "CRASHED":
+            self.fail_with_logs("expected CRASHED, got %r" % (st,))
+        if not re.search(r"(?<!\d)3(?!\d)", st[2] or ""):
+            self.fail_with_logs("CRASHED message should mention exit code 3: %r" % (st[2],))
+
+    def test_two_agents_fifty_runs_each_started_once(self):
+        """Two agents race for 50 runs of one pool: each run is launched exactly
+        once, only after it was claimed (PENDING), and every run COMPLETES."""
+        self.make_pool()
+        command, out = self.child_command()
+        dep = self.make_deployment("agentpy-conformance-cmd",
+                                   job_variables={"command": command})
+        ids = [self.rest.create_flow_run(dep["id"])["id"] for _ in range(self.MANY_RUNS)]
+        self.start_agent()
+        self.start_agent()
+
+        end = time.monotonic() + self.remaining(120)
+        runs = {}
+        while time.monotonic() < end:
+            runs = self.rest.read_runs(ids)
+            if len(runs) == len(ids) and all(state_of(r)[0] in TERMINAL
+                                             for r in runs.values()):
+                break
+            self.check_agents_alive()
+            time.sleep(1.0)
+        # a few more poll cycles: a late duplicate launch would show up here
+        time.sleep(self.remaining(3))
+
+        launches = self.read_launches(out)
+        counts = {}
+        for parts in launches:
+            counts[parts[0]] = counts.get(parts[0], 0) + 1
+        problems = []
+        dup = sorted(i for i, c in counts.items() if c > 1)
+        never = sorted(set(ids) - set(counts))
+        alien = sorted(set(counts) - set(ids))
+        unclaimed = sorted(set(p[0] for p in launches
+                               if len(p) < 2 or p[1] not in ("PENDING",)))
+        if dup:
+            problems.append("%d runs launched more than once: %s"
+                            % (len(dup), ", ".join("%s x%d" % (i, counts[i]) for i in dup[:5])))
+        if never:
+            problems.append("%d runs never launched (e.g. %s)" % (len(never), never[:3]))
+        if alien:
+            problems.append("launched ids not in this test (PREFECT__FLOW_RUN_ID wrong?): %s"
+                            % alien[:3])
+        if unclaimed:
+            problems.append("%d runs were not PENDING when their child started "
+                            "(launched before/without the claim): %s"
+                            % (len(unclaimed), [p for p in launches if p[0] in unclaimed][:3]))
+        not_done = sorted((i, state_of(r)[:2]) for i, r in runs.items()
+                          if state_of(r)[0] != "COMPLETED")
+        if len(runs) != len(ids):
+            problems.append("server returned %d of %d runs" % (len(runs), len(ids)))
+        if not_done:
+            problems.append("%d runs not COMPLETED: %s" % (len(not_done), not_done[:5]))
+        if problems:
+            self.fail_with_logs("; ".join(problems))
+
+    def test_stale_poll_does_not_rerun_finished_run(self):
+        """A poll answer can be stale: before the agent proposes PENDING, another
+        worker may claim, run and COMPLETE the run.  The server ACCEPTs PENDING
+        from COMPLETED/FAILED/CRASHED (only PENDING, RUNNING, CANCELLING and
+        CANCELLED block it), so the agent must notice that its accepted PENDING
+        did not come from SCHEDULED (e.g. `state_details.scheduled_time` is null;
+        it is copied from the SCHEDULED state otherwise), must not start the run
+        and must put the run back to its final state.  A loopback proxy plays the
+        other worker right before the agent's PENDING proposal reaches the server."""
+        self.make_pool()
+        command, out = self.child_command()
+        dep = self.make_deployment("agentpy-conformance-cmd",
+                                   job_variables={"command": command})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        fired = threading.Event()
+        competitor = []
+
+        def hook(method, path, body):
+            state = (body or {}).get("state") if isinstance(body, dict) else None
+            if (method != "POST" or path != "/flow_runs/%s/set_state" % run_id
+                    or not isinstance(state, dict) or state.get("type") != "PENDING"
+                    or fired.is_set()):
+                return
+            try:
+                for state_type in ("PENDING", "RUNNING", "COMPLETED"):
+                    res = self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {
+                        "state": {"type": state_type, "state_details": {
+                            "flow_run_id": run_id, "transition_id": str(uuid.uuid4())}},
+                        "force": False})
+                    competitor.append((state_type, res.get("status")))
+            except Exception as e:  # noqa: BLE001 - reported below
+                competitor.append(("error", repr(e)))
+            finally:
+                fired.set()
+
+        proxy = InterceptingProxy(self.api, hook)
+        self.addCleanup(proxy.close)
+        self.start_agent(api=proxy.api)
+
+        end = time.monotonic() + self.remaining(60)
+        while time.monotonic() < end and not fired.is_set():
+            self.check_agents_alive()
+            time.sleep(0.2)
+        if not fired.is_set():
+            self.fail_with_logs("the agent never proposed PENDING for run %s" % run_id)
+        if [c[1] for c in competitor] != ["ACCEPT"] * 3:
+            self.fail("test bug: the stand-in worker could not finish the run: %r" % competitor)
+
+        # Give a wrong agent time to launch the child, a right one time to repair.
+        settle = time.monotonic() + 5
+        end = time.monotonic() + self.remaining(30)
+        st = None
+        while time.monotonic() < end:
+            if any(p[0] == run_id for p in self.read_launches(out)):
+                self.fail_with_logs("the agent started run %s although it had already "
+                                    "COMPLETED (its PENDING proposal was ACCEPTed from "
+                                    "COMPLETED; the accepted state has no scheduled_time)"
+                                    % run_id)
+            st = state_of(self.rest.read_run(run_id))
+            if st[0] == "COMPLETED" and time.monotonic() >= settle:
+                return
+            self.check_agents_alive()
+            time.sleep(0.3)
+        self.fail_with_logs("run %s should be COMPLETED again (the other worker finished "
+                            "it), but is %r" % (run_id, st))
+
+    def test_worker_heartbeat_online(self):
+        """A worker named by --name shows ONLINE in the pool's workers."""
+        self.make_pool()
+        name = "conf-worker-" + uuid.uuid4().hex[:8]
+        self.start_agent(name=name)
+        end = time.monotonic() + self.remaining(45)
+        seen = None
+        while time.monotonic() < end:
+            for w in self.rest.workers(self.pool):
+                if w.get("name") == name:
+                    seen = w
+            if seen and seen.get("status") == "ONLINE":
+                return
+            self.check_agents_alive()
+            time.sleep(0.5)
+        self.fail_with_logs("worker %r not ONLINE in pool %r; last seen %r"
+                            % (name, self.pool, seen))
+
+    def test_missing_pool_is_created_as_process_pool(self):
+        """Started on a pool that does not exist, the agent creates it as a
+        `process` pool with the standard base job template."""
+        self.assertIsNone(self.rest.read_pool(self.pool))
+        self.start_agent()
+        end = time.monotonic() + self.remaining(45)
+        pool = None
+        while time.monotonic() < end:
+            pool = self.rest.read_pool(self.pool)
+            if pool is not None and pool.get("base_job_template"):
+                break
+            self.check_agents_alive()
+            time.sleep(0.5)
+        if pool is None:
+            self.fail_with_logs("agent did not create pool %r" % self.pool)
+        self.assertEqual(pool.get("type"), "process")
+        tmpl = pool.get("base_job_template") or {}
+        self.assertEqual(tmpl.get("job_configuration"),
+                         PROCESS_POOL_TEMPLATE["job_configuration"])
+        self.assertEqual(sorted((tmpl.get("variables") or {}).get("properties") or {}),
+                         sorted(PROCESS_POOL_TEMPLATE["variables"]["properties"]))
 
 
 if __name__ == "__main__":
