@@ -1286,7 +1286,8 @@ class Agent:
         if ours and details.get("scheduled_time") is None:
             # The server also accepts PENDING from a final state: the poll's answer was stale
             # and another agent has already run it to the end. Put that end back; run nothing.
-            self._restore_final_state(run_id, transition_id)
+            self.reporter.call(run_id, "restoring the final state a stale claim replaced",
+                               lambda: self._restore_final_state(run_id, transition_id))
             return False
         if ours:
             return True

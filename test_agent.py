@@ -1751,6 +1751,31 @@ class ClaimTests(AgentTestCase):
         self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
         self.assertEqual(final_type(self.fake, run), "COMPLETED")
 
+    def test_restoring_after_a_stale_claim_survives_an_api_blip(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        stale = self.fake.run(run)
+        for state in ("PENDING", "RUNNING", "COMPLETED"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+                "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
+        with RunningAgent(self.fake, api_retries=0) as running:
+            running.agent.pool = {"base_job_template": {}}
+            self.fake.fail_next(3, status=503, path_contains="/flow_run_states/")
+            self.assertTrue(running.agent._reserve_slot(run))
+            running.agent._submit(stale)
+            wait_for(lambda: final_type(self.fake, run) == "COMPLETED", timeout=30,
+                     what="final state restored")
+        self.assertEqual(self.started_ids(), [])
+
+    def test_runs_of_a_deleted_deployment_are_cancelled_not_left_scheduled(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        self.fake.delete_deployment(dep, keep_runs=True)
+        with RunningAgent(self.fake):
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled run")
+        self.assertIn("no longer exists", self.fake.run(run)["state"]["message"])
+        self.assertEqual(self.started_ids(), [])
+
     def test_a_reject_that_returns_someone_elses_pending_is_not_a_claim(self):
         dep = self.deployment(command=marker_command(self.markers))
         run = self.fake.add_run(dep, pool="pool")
