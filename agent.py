@@ -71,13 +71,15 @@ class Config:
         self.__dict__.update(fields)
 
 
-def _positive_number(text, what):
+def _number(text, what, allow_zero=False):
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise UsageError("%s must be a number, got %r" % (what, text))
-    if not value > 0 or value != value or value == float("inf"):
-        raise UsageError("%s must be a positive number, got %r" % (what, text))
+    low_ok = value >= 0 if allow_zero else value > 0  # also False for NaN
+    if not low_ok or value == float("inf"):
+        raise UsageError("%s must be %s, got %r"
+                         % (what, "zero or more" if allow_zero else "a positive number", text))
     return value
 
 
@@ -168,11 +170,12 @@ def parse_config(args, environ):
     prefetch_text = args.prefetch_seconds
     if prefetch_text is None:
         prefetch_text = environ.get("PREFECT_AGENT_PREFETCH_SECONDS", DEFAULT_PREFETCH_SECONDS)
-    prefetch = _nonnegative(prefetch_text, "--prefetch-seconds / PREFECT_AGENT_PREFETCH_SECONDS")
+    prefetch = _number(prefetch_text, "--prefetch-seconds / PREFECT_AGENT_PREFETCH_SECONDS",
+                       allow_zero=True)
     poll_text = args.poll_interval
     if poll_text is None:
         poll_text = environ.get("PREFECT_AGENT_QUERY_INTERVAL", DEFAULT_POLL_SECONDS)
-    poll = _positive_number(poll_text, "--poll-interval / PREFECT_AGENT_QUERY_INTERVAL")
+    poll = _number(poll_text, "--poll-interval / PREFECT_AGENT_QUERY_INTERVAL")
     address = args.agent_address or environ.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
     health = _http_address(address, "--agent-address") if address else None
     name = args.name or "agent.py %s %s" % (socket.gethostname(), uuid.uuid4().hex[:8])
@@ -202,16 +205,6 @@ def parse_config(args, environ):
         show_flow_logs=args.show_flow_logs,
         health_address=health,
     )
-
-
-def _nonnegative(text, what):
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise UsageError("%s must be a number, got %r" % (what, text))
-    if not value >= 0 or value == float("inf"):
-        raise UsageError("%s must be zero or more, got %r" % (what, text))
-    return value
 
 
 ###############################################################################
