@@ -2606,6 +2606,19 @@ class RealServerConformance(unittest.TestCase):
             self.fail_with_logs("expected CRASHED, got %r" % (st,))
         if not re.search(r"(?<!\d)3(?!\d)", st[2] or ""):
             self.fail_with_logs("CRASHED message should mention exit code 3: %r" % (st[2],))
+        # the run's own log in the UI tells the story the agent wrote (9.1 of PROTOCOL.md)
+        end = time.monotonic() + self.remaining(20)
+        messages = []
+        while time.monotonic() < end:
+            entries = self.rest.call("POST", "/logs/filter", {
+                "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200, "offset": 0})
+            messages = [e.get("message", "") for e in entries]
+            if any("exited with status code: 3" in m for m in messages):
+                break
+            time.sleep(0.5)
+        else:
+            self.fail_with_logs("run logs lack the exit code line: %r" % (messages,))
+        self.assertTrue(any("submitting flow run" in m for m in messages), messages)
 
     def test_two_agents_fifty_runs_each_started_once(self):
         """Two agents race for 50 runs of one pool: each run is launched exactly
