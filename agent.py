@@ -26,7 +26,7 @@ import logging
 import os
 import random
 import re
-import selectors
+import select
 import shlex
 import shutil
 import signal
@@ -58,6 +58,12 @@ DEFAULT_PREFETCH_SECONDS = 15.0
 SYNC_SECONDS = 30.0
 #: Missed polls after which the health check reports the agent unhealthy.
 UNHEALTHY_AFTER_POLLS = 3
+#: Default seconds between SIGTERM and SIGKILL for a cancelled run (Prefect's too).
+DEFAULT_CANCEL_GRACE_SECONDS = 30.0
+#: Seconds between SIGTERM and SIGKILL when the agent itself is told to stop now.
+STOP_GRACE_SECONDS = 5.0
+#: How long an exiting agent keeps trying to deliver owed reports (the journal keeps the rest).
+REPORT_FLUSH_SECONDS = 10.0
 
 
 class UsageError(Exception):
@@ -144,6 +150,12 @@ def build_arg_parser():
         help="stream every run's output here, even where the job says stream_output: false")
     add("--agent-address", metavar="http://HOST:PORT", help="serve GET /api/health here "
         "(default: $PREFECT__CLOUD__AGENT__AGENT_ADDRESS)")
+    add("--cancel-grace-seconds", help="after SIGTERM, seconds a cancelled run gets before "
+        "SIGKILL (default: %g)" % DEFAULT_CANCEL_GRACE_SECONDS)
+    add("--drain-timeout", help="on SIGTERM/SIGINT, seconds to wait for running flows before "
+        "terminating them (default: no limit)")
+    add("--state-dir", metavar="PATH", help="where the agent keeps its journal of runs, for "
+        "restart recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)")
     return parser
 
 
@@ -184,6 +196,13 @@ def parse_config(args, environ):
     for queue in args.work_queue + args.match:
         if not queue.strip():
             raise UsageError("--work-queue / --match may not be empty")
+    grace = _number(args.cancel_grace_seconds if args.cancel_grace_seconds is not None
+                    else DEFAULT_CANCEL_GRACE_SECONDS, "--cancel-grace-seconds", allow_zero=True)
+    drain = None if args.drain_timeout is None else _number(args.drain_timeout, "--drain-timeout",
+                                                           allow_zero=True)
+    state_dir = args.state_dir or os.path.join(
+        environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
+        "agent.py")
     python = args.python or sys.executable
     if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError("--python %r is not an executable file" % python)
@@ -204,6 +223,9 @@ def parse_config(args, environ):
         python=python,
         show_flow_logs=args.show_flow_logs,
         health_address=health,
+        cancel_grace_seconds=grace,
+        drain_timeout=drain,
+        state_dir=state_dir,
     )
 
 
@@ -739,23 +761,74 @@ class LaunchError(Exception):
 
 
 class Child:
-    """One started flow-run process and what the agent keeps about it."""
+    """One flow-run process the agent watches: started by it, or adopted after a restart."""
 
     TAIL_LINES = 20
 
-    def __init__(self, run_id, run_name, process, job, temp_dir):
-        self.run_id, self.run_name, self.process, self.job = run_id, run_name, process, job
-        self.temp_dir = temp_dir
-        self.pid = process.pid
+    def __init__(self, run_id, run_name, pid, output_path, stream_output, process=None,
+                 start_time=None, temp_dir=None, argv_text=""):
+        self.run_id, self.run_name, self.pid = run_id, run_name, pid
+        self.process = process  # None when adopted: not our child, so no exit status
+        self.start_time = start_time if start_time is not None else process_start_time(pid)
+        self.output_path, self.stream_output = output_path, stream_output
+        self.temp_dir, self.argv_text = temp_dir, argv_text
+        self.output = None
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
         self.partial = b""
-        self.started = time.monotonic()
         self.returncode = None
+        self.stop_reason = None  # "cancelled" or "stopped" once the agent signals it
+        self.kill_at = None
+
+    def open_output(self, from_end=False):
+        try:
+            self.output = open(self.output_path, "rb")
+        except OSError:
+            self.output = None
+            return
+        if from_end:
+            self.output.seek(0, os.SEEK_END)
+
+    def signal_group(self, signum):
+        """Signal the run's whole session (it leads its own); False when it is already gone."""
+        try:
+            os.killpg(self.pid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            log.warning("run %s: not allowed to signal process group %d", self.run_id, self.pid)
+            return False
 
 
-def start_process(run_id, run_name, job):
-    """Start `job` in its own session (so the whole tree can be signalled), with output on a
-    pipe the supervisor reads. Raises LaunchError with a reason a user can act on."""
+def process_start_time(pid):
+    """When the process started (clock ticks since boot, from /proc), so a reused pid is never
+    mistaken for our child; None where /proc is not available."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != b"Z" else None
+
+
+def process_is(pid, start_time):
+    """Whether `pid` is still the process that started at `start_time` (and not a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else: the start time decides
+    current = process_start_time(pid)
+    if start_time is None or current is None:
+        return current is not None or not os.path.isdir("/proc")
+    return current == start_time
+
+
+def start_process(run_id, run_name, job, output_path):
+    """Start `job` in its own session (so its whole tree can be signalled) with its output
+    appended to `output_path`, a file, so the run outlives the agent without a broken pipe.
+    Raises LaunchError with a reason a user can act on."""
     temp_dir = None
     cwd = job.working_dir
     if cwd is None:
@@ -763,21 +836,23 @@ def start_process(run_id, run_name, job):
     elif not os.path.isdir(cwd):
         raise LaunchError("working directory %r does not exist" % cwd)
     try:
-        process = subprocess.Popen(
-            job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        with open(output_path, "ab") as output:
+            process = subprocess.Popen(
+                job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     except FileNotFoundError:
-        _remove(temp_dir)
-        raise LaunchError("command %r not found (argv: %s)" % (job.argv[0], _argv_text(job.argv)))
+        reason = "command %r not found (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except PermissionError:
-        _remove(temp_dir)
-        raise LaunchError("command %r is not executable (argv: %s)" % (job.argv[0], _argv_text(job.argv)))
+        reason = "command %r is not executable (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except (OSError, ValueError) as exc:
-        _remove(temp_dir)
-        raise LaunchError("cannot start %s: %s" % (_argv_text(job.argv), exc))
-    flags = fcntl.fcntl(process.stdout, fcntl.F_GETFL)
-    fcntl.fcntl(process.stdout, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    return Child(run_id, run_name, process, job, temp_dir)
+        reason = "cannot start %s: %s" % (_argv_text(job.argv), exc)
+    else:
+        child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
+                      process=process, temp_dir=temp_dir, argv_text=_argv_text(job.argv))
+        child.open_output()
+        return child
+    _remove(temp_dir)
+    raise LaunchError(reason)
 
 
 def _argv_text(argv, limit=300):
@@ -816,10 +891,20 @@ def explain_exit(code):
 def crash_message(child):
     code = child.returncode
     message = "Flow run process exited with non-zero status code %d: %s." % (code, explain_exit(code))
+    return message + _tail_text(child)
+
+
+def _tail_text(child):
     tail = [line for line in child.tail if line.strip()]
-    if tail:
-        message += " Last lines of output:\n" + "\n".join(tail[-10:])
-    return message[:4000]
+    text = (" Last lines of output:\n" + "\n".join(tail[-10:])) if tail else ""
+    return text[:3500]
+
+
+def _exit_code(status):
+    """os.waitstatus_to_exitcode, which Python 3.8 lacks."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
 
 
 ###############################################################################
@@ -827,47 +912,135 @@ def crash_message(child):
 ###############################################################################
 
 
-class Supervisor(threading.Thread):
-    """Reads every child's output through one selector and reaps every child promptly.
+class Journal:
+    """What this agent has claimed and started, kept on disk so that a restart, even after
+    kill -9, finishes every run's story: the claim is written before it is proposed, so no run
+    can be left Pending by an agent that died between the two.
 
-    One thread for any number of children: output is read without blocking, and a child is
-    reaped as soon as its pipe closes, a wake-up arrives (SIGCHLD) or, at the latest, on the
-    next tick, so a child whose grandchildren keep the pipe open is still reaped."""
+    Several agents on one host share a state directory: each holds an exclusive lock on one
+    journal slot, and a restarted agent takes over the slot a dead one left."""
+
+    SLOTS = 64
+
+    def __init__(self, directory, pool):
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UsageError("cannot create --state-dir %r: %s" % (directory, exc.strerror))
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", pool)[:100]
+        self.output_dir = os.path.join(directory, "output")
+        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+        for slot in range(self.SLOTS):
+            self.path = os.path.join(directory, "journal-%s-%d.json" % (slug, slot))
+            self._lock = open(self.path + ".lock", "a")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                self._lock.close()
+        else:
+            raise UsageError("all %d journal slots in %r are held by running agents"
+                             % (self.SLOTS, directory))
+        self._mutex = threading.Lock()
+        self._entries = self._load()
+
+    def _load(self):
+        try:
+            with open(self.path) as handle:
+                entries = json.load(handle)
+            if not isinstance(entries, dict):
+                raise ValueError("not a JSON object")
+            return {k: v for k, v in entries.items() if isinstance(v, dict)}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            aside = "%s.unreadable-%d" % (self.path, time.time())
+            log.error("journal %s is unreadable (%s); moved it to %s and starting empty",
+                      self.path, exc, aside)
+            os.replace(self.path, aside)
+            return {}
+
+    def entries(self):
+        with self._mutex:
+            return copy.deepcopy(self._entries)
+
+    def update(self, run_id, **fields):
+        with self._mutex:
+            self._entries.setdefault(run_id, {}).update(fields)
+            self._write()
+
+    def forget(self, run_id):
+        with self._mutex:
+            if self._entries.pop(run_id, None) is not None:
+                self._write()
+
+    def _write(self):
+        # Write aside, flush to disk, then rename over: a crash leaves the old or the new file.
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as handle:
+            json.dump(self._entries, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.path)
+
+    def close(self):
+        """Release this journal's slot (whatever is still in it waits for the next start)."""
+        self._lock.close()
+
+    def output_path(self, run_id):
+        return os.path.join(self.output_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) + ".log")
+
+
+class Supervisor(threading.Thread):
+    """Streams every child's output and reaps every child promptly, from one thread.
+
+    A child is reaped on the tick after it exits (SIGCHLD makes that tick come at once), so
+    hundreds of runs never leave zombies. As PID 1 it also reaps orphaned grandchildren, which
+    a container without an init would otherwise accumulate."""
 
     TICK_SECONDS = 0.25
 
-    def __init__(self, on_exit, console=None):
+    def __init__(self, on_exit, console=None, reap_orphans=False):
         super().__init__(name="supervisor", daemon=True)
         self._on_exit = on_exit
         self._console = console or sys.stdout
-        self._selector = selectors.DefaultSelector()
+        self._reap_orphans = reap_orphans
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
-        self._incoming = []
         self._children = {}
         self._stopping = False
 
-    @property
-    def wake_fd(self):
-        return self._wake_w
-
     def add(self, child):
         with self._lock:
-            self._incoming.append(child)
+            self._children[child.run_id] = child
         self.wake()
 
     def wake(self):
         try:
             os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # a wake-up is already pending
 
     def children(self):
         with self._lock:
-            return list(self._children.values()) + list(self._incoming)
+            return list(self._children.values())
+
+    def child(self, run_id):
+        with self._lock:
+            return self._children.get(run_id)
+
+    def terminate(self, run_id, reason, grace):
+        """SIGTERM the run's process group now, SIGKILL it after `grace` seconds."""
+        child = self.child(run_id)
+        if child is None or child.stop_reason is not None:
+            return False
+        child.stop_reason = reason
+        child.kill_at = time.monotonic() + grace
+        child.signal_group(signal.SIGTERM)
+        self.wake()
+        return True
 
     def stop(self):
         self._stopping = True
@@ -875,85 +1048,105 @@ class Supervisor(threading.Thread):
 
     def run(self):
         while not self._stopping:
-            self._take_incoming()
-            for key, _ in self._selector.select(self.TICK_SECONDS):
-                if key.data is None:
-                    _drain_fd(self._wake_r)
-                else:
-                    self._read(key.data)
-            self._reap()
+            select.select([self._wake_r], [], [], self.TICK_SECONDS)
+            _drain_fd(self._wake_r)
+            self.tick()
 
-    def _take_incoming(self):
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-            for child in incoming:
-                self._children[child.pid] = child
-        for child in incoming:
-            self._selector.register(child.process.stdout, selectors.EVENT_READ, child)
+    def tick(self):
+        children = self.children()
+        for child in children:
+            self._read(child)
+        exited = self._collect_exits(children)
+        now = time.monotonic()
+        for child in children:
+            if child not in exited and child.kill_at is not None and now >= child.kill_at:
+                log.warning("run %s: still running %s after SIGTERM; sending SIGKILL",
+                            child.run_id, "the cancellation grace period" if
+                            child.stop_reason == "cancelled" else "the stop grace period")
+                child.kill_at = None
+                child.signal_group(signal.SIGKILL)
+        for child in exited:
+            self._finish(child)
+
+    def _collect_exits(self, children):
+        if self._reap_orphans:
+            return self._reap_everything(children)
+        exited = []
+        for child in children:
+            if child.process is not None:
+                child.returncode = child.process.poll()
+                if child.returncode is not None:
+                    exited.append(child)
+            elif not process_is(child.pid, child.start_time):
+                exited.append(child)  # adopted: exit status unknowable
+        return exited
+
+    def _reap_everything(self, children):
+        by_pid = {child.pid: child for child in children}
+        exited = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = by_pid.get(pid)
+            if child is not None and child.process is not None:
+                child.returncode = child.process.returncode = _exit_code(status)
+                exited.append(child)
+        exited += [c for c in children if c.process is None and not process_is(c.pid, c.start_time)]
+        return exited
 
     def _read(self, child):
-        try:
-            chunk = os.read(child.process.stdout.fileno(), 65536)
-        except BlockingIOError:
+        if child.output is None:
             return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._close_output(child)
-            return
-        lines = (child.partial + chunk).split(b"\n")
-        child.partial = lines.pop()
-        if len(child.partial) > 65536:  # a runaway line without newline: show it in pieces
-            lines.append(child.partial)
-            child.partial = b""
-        for line in lines:
-            self._line(child, line)
+        while True:
+            try:
+                chunk = child.output.read(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            lines = (child.partial + chunk).split(b"\n")
+            child.partial = lines.pop()
+            if len(child.partial) > 65536:  # a runaway line without newline: show it in pieces
+                lines.append(child.partial)
+                child.partial = b""
+            for line in lines:
+                self._line(child, line)
 
     def _line(self, child, raw):
         text = raw.decode("utf-8", "replace").rstrip("\r")
         child.tail.append(text[:500])
-        if child.job.stream_output:
+        if child.stream_output:
             try:
                 self._console.write("[%s] %s\n" % (child.run_name, text))
                 self._console.flush()
             except (OSError, ValueError):
                 pass  # a closed console must not stop supervision
 
-    def _close_output(self, child):
-        stream = child.process.stdout
-        if stream.closed:
-            return
-        self._selector.unregister(stream)
+    def _finish(self, child):
+        self._read(child)  # what the child wrote just before exiting
         if child.partial:
             self._line(child, child.partial)
             child.partial = b""
-        stream.close()
-
-    def _reap(self):
+        if child.output is not None:
+            child.output.close()
         with self._lock:
-            children = list(self._children.values())
-        for child in children:
-            code = child.process.poll()
-            if code is None:
-                continue
-            child.returncode = code
-            if not child.process.stdout.closed:
-                self._read(child)  # what the child wrote just before exiting
-                self._close_output(child)
-            with self._lock:
-                del self._children[child.pid]
-            _remove(child.temp_dir)
-            try:
-                self._on_exit(child)
-            except Exception:  # a reporting bug must never stop supervision of the rest
-                log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
+            self._children.pop(child.run_id, None)
+        _remove(child.temp_dir)
+        try:
+            self._on_exit(child)
+        except Exception:  # a reporting bug must never stop supervision of the rest
+            log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
 
 
 def _drain_fd(fd):
     try:
         while os.read(fd, 4096):
             pass
-    except (BlockingIOError, OSError):
+    except OSError:
         pass
 
 
@@ -964,7 +1157,9 @@ def _drain_fd(fd):
 
 class Reporter(threading.Thread):
     """Delivers what the agent owes the API about runs (logs, pids, final states) in order,
-    off the poll loop, so a slow API never stalls claiming or supervision."""
+    off the poll loop, so a slow API never stalls claiming or supervision. While the API is
+    unreachable it retries the head of the queue until it goes through; what is still queued
+    when the agent exits is in the journal and is delivered by the next start."""
 
     LOGGER_NAME = "prefect.flow_runs.worker"
     BATCH = 200
@@ -975,6 +1170,7 @@ class Reporter(threading.Thread):
         self._queue = collections.deque()
         self._ready = threading.Condition()
         self._busy = False
+        self.failing_since = None
 
     def log(self, run_id, message, level=logging.INFO):
         """A line for the run's logs in the Prefect UI (and the agent's own log)."""
@@ -1018,8 +1214,7 @@ class Reporter(threading.Thread):
                     self._ready.notify_all()
 
     def _take_batch(self):
-        kind = self._queue[0][0]
-        if kind == "call":
+        if self._queue[0][0] == "call":
             return [self._queue.popleft()]
         batch = []
         while self._queue and self._queue[0][0] == "log" and len(batch) < self.BATCH:
@@ -1042,10 +1237,12 @@ class Reporter(threading.Thread):
         while True:
             try:
                 action()
+                self.failing_since = None
                 return
             except APIUnreachable as exc:
                 failures += 1
                 if failures == 1:
+                    self.failing_since = self.failing_since or time.monotonic()
                     log.warning("run %s: %s failed; retrying until the API answers: %s",
                                 run_id, what, exc)
                 time.sleep(backoff_seconds(failures, cap=30))
@@ -1068,19 +1265,25 @@ class Agent:
     def __init__(self, config, api=None, console=None):
         self.config = config
         self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
+        self.journal = Journal(config.state_dir, config.pool)
         self.reporter = Reporter(self.api)
-        self.supervisor = Supervisor(self._child_exited, console=console)
+        self.supervisor = Supervisor(self._child_exited, console=console,
+                                     reap_orphans=os.getpid() == 1)
         self.pool = None
         self.queues = list(config.queues)
         self._queues_to_create = list(config.queues)
         self._in_flight = set()
         self._in_flight_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # stop claiming; wait for running flows
+        self._force = threading.Event()  # stop now: terminate running flows
+        self._wake = threading.Event()
+        self._recovered = False
         self._next_sync = 0.0
         self._outage_since = None
         self._outage_failures = 0
         self.started = time.monotonic()
         self.last_poll = None
+        self.last_contact = None  # last loop pass that reached the API (polls, heartbeats)
         self._deployments = {}
         self._flows = {}
         self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
@@ -1088,18 +1291,32 @@ class Agent:
     # -- life cycle -----------------------------------------------------------
 
     def run(self):
-        """Run until stopped (or one poll's runs are done with --run-once). Returns the exit code."""
+        """Run until stopped, then drain; returns the exit code (0 clean, 1 runs were killed)."""
         self.reporter.start()
         self.supervisor.start()
         next_poll = 0.0
-        while not self._stop.is_set():
+        drain_until = None
+        while True:
+            if self._stop.is_set():
+                if drain_until is None:
+                    drain_until = time.monotonic() + (self.config.drain_timeout or float("inf"))
+                if not self.in_flight_count():
+                    break
+                if self._force.is_set() or time.monotonic() >= drain_until:
+                    self._terminate_all()
+                    break
             syncing = time.monotonic() >= self._next_sync
             try:
                 if syncing:
                     self._sync()
+                if not self._recovered and self.pool is not None:
+                    self._recover()
                 if time.monotonic() >= next_poll:
-                    self._poll()
+                    if not self._stop.is_set():
+                        self._poll()
+                    self._check_cancellations()
                     next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
+                self.last_contact = time.monotonic()
                 self._api_recovered()
             except (APIError, APIUnreachable) as exc:
                 self._api_failed(exc)
@@ -1109,19 +1326,37 @@ class Agent:
                 if syncing or self.pool is None:
                     self._next_sync = retry_at
             if self.config.run_once and self.last_poll is not None:
-                break
-            self._stop.wait(max(0.0, min(next_poll, self._next_sync) - time.monotonic()))
-        self._wait_for_children()
-        self.reporter.flush(timeout=30)
+                self._stop.set()
+            self._wake.wait(max(0.0, min(next_poll, self._next_sync) - time.monotonic()))
+            self._wake.clear()
+        delivered = self.reporter.flush(timeout=REPORT_FLUSH_SECONDS)
+        if not delivered:
+            log.warning("some reports could not reach the API before exit; they are kept in %s "
+                        "and will be delivered by the next start", self.journal.path)
         self.supervisor.stop()
-        return 0
+        self.journal.close()
+        return 1 if self._force.is_set() else 0
 
     def stop(self):
+        """Stop claiming; keep supervising until running flows finish (or the drain timeout)."""
         self._stop.set()
+        self._wake.set()
 
-    def _wait_for_children(self):
-        while self.in_flight_count():
-            time.sleep(0.1)
+    def force_stop(self):
+        """Stop now: terminate running flows and report them crashed."""
+        self._stop.set()
+        self._force.set()
+        self._wake.set()
+
+    def _terminate_all(self):
+        self._force.set()
+        children = self.supervisor.children()
+        log.warning("stopping now: terminating %d running flow run(s)", len(children))
+        for child in children:
+            self.supervisor.terminate(child.run_id, "stopped", STOP_GRACE_SECONDS)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS + 5
+        while self.in_flight_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _api_failed(self, exc):
         self._outage_failures += 1
@@ -1223,11 +1458,11 @@ class Agent:
         with self._in_flight_lock:
             return len(self._in_flight)
 
-    def _reserve_slot(self, run_id):
+    def _reserve_slot(self, run_id, ignore_limit=False):
         with self._in_flight_lock:
             if run_id in self._in_flight:
                 return False
-            if self.config.limit and len(self._in_flight) >= self.config.limit:
+            if self.config.limit and not ignore_limit and len(self._in_flight) >= self.config.limit:
                 return False
             self._in_flight.add(run_id)
             return True
@@ -1235,7 +1470,7 @@ class Agent:
     def _release_slot(self, run_id):
         with self._in_flight_lock:
             self._in_flight.discard(run_id)
-        self.supervisor.wake()
+        self._wake.set()
 
     def _submit(self, run):
         """Read what the run needs, claim it, and start it only if the server says it is ours.
@@ -1265,6 +1500,10 @@ class Agent:
         """Propose PENDING. True only when the run ends up PENDING by our proposal."""
         run_id = run["id"]
         transition_id = str(uuid.uuid4())
+        # On disk before it is proposed: an agent that dies right after the server accepts
+        # the claim finds it here on restart and starts the run, instead of leaving it Pending.
+        self.journal.update(run_id, phase="claiming", transition_id=transition_id,
+                            run=_run_summary(run))
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
         except APIUnreachable:
@@ -1281,9 +1520,11 @@ class Agent:
             # and another agent has already run it to the end. Put that end back; run nothing.
             self.reporter.call(run_id, "restoring the final state a stale claim replaced",
                                lambda: self._restore_final_state(run_id, transition_id))
+            self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
             return False
         if ours:
             return True
+        self.journal.forget(run_id)
         reason = (result.get("details") or {}).get("reason") or state.get("name") or "no reason"
         log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
                  state.get("type"), reason)
@@ -1314,7 +1555,10 @@ class Agent:
         current = self.api.read_run(run_id).get("state") or {}
         del self._unsettled[run_id]
         details = current.get("state_details") or {}
-        return current.get("type") == "PENDING" and details.get("transition_id") == transition_id
+        ours = current.get("type") == "PENDING" and details.get("transition_id") == transition_id
+        if not ours:
+            self.journal.forget(run_id)
+        return ours
 
     def _settle_unanswered_claims(self):
         for run_id in list(self._unsettled):
@@ -1352,10 +1596,15 @@ class Agent:
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
             job = self._job_for(run, deployment, flow_name)
-            child = start_process(run_id, run.get("name") or run_id, job)
+            child = start_process(run_id, run.get("name") or run_id, job,
+                                  self.journal.output_path(run_id))
         except (JobConfigError, LaunchError, APIError, APIUnreachable) as exc:
             self._crash_unstarted(run_id, exc)
             return
+        self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time,
+                            host=socket.gethostname(), output=child.output_path,
+                            temp_dir=child.temp_dir, run_name=child.run_name,
+                            stream_output=child.stream_output, argv=child.argv_text)
         self.supervisor.add(child)
         pid = "%s:%d" % (socket.gethostname(), child.pid)
         self.reporter.call(run_id, "recording infrastructure_pid",
@@ -1417,34 +1666,161 @@ class Agent:
     def _crash_unstarted(self, run_id, exc):
         message = "Failed to start flow run: %s" % exc
         self.reporter.log(run_id, message, logging.ERROR)
-        self._report_crash(run_id, message)
+        self._owe(run_id, {"kind": "crash", "message": message})
         self._release_slot(run_id)
-
-    def _report_crash(self, run_id, message):
-        transition_id = str(uuid.uuid4())
-
-        def propose():
-            result = self.api.set_state(run_id, "CRASHED", message=message,
-                                        transition_id=transition_id)
-            state = result.get("state") or {}
-            if result["status"] == "ACCEPT":
-                log.info("run %s: reported as crashed", run_id)
-            else:
-                log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
-                         result["status"], state.get("type"),
-                         (result.get("details") or {}).get("reason"))
-
-        self.reporter.call(run_id, "reporting the run as crashed", propose)
 
     # -- child exits (called on the supervisor thread) ------------------------
 
     def _child_exited(self, child):
         code = child.returncode
-        self.reporter.log(child.run_id, "Process %d exited with status code: %d" % (child.pid, code),
-                          logging.INFO if code == 0 else logging.WARNING)
-        if code != 0:
-            self._report_crash(child.run_id, crash_message(child))
+        if code is None:
+            self.reporter.log(child.run_id, "Process %d (adopted after a restart) has ended; its "
+                              "exit code is unknown" % child.pid)
+        else:
+            self.reporter.log(child.run_id, "Process %d exited with status code: %d"
+                              % (child.pid, code), logging.INFO if code == 0 else logging.WARNING)
+        self._owe(child.run_id, self._owed_for(child))
         self._release_slot(child.run_id)
+
+    def _owed_for(self, child):
+        """What the API must be told now that `child` has ended, as data for the journal."""
+        if child.stop_reason == "cancelled":
+            return {"kind": "cancelled", "name": child.run_name}
+        if child.stop_reason == "stopped":
+            return {"kind": "crash", "message": (
+                "agent.py was stopped while this flow run was running, so it terminated the "
+                "run's processes (exit code %s)." % child.returncode) + _tail_text(child)}
+        if child.returncode is None:
+            return {"kind": "check", "message": (
+                "Flow run process %d ended while agent.py was restarting, so its exit code is "
+                "unknown, and the run never reported a final state." % child.pid)}
+        if child.returncode != 0:
+            return {"kind": "crash", "message": crash_message(child)}
+        return {"kind": "check", "message": (
+            "Flow run process exited with status code 0 without reporting a final state to "
+            "Prefect: the command may not run a Prefect engine, or the engine was stopped "
+            "before it could report. Command: %s." % child.argv_text) + _tail_text(child)}
+
+    def _owe(self, run_id, owed):
+        """Record what the API must be told about run_id, then tell it (in order, retried).
+        The journal keeps it until it is delivered, across restarts."""
+        self.journal.update(run_id, phase="exited", owed=owed)
+        self.reporter.call(run_id, "reporting how the run ended", lambda: self._settle_owed(run_id, owed))
+        self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
+
+    def _forget(self, run_id):
+        self.journal.forget(run_id)
+        try:
+            os.unlink(self.journal.output_path(run_id))
+        except OSError:
+            pass
+
+    def _settle_owed(self, run_id, owed):
+        kind = owed.get("kind")
+        if kind == "crash":
+            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+            return
+        state = self.api.read_run(run_id).get("state") or {}
+        if kind == "check" and state.get("type") in ("PENDING", "RUNNING"):
+            self._propose_crashed(run_id, owed.get("message"))
+        elif kind == "cancelled":
+            self._finish_cancellation(run_id, state, owed.get("name") or run_id)
+
+    def _propose_crashed(self, run_id, message):
+        result = self.api.set_state(run_id, "CRASHED", message=message)
+        state = result.get("state") or {}
+        if result["status"] == "ACCEPT":
+            log.info("run %s: reported as crashed", run_id)
+        else:
+            log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
+                     result["status"], state.get("type"), (result.get("details") or {}).get("reason"))
+
+    # -- cancellation ---------------------------------------------------------
+
+    def _check_cancellations(self):
+        """Terminate the process groups of our runs that someone set to Cancelling."""
+        watching = [c.run_id for c in self.supervisor.children() if c.stop_reason is None]
+        for offset in range(0, len(watching), 200):
+            answer = self.api.request("POST", "/flow_runs/filter", {
+                "flow_runs": {"id": {"any_": watching[offset:offset + 200]},
+                              "state": {"type": {"any_": ["CANCELLING"]}}},
+                "limit": 200, "offset": 0})
+            for run in _expect_list(answer, "flow run filter"):
+                run_id = run.get("id") if isinstance(run, dict) else None
+                if isinstance(run_id, str) and self.supervisor.terminate(
+                        run_id, "cancelled", self.config.cancel_grace_seconds):
+                    self.reporter.log(run_id, "Cancellation requested: sent SIGTERM to the flow "
+                                      "run's processes (SIGKILL after %g s)"
+                                      % self.config.cancel_grace_seconds)
+
+    def _finish_cancellation(self, run_id, state, run_name):
+        if state.get("type") in ("COMPLETED", "FAILED", "CANCELLED"):
+            log.info("run %s: ended %s before the cancellation took effect; left as it is",
+                     run_id, state.get("type"))
+            return
+        # Forced, because the engine may have proposed CRASHED on SIGTERM meanwhile; the
+        # current state's details (and its concurrency lease) carry over (PROTOCOL.md 8.2).
+        details = dict(state.get("state_details") or {}, flow_run_id=run_id,
+                       transition_id=str(uuid.uuid4()))
+        self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
+            "type": "CANCELLED", "name": "Cancelled", "data": None, "state_details": details,
+            "message": "Flow run was cancelled: agent.py terminated its processes."}})
+        self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
+
+    # -- restart recovery -------------------------------------------------------
+
+    def _recover(self):
+        """Finish what a previous agent on this journal left: launch its claimed runs, adopt
+        its still-running children, and deliver the reports it still owed."""
+        for run_id, entry in self.journal.entries().items():
+            if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
+                continue
+            phase = entry.get("phase")
+            if phase == "claiming":
+                self._recover_claim(run_id, entry)
+            elif phase == "running" and entry.get("host") == socket.gethostname() and \
+                    isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
+                self._adopt(run_id, entry)
+            else:
+                owed = entry.get("owed") if phase == "exited" else None
+                if not isinstance(owed, dict):
+                    owed = {"kind": "check", "message": (
+                        "Flow run process %s was gone when agent.py restarted: it ended while "
+                        "the agent was down, so its exit code is unknown, and the run never "
+                        "reported a final state." % entry.get("pid"))}
+                log.info("run %s: delivering what the previous agent owed the API", run_id)
+                self._owe(run_id, owed)
+        self._recovered = True
+
+    def _recover_claim(self, run_id, entry):
+        run = self.api.read_run(run_id)
+        state = run.get("state") or {}
+        details = state.get("state_details") or {}
+        if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
+            if self._reserve_slot(run_id):
+                log.info("run %s: claimed before a restart but never started; starting it now", run_id)
+                self._submit_claimed(dict(entry.get("run") or {}, **run))
+            return
+        if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
+            self.reporter.call(run_id, "cancelling a run that was never started",
+                               lambda: self._finish_cancellation(run_id, state, run.get("name") or run_id))
+        self._forget(run_id)
+
+    def _adopt(self, run_id, entry):
+        child = Child(run_id, entry.get("run_name") or run_id, entry["pid"],
+                      entry.get("output") or self.journal.output_path(run_id),
+                      bool(entry.get("stream_output")), start_time=entry.get("start_time"),
+                      temp_dir=entry.get("temp_dir"), argv_text=entry.get("argv") or "")
+        child.open_output(from_end=True)
+        self._reserve_slot(run_id, ignore_limit=True)
+        self.supervisor.add(child)
+        self.reporter.log(run_id, "Agent '%s' adopted process %d after a restart"
+                          % (self.config.name, child.pid))
+
+
+def _run_summary(run):
+    """What the journal keeps of a run to start it after a restart."""
+    return {key: run.get(key) for key in ("id", "name", "deployment_id", "flow_id", "job_variables")}
 
 
 ###############################################################################
@@ -1458,17 +1834,18 @@ def health_report(agent, now=None):
     limit = UNHEALTHY_AFTER_POLLS * agent.config.poll_seconds + REQUEST_TIMEOUT_SECONDS / 2
     body = {"agent": agent.config.name, "pool": agent.config.pool,
             "runs_in_flight": agent.in_flight_count()}
-    if agent.last_poll is None:
+    contact = agent.last_contact
+    if contact is None:
         age = now - agent.started
-        reason = "has not polled the Prefect API successfully yet"
+        reason = "has not reached the Prefect API successfully yet"
     else:
-        age = now - agent.last_poll
+        age = now - contact
         reason = "last successful poll was %.0f s ago" % age
-    body["seconds_since_last_poll"] = round(age, 1) if agent.last_poll is not None else None
-    if agent.last_poll is not None and age <= limit:
+    body["seconds_since_last_poll"] = round(age, 1) if contact is not None else None
+    if contact is not None and age <= limit:
         body["status"] = "healthy"
         return 200, body
-    if agent.last_poll is None and age <= limit:
+    if contact is None and age <= limit:
         body["status"] = "starting"
         body["reason"] = reason
         return 503, body
@@ -1570,24 +1947,31 @@ def configure_logging():
 
 
 def install_signal_handlers(agent):
-    """SIGTERM/SIGINT stop claiming and let running flows finish; a second one exits now.
-    SIGCHLD wakes the supervisor so exits are reaped at once."""
-    state = {"signals": 0}
+    """First SIGTERM/SIGINT: stop claiming and let running flows finish. A second one: stop
+    now. SIGHUP/SIGUSR1/SIGUSR2 are logged and ignored (their default would kill the agent and
+    orphan every run). SIGCHLD wakes the supervisor so exits are reaped at once."""
+    received = []
 
     def on_stop(signum, frame):
-        state["signals"] += 1
-        if state["signals"] == 1:
-            log.info("Received %s: no new runs will be claimed; waiting for %d running flow(s) "
-                     "to finish (send it again to stop now)", signal.Signals(signum).name,
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            log.info("Received %s: no new runs will be claimed; waiting for %d running flow "
+                     "run(s) to finish (send it again to stop them now)", name,
                      agent.in_flight_count())
             agent.stop()
         else:
-            log.warning("Received %s again: exiting without waiting for running flows",
-                        signal.Signals(signum).name)
-            os._exit(1)
+            log.warning("Received %s again: terminating running flow runs now", name)
+            agent.force_stop()
+
+    def on_other(signum, frame):
+        log.warning("Received %s: ignored (SIGTERM or SIGINT stop the agent)",
+                    signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, on_other)
     signal.signal(signal.SIGCHLD, lambda signum, frame: agent.supervisor.wake())
 
 
@@ -1607,7 +1991,10 @@ def main(argv=None):
                                              os.path.abspath(__file__)))
         return 0
     configure_logging()
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except UsageError as exc:
+        parser.exit(2, "agent.py: error: %s\n" % exc)
     if config.health_address:
         host, port = config.health_address
         try:

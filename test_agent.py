@@ -1,5 +1,6 @@
 """Unit tests for agent.py (stdlib only: python -m unittest -v test_agent)."""
 
+import atexit
 import base64
 import copy
 import datetime
@@ -1277,6 +1278,10 @@ class FakePrefectTests(unittest.TestCase):
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_PY = os.path.join(HERE, "agent.py")
 PY = sys.executable
+# Agents started by these tests keep their journals here, never in the user's own state dir.
+STATE_ROOT = tempfile.mkdtemp(prefix="agentpy-test-state-")
+atexit.register(shutil.rmtree, STATE_ROOT, True)
+os.environ["XDG_STATE_HOME"] = STATE_ROOT
 
 
 def read(path):
@@ -1294,6 +1299,17 @@ def wait_for(predicate, timeout=15.0, what="condition"):
     raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
 
 
+# A stand-in engine: proposes each state named in argv to the run, as the real engine would.
+REPORT_STATES = (
+    "import json,os,sys,uuid,urllib.request\n"
+    "api, rid = os.environ['PREFECT_API_URL'], os.environ['PREFECT__FLOW_RUN_ID']\n"
+    "for state in sys.argv[1:]:\n"
+    "    body = json.dumps({'state': {'type': state, 'state_details': {'transition_id': str(uuid.uuid4())}}})\n"
+    "    req = urllib.request.Request(api + '/flow_runs/' + rid + '/set_state', body.encode(),\n"
+    "                                 {'Content-Type': 'application/json'})\n"
+    "    urllib.request.urlopen(req, timeout=10).read()\n")
+
+
 def py_command(code, *args):
     """A job `command` that runs `code` with this test's Python (split by shell rules)."""
     return " ".join(shlex.quote(part) for part in (PY, "-c", code) + args)
@@ -1309,6 +1325,8 @@ def marker_command(path, extra=""):
 def config_for(fake, *flags, env=None):
     argv = ["--api", fake.url, "--poll-interval", "0.2", "--prefetch-seconds", "0",
             "--hide-welcome", "--name", "test-agent"] + list(flags)
+    if "--state-dir" not in argv:
+        argv += ["--state-dir", tempfile.mkdtemp(dir=STATE_ROOT)]
     if "--pool" not in argv and "-p" not in argv:
         argv += ["--pool", "pool"]
     return agent.parse_config(agent.build_arg_parser().parse_args(argv), env or {})
@@ -1676,7 +1694,7 @@ class PoolTests(AgentTestCase):
             with urllib.request.urlopen("http://127.0.0.1:%d/api/health" % port, timeout=5) as resp:
                 self.assertEqual(resp.status, 200)
                 self.assertEqual(json.load(resp)["status"], "healthy")
-        running.agent.last_poll = time.monotonic() - 10 ** 5
+        running.agent.last_contact = time.monotonic() - 10 ** 5
         with self.assertRaises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen("http://127.0.0.1:%d/api/health" % port, timeout=5)
         self.assertEqual(caught.exception.code, 503)
@@ -2019,13 +2037,25 @@ class WatchingTests(AgentTestCase):
                 self.assertIn(expected, state["message"])
                 self.assertIn("Failed to start flow run", state["message"])
 
-    def test_exit_zero_proposes_nothing(self):
-        dep = self.deployment(command=py_command("pass"))
+    def test_exit_zero_after_reporting_a_final_state_proposes_nothing(self):
+        dep = self.deployment(command=py_command(REPORT_STATES, "RUNNING", "COMPLETED"))
         run = self.fake.add_run(dep, pool="pool")
         with RunningAgent(self.fake) as running:
             wait_for(lambda: any("exited with status code: 0" in m for m in self.fake.logs(run)),
                      what="exit log")
-        self.assertEqual(self.fake.history(run), ["SCHEDULED", "PENDING"])
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+        self.assertEqual(self.fake.history(run), ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])
+
+    def test_exit_zero_without_a_final_state_is_crashed_with_the_command(self):
+        dep = self.deployment(command=py_command("print('not an engine')"))
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake):
+            wait_for(self.finished(run), what="crash report")
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("without reporting a final state", state["message"])
+        self.assertIn("not an engine", state["message"])
+        self.assertIn(PY, state["message"])
 
     def test_hundreds_of_children_leave_no_zombies(self):
         dep = self.deployment(command=marker_command(self.markers))
