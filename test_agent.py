@@ -1304,7 +1304,8 @@ REPORT_STATES = (
     "import json,os,sys,uuid,urllib.request\n"
     "api, rid = os.environ['PREFECT_API_URL'], os.environ['PREFECT__FLOW_RUN_ID']\n"
     "for state in sys.argv[1:]:\n"
-    "    body = json.dumps({'state': {'type': state, 'state_details': {'transition_id': str(uuid.uuid4())}}})\n"
+    "    body = json.dumps({'state': {'type': state.strip('!'), 'state_details': {'transition_id': str(uuid.uuid4())}},\n"
+    "                       'force': state.endswith('!')})\n"
     "    req = urllib.request.Request(api + '/flow_runs/' + rid + '/set_state', body.encode(),\n"
     "                                 {'Content-Type': 'application/json'})\n"
     "    urllib.request.urlopen(req, timeout=10).read()\n")
@@ -1315,11 +1316,12 @@ def py_command(code, *args):
     return " ".join(shlex.quote(part) for part in (PY, "-c", code) + args)
 
 
-def marker_command(path, extra=""):
-    """Append the run id to `path` (O_APPEND: safe across processes), then run `extra`."""
-    return py_command("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND|os.O_CREAT);"
-                      " os.write(fd, (os.environ['PREFECT__FLOW_RUN_ID']+'\\n').encode()); " + extra,
-                      path)
+def marker_command(path, extra="", *args):
+    """Append the run id to `path` (O_APPEND: safe across processes), then run `extra` with
+    sys.argv[1:] = args."""
+    return py_command("import os,sys; fd=os.open(sys.argv.pop(1), os.O_WRONLY|os.O_APPEND|os.O_CREAT);"
+                      " os.write(fd, (os.environ['PREFECT__FLOW_RUN_ID']+'\\n').encode())\n" + extra,
+                      path, *args)
 
 
 def config_for(fake, *flags, env=None):
@@ -2148,6 +2150,399 @@ class ShippedFilesTests(unittest.TestCase):
         if stdlib is None:
             self.skipTest("sys.stdlib_module_names needs Python 3.10+")
         self.assertEqual(sorted(names - set(stdlib)), [])
+
+
+# -- issue 3: no run left behind ---------------------------------------------------------
+
+
+class AgentProcess:
+    """agent.py as a real process (signals, kill -9, PID 1), its output in a file."""
+
+    def __init__(self, test, fake, *flags, state_dir=None, prefix=(), env=None):
+        self.log_path = os.path.join(test.tmp, "agent-%s.log" % uuid.uuid4().hex[:6])
+        self.state_dir = state_dir or os.path.join(test.tmp, "state")
+        argv = list(prefix) + [PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--hide-welcome",
+                               "--poll-interval", "0.2", "--prefetch-seconds", "0",
+                               "--state-dir", self.state_dir, "--name", "proc-agent"] + list(flags)
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+        test.addCleanup(self.kill)
+
+    def output(self):
+        return read(self.log_path)
+
+    def wait(self, timeout=30):
+        return self.proc.wait(timeout)
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return process_state(pid) != "Z"
+
+
+def process_state(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+# A long-running child: writes its pid and a grandchild's pid, reports RUNNING, then sleeps.
+# With "ignore-term" it ignores SIGTERM; with "complete-on-term" it reports COMPLETED and exits 0.
+LONG_CHILD = REPORT_STATES + (
+    "import signal, subprocess, time\n"
+    "mode, pids = os.environ.get('CHILD_MODE', ''), os.environ['CHILD_PIDS']\n"
+    "grandchild = subprocess.Popen(['sleep', '60'])\n"
+    "def on_term(signum, frame):\n"
+    "    sys.argv[1:] = ['COMPLETED!']  # forced: it finished just as the cancellation came\n"
+    "    exec(compile(REPORT, 'report', 'exec'))\n"
+    "    sys.exit(0)\n"
+    "if mode == 'ignore-term':\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "elif mode == 'complete-on-term':\n"
+    "    signal.signal(signal.SIGTERM, on_term)\n"
+    "with open(pids, 'a') as handle:\n"
+    "    handle.write('%d %d\\n' % (os.getpid(), grandchild.pid))\n"
+    "time.sleep(60)\n")
+LONG_CHILD = "REPORT = %r\n" % REPORT_STATES + LONG_CHILD
+
+
+class CancellationTests(AgentTestCase):
+    def long_run(self, mode="", **flags):
+        self.pids = os.path.join(self.tmp, "pids")
+        dep = self.deployment(command=py_command(LONG_CHILD, "RUNNING"),
+                              env={"CHILD_MODE": mode, "CHILD_PIDS": self.pids})
+        return self.fake.add_run(dep, pool="pool")
+
+    def child_pids(self):
+        return [int(p) for p in read(self.pids).split()] if os.path.exists(self.pids) else []
+
+    def test_cancelling_terminates_the_whole_process_group_and_marks_cancelled(self):
+        run = self.long_run()
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "5"):
+            wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
+                     what="child running")
+            child, grandchild = self.child_pids()
+            self.fake.set_run_state(run, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+        self.assertFalse(pid_alive(grandchild), "the grandchild survived the cancellation")
+        self.assertFalse(pid_alive(child))
+        self.assertIn("cancelled", self.fake.run(run)["state"]["message"].lower())
+        self.assertIn("Cancelled flow run", " ".join(self.fake.logs(run)))
+
+    def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(self):
+        run = self.long_run("ignore-term")
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "1"):
+            wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
+                     what="child running")
+            asked = time.monotonic()
+            self.fake.set_run_state(run, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+        self.assertGreaterEqual(time.monotonic() - asked, 1.0)
+        self.assertFalse(pid_alive(self.child_pids()[0]))
+
+    def test_a_run_that_finishes_as_it_is_cancelled_is_not_overwritten(self):
+        run = self.long_run("complete-on-term")
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "5") as running:
+            wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
+                     what="child running")
+            self.fake.set_run_state(run, "CANCELLING")
+            wait_for(lambda: any("exited with status code: 0" in m for m in self.fake.logs(run)),
+                     what="exit")
+            wait_for(lambda: running.agent.reporter.flush(0) and not running.agent.journal.entries(),
+                     what="settled")
+        self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "COMPLETED"])
+
+    def test_runs_of_other_agents_are_not_touched(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        theirs = self.fake.add_run(dep, pool="pool")
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % theirs, {"state": {"type": "PENDING"}})
+        api_call(self.fake, "PATCH", "/flow_runs/%s" % theirs, {"infrastructure_pid": "elsewhere:1"})
+        self.fake.set_run_state(theirs, "CANCELLING")
+        with RunningAgent(self.fake) as running:
+            wait_for(lambda: len(self.fake.calls("POST", "/flow_runs/filter")) >= 0 and
+                     running.agent.last_poll, what="polls")
+            time.sleep(0.6)
+        self.assertEqual(final_type(self.fake, theirs), "CANCELLING")
+
+
+def agent_final():
+    return ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+
+
+class ShutdownTests(AgentTestCase):
+    def long_run(self, seconds):
+        dep = self.deployment(command=marker_command(
+            self.markers, "import time; time.sleep(%s)\n" % seconds + REPORT_STATES, "RUNNING",
+            "COMPLETED"))
+        return self.fake.add_run(dep, pool="pool")
+
+    def test_first_sigterm_drains_running_flows_claims_no_more_and_exits_0(self):
+        run = self.long_run(1.5)
+        agent_proc = AgentProcess(self, self.fake)
+        wait_for(lambda: run in self.started_ids(), what="run started")
+        agent_proc.signal(signal.SIGTERM)
+        later = self.fake.add_run(self.fake.run(run)["deployment_id"], pool="pool")
+        self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
+        self.assertEqual(final_type(self.fake, run), "COMPLETED")
+        self.assertEqual(final_type(self.fake, later), "SCHEDULED")
+        self.assertIn("waiting for 1 running flow run", agent_proc.output())
+
+    def test_a_second_signal_terminates_runs_and_reports_them_crashed(self):
+        run = self.long_run(60)
+        agent_proc = AgentProcess(self, self.fake)
+        wait_for(lambda: run in self.started_ids(), what="run started")
+        agent_proc.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        agent_proc.signal(signal.SIGINT)
+        self.assertEqual(agent_proc.wait(30), 1, agent_proc.output())
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("agent.py was stopped", state["message"])
+
+    def test_the_drain_timeout_terminates_what_still_runs(self):
+        run = self.long_run(60)
+        agent_proc = AgentProcess(self, self.fake, "--drain-timeout", "0.5")
+        wait_for(lambda: run in self.started_ids(), what="run started")
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(30), 1, agent_proc.output())
+        self.assertEqual(final_type(self.fake, run), "CRASHED")
+
+    def test_odd_signals_are_logged_and_ignored(self):
+        self.fake.add_pool("pool")
+        agent_proc = AgentProcess(self, self.fake)
+        wait_for(lambda: self.fake.workers("pool"), what="heartbeat")
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            agent_proc.signal(signum)
+        time.sleep(0.5)
+        self.assertIsNone(agent_proc.proc.poll(), agent_proc.output())
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0)
+        self.assertEqual(agent_proc.output().count("ignored"), 3, agent_proc.output())
+
+
+class RecoveryTests(AgentTestCase):
+    def test_kill_9_mid_run_then_restart_finishes_every_run_exactly_once(self):
+        slow_ok = self.deployment(command=marker_command(
+            self.markers, "import time; time.sleep(2)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
+        slow_fail = self.deployment(command=marker_command(
+            self.markers, "import time; time.sleep(2); sys.exit(3)"))
+        quick = self.deployment(command=marker_command(self.markers, REPORT_STATES, "COMPLETED"))
+        runs = {self.fake.add_run(slow_ok, pool="pool"): "COMPLETED",
+                self.fake.add_run(slow_fail, pool="pool"): "CRASHED",
+                self.fake.add_run(quick, pool="pool"): "COMPLETED"}
+        first = AgentProcess(self, self.fake)
+        wait_for(lambda: len(self.started_ids()) == 3, what="3 starts")
+        first.proc.kill()  # SIGKILL: no chance to clean up
+        first.wait(10)
+        second = AgentProcess(self, self.fake, state_dir=first.state_dir)
+        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
+                 timeout=30, what="every run final")
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        self.assertEqual({r: final_type(self.fake, r) for r in runs}, runs)
+        self.assertEqual(sorted(self.started_ids()), sorted(runs))
+        self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
+
+    def journal_with(self, entries):
+        state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
+            json.dump(entries, handle)
+        return state_dir
+
+    def test_a_run_claimed_but_never_started_is_started_after_a_restart(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        transition = str(uuid.uuid4())
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "PENDING", "state_details": {"transition_id": transition}}})
+        stored = self.fake.run(run)
+        state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": transition,
+                                             "run": agent._run_summary(stored)}})
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: run in self.started_ids(), what="start after restart")
+            wait_for(self.final(run), what="final")
+        self.assertEqual(self.started_ids(), [run])
+
+    def final(self, run):
+        return lambda: final_type(self.fake, run) in agent_final()
+
+    def test_a_claim_that_never_landed_is_dropped(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        api_call(self.fake, "PATCH", "/work_pools/pool", {"is_paused": True})
+        state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": "never-sent",
+                                             "run": agent._run_summary(self.fake.run(run))}})
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+        self.assertEqual(self.started_ids(), [])
+        self.assertEqual(final_type(self.fake, run), "SCHEDULED")
+
+    def test_a_child_that_died_while_the_agent_was_down_is_crashed(self):
+        dep = self.deployment()
+        run = self.fake.add_run(dep, pool="pool")
+        for state in ("PENDING", "RUNNING"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {"type": state}})
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        state_dir = self.journal_with({run: {"phase": "running", "pid": gone.pid, "start_time": 1,
+                                             "host": socket.gethostname(), "run_name": "r"}})
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(self.final(run), what="crash report")
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("was gone when agent.py restarted", state["message"])
+
+    def test_reports_owed_at_exit_are_delivered_by_the_next_start(self):
+        dep = self.deployment()
+        run = self.fake.add_run(dep, pool="pool")
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {"type": "PENDING"}})
+        state_dir = self.journal_with({run: {"phase": "exited", "owed": {
+            "kind": "crash", "message": "owed from before"}}})
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(self.final(run), what="owed report")
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+        self.assertEqual(self.fake.run(run)["state"]["message"], "owed from before")
+
+    def test_a_corrupt_journal_is_set_aside_not_fatal(self):
+        state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
+            handle.write('{"truncated": ')
+        self.fake.add_pool("pool")
+        with self.assertLogs("agent", "ERROR") as logs:
+            with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+                wait_for(lambda: running.agent.last_poll, what="first poll")
+        self.assertIn("unreadable", logs.output[0])
+        self.assertTrue([f for f in os.listdir(state_dir) if ".unreadable-" in f])
+
+    def test_two_agents_on_one_host_take_separate_journal_slots(self):
+        self.fake.add_pool("pool")
+        state_dir = os.path.join(self.tmp, "state")
+        with RunningAgent(self.fake, "--state-dir", state_dir) as one, \
+                RunningAgent(self.fake, "--state-dir", state_dir) as two:
+            self.assertNotEqual(one.agent.journal.path, two.agent.journal.path)
+
+
+class OutageTests(AgentTestCase):
+    def test_reports_owed_during_an_outage_arrive_once_and_in_order_afterwards(self):
+        flag = os.path.join(self.tmp, "go")
+        dep = self.deployment(command=py_command(
+            "import os,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+            "print('failing now'); sys.exit(3)", flag))
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake, api_retries=0) as running:
+            wait_for(lambda: self.fake.run(run).get("infrastructure_pid"), what="launched")
+            wait_for(lambda: running.agent.reporter.flush(0), what="reporter idle")
+            self.fake.fail_next(10 ** 6, status=503)
+            open(flag, "w").close()
+            wait_for(lambda: not running.agent.in_flight_count(), what="child exit")
+            time.sleep(1.5)
+            self.assertEqual(final_type(self.fake, run), "PENDING")
+            self.assertTrue(running.thread.is_alive())
+            self.fake.clear_faults()
+            wait_for(lambda: final_type(self.fake, run) == "CRASHED", timeout=60, what="crash report")
+            wait_for(lambda: running.agent.reporter.flush(0), what="reporter idle")
+        logs = self.fake.logs(run)
+        exits = [m for m in logs if "exited with status code: 3" in m]
+        self.assertEqual(len(exits), 1, logs)
+        self.assertLess(logs.index(exits[0]), len(logs))
+        self.assertIn("failing now", self.fake.run(run)["state"]["message"])
+
+
+class Pid1Tests(AgentTestCase):
+    def test_as_pid_1_it_reaps_orphaned_grandchildren_and_stops_on_sigterm(self):
+        if shutil.which("unshare") is None or subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+            self.skipTest("needs unshare --pid (util-linux) and the right to use it (root)")
+        # each run leaves orphans behind: the double fork makes them children of PID 1
+        dep = self.deployment(command=marker_command(
+            self.markers, "import subprocess; subprocess.Popen(['sh', '-c', '(sleep 0.3 &) ; (sleep 0.3 &)'])"))
+        runs = [self.fake.add_run(dep, pool="pool") for _ in range(5)]
+        agent_proc = AgentProcess(self, self.fake, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
+        wait_for(lambda: len(self.started_ids()) == len(runs), what="runs started")
+        time.sleep(1.5)  # the orphans have exited by now: PID 1 must have reaped them
+        inner = [int(p) for p in os.listdir("/proc") if p.isdigit() and
+                 self.parent_of(int(p)) == agent_proc.proc.pid]
+        self.assertEqual(len(inner), 1, "expected the agent as unshare's only child")
+        agent_pid = inner[0]
+        zombies = [p for p in os.listdir("/proc") if p.isdigit() and
+                   self.parent_of(int(p)) == agent_pid and process_state(int(p)) == "Z"]
+        self.assertEqual(zombies, [])
+        os.kill(agent_pid, signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
+
+    @staticmethod
+    def parent_of(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                return int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+class SecretTests(AgentTestCase):
+    KEY = "sk-agentpy-secret-key-0123456789"
+    AUTH = "admin:pw-agentpy-secret-987654"
+
+    def test_key_and_auth_string_reach_no_log_error_health_argv_or_install(self):
+        fake = FakePrefect(auth_string=self.AUTH)
+        fake.start()
+        self.addCleanup(fake.stop)
+        fake.add_pool("pool")
+        argv_file = os.path.join(self.tmp, "argv")
+        flow_id = fake.add_flow("f")
+        crash = fake.add_deployment(flow_id, "crash", job_variables={"command": py_command(
+            "import os,sys; print('env has key:', 'PREFECT_API_KEY' in os.environ); sys.exit(3)")})
+        argv = fake.add_deployment(flow_id, "argv", job_variables={"command": py_command(
+            "import sys; open(sys.argv[1], 'w').write(open('/proc/self/cmdline').read())", argv_file)})
+        runs = [fake.add_run(crash, pool="pool"), fake.add_run(argv, pool="pool")]
+        env = dict(os.environ, PREFECT_API_KEY=self.KEY, PREFECT_API_AUTH_STRING=self.AUTH)
+        port = free_port()
+        agent_proc = AgentProcess(self, fake, "--agent-address", "http://127.0.0.1:%d" % port,
+                                  "--show-flow-logs", env=env)
+        wait_for(lambda: all(final_type(fake, r) in agent_final() + ("PENDING",) and
+                             any("exited" in m for m in fake.logs(r)) for r in runs),
+                 what="both runs")
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/health" % port, timeout=5) as resp:
+            health = resp.read().decode()
+        wrong = AgentProcess(self, fake, env=dict(env, PREFECT_API_AUTH_STRING="admin:wrong-" + self.KEY))
+        self.assertEqual(wrong.wait(30), 1)
+        install = subprocess.run([PY, AGENT_PY, "install", "-p", "pool", "--key", self.KEY],
+                                 capture_output=True, text=True, env=env, timeout=30).stdout
+        agent_proc.signal(signal.SIGTERM)
+        agent_proc.wait(15)
+        self.assertIn("env has key: True", agent_proc.output())  # the child does get it
+        seen = {"agent output": agent_proc.output(), "refused agent output": wrong.output(),
+                "health": health, "install": install, "child argv": read(argv_file),
+                "run logs": " ".join(m for r in runs for m in fake.logs(r)),
+                "states": " ".join(str(fake.run(r)["state"]) for r in runs)}
+        for where, text in seen.items():
+            for secret in (self.KEY, self.AUTH, self.AUTH.split(":")[1]):
+                self.assertNotIn(secret, text, "secret leaked into %s" % where)
+
+
+def free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
 
 
 # =============================================================================
