@@ -1518,9 +1518,7 @@ class Agent:
         if ours and details.get("scheduled_time") is None:
             # The server also accepts PENDING from a final state: the poll's answer was stale
             # and another agent has already run it to the end. Put that end back; run nothing.
-            self.reporter.call(run_id, "restoring the final state a stale claim replaced",
-                               lambda: self._restore_final_state(run_id, transition_id))
-            self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
+            self._owe(run_id, {"kind": "restore", "transition_id": transition_id})
             return False
         if ours:
             return True
@@ -1719,6 +1717,9 @@ class Agent:
         kind = owed.get("kind")
         if kind == "crash":
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+            return
+        if kind == "restore":
+            self._restore_final_state(run_id, owed.get("transition_id"))
             return
         state = self.api.read_run(run_id).get("state") or {}
         if kind == "check" and state.get("type") in ("PENDING", "RUNNING"):

@@ -1764,12 +1764,30 @@ class ClaimTests(AgentTestCase):
             api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
                 "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
         with RunningAgent(self.fake) as running:
-            running.agent.pool = {"base_job_template": {}}
+            wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
             self.assertTrue(running.agent._reserve_slot(run))
             running.agent._submit(stale)
         self.assertEqual(self.started_ids(), [])
         self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
         self.assertEqual(final_type(self.fake, run), "COMPLETED")
+
+    def test_a_restart_before_the_restore_restores_and_does_not_start_the_run(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        for state in ("PENDING", "RUNNING", "COMPLETED"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+                "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
+        ours = str(uuid.uuid4())
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "PENDING", "state_details": {"transition_id": ours}}})
+        state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
+            json.dump({run: {"phase": "exited", "transition_id": ours,
+                             "owed": {"kind": "restore", "transition_id": ours}}}, handle)
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: final_type(self.fake, run) == "COMPLETED", what="restored")
+        self.assertEqual(self.started_ids(), [])
 
     def test_restoring_after_a_stale_claim_survives_an_api_blip(self):
         dep = self.deployment(command=marker_command(self.markers))
@@ -1779,7 +1797,7 @@ class ClaimTests(AgentTestCase):
             api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
                 "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
         with RunningAgent(self.fake, api_retries=0) as running:
-            running.agent.pool = {"base_job_template": {}}
+            wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
             self.fake.fail_next(3, status=503, path_contains="/flow_run_states/")
             self.assertTrue(running.agent._reserve_slot(run))
             running.agent._submit(stale)
