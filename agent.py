@@ -238,6 +238,8 @@ RETRY_STATUSES = (408, 429, 502, 503, 504)
 #: A response larger than this is refused rather than parsed.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 REQUEST_TIMEOUT_SECONDS = 60
+#: A server's Retry-After is honoured up to this; beyond it is a broken or hostile answer.
+MAX_RETRY_AFTER_SECONDS = 300.0
 
 
 class APIError(Exception):
@@ -267,12 +269,12 @@ def _error_detail(body):
     """The human part of a Prefect error body, or the start of whatever came back."""
     try:
         parsed = json.loads(body.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         for field in ("detail", "exception_message"):
             if parsed.get(field):
-                return str(parsed[field])[:300]
+                return _one_line(parsed[field], 300)
     text = " ".join(body.decode("utf-8", "replace").split())
     return (text[:200] + "...") if len(text) > 200 else (text or "(empty body)")
 
@@ -281,9 +283,11 @@ def _retry_after_seconds(value):
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS) if seconds == seconds else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -292,7 +296,7 @@ def _retry_after_seconds(value):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - utcnow()).total_seconds())
+    return min(max(0.0, (when - utcnow()).total_seconds()), MAX_RETRY_AFTER_SECONDS)
 
 
 def backoff_seconds(attempt, retry_after=None, cap=30.0):
@@ -377,7 +381,7 @@ class PrefectAPI:
                 return None
             try:
                 return json.loads(raw.decode("utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
 
     def _send(self, method, path, body, redirects=1):
@@ -418,11 +422,12 @@ class PrefectAPI:
     def read_pool(self, pool):
         """The work pool, or None when it does not exist."""
         try:
-            return self.request("GET", "/work_pools/" + _quote(pool))
+            answer = self.request("GET", "/work_pools/" + _quote(pool))
         except APIError as exc:
             if exc.status == 404:
                 return None
             raise
+        return _expect_dict(answer, "work pool")
 
     def create_pool(self, pool, pool_type, base_job_template):
         body = {"name": pool, "type": pool_type, "base_job_template": base_job_template}
@@ -438,8 +443,10 @@ class PrefectAPI:
             page = self.request("POST", "/work_pools/%s/queues/filter" % _quote(pool), {
                 "work_queues": {"name": {"startswith_": prefixes}}, "limit": 200, "offset": offset})
             page = _expect_list(page, "queue filter")
-            found.extend(q["name"] for q in page if isinstance(q, dict) and isinstance(q.get("name"), str))
-            if len(page) < 200:
+            new = [q["name"] for q in page if isinstance(q, dict) and isinstance(q.get("name"), str)
+                   and q["name"] not in found]
+            found.extend(new)
+            if len(page) < 200 or not new:  # a server that ignores offset must not loop us
                 return found
             offset += len(page)
 
@@ -466,7 +473,8 @@ class PrefectAPI:
         runs = []
         for item in _expect_list(answer, "scheduled runs"):
             run = item.get("flow_run") if isinstance(item, dict) else None
-            if isinstance(run, dict) and isinstance(run.get("id"), str):
+            if isinstance(run, dict) and isinstance(run.get("id"), str) and all(
+                    isinstance(run.get(key), (str, type(None))) for key in ("deployment_id", "flow_id")):
                 runs.append(run)
             else:
                 log.warning("ignoring a malformed entry in the scheduled runs answer: %.200r", item)
@@ -511,8 +519,15 @@ class PrefectAPI:
 
 
 def _read_capped(resp, method, path):
-    raw = resp.read(MAX_RESPONSE_BYTES + 1)
-    if len(raw) > MAX_RESPONSE_BYTES:
+    chunks, size = [], 0
+    while size <= MAX_RESPONSE_BYTES:
+        chunk = resp.read(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    raw = b"".join(chunks)
+    if size > MAX_RESPONSE_BYTES:
         raise APIError(method, path, resp.status, "answer larger than %d bytes, refused"
                        % MAX_RESPONSE_BYTES)
     return raw
@@ -522,8 +537,19 @@ def _describe(exc):
     reason = getattr(exc, "reason", None)
     if reason is not None and not isinstance(reason, str):
         exc = reason
-    text = str(exc) or exc.__class__.__name__
+    text = _one_line(exc, 300) or exc.__class__.__name__
     return "%s: %s" % (exc.__class__.__name__, text) if exc.__class__.__name__ not in text else text
+
+
+def _one_line(value, limit):
+    """`value` as text on one line (a log line is one line, whatever a server sent)."""
+    return " ".join(str(value).split())[:limit]
+
+
+def _obj(value):
+    """`value` when it is a JSON object, else an empty one: server data is never trusted to
+    have the shape the protocol promises."""
+    return value if isinstance(value, dict) else {}
 
 
 def _quote(name):
@@ -626,19 +652,26 @@ def _nest_dotted_keys(values):
 
 
 def resolve_job_configuration(base_job_template, values, lookup_prefect=None, environ=None):
+    try:
+        return _resolve_job_configuration(base_job_template, values, lookup_prefect, environ)
+    except RecursionError:
+        raise JobConfigError("the job configuration or job variables are nested too deeply")
+
+
+def _resolve_job_configuration(base_job_template, values, lookup_prefect, environ):
     """The pool's job_configuration with every {{ placeholder }} filled from the template's
     defaults overlaid by `values` (PROTOCOL.md 7.2). Keys whose sole placeholder has no value
     are dropped. `lookup_prefect(name)` answers `prefect.variables.*` / `prefect.blocks.*`."""
     template = base_job_template or PROCESS_BASE_JOB_TEMPLATE
     if not isinstance(template, dict) or not isinstance(template.get("job_configuration"), dict):
         raise JobConfigError("the pool's base job template has no job_configuration object")
-    properties = (template.get("variables") or {}).get("properties") or {}
+    properties = _obj(template.get("variables")).get("properties") or {}
     if not isinstance(properties, dict):
         raise JobConfigError("the pool's base job template variables.properties is not an object")
     config = copy.deepcopy(template["job_configuration"])
     defaults = {key: spec["default"] for key, spec in properties.items()
                 if isinstance(spec, dict) and spec.get("default") is not None}
-    if "env" in defaults:
+    if isinstance(defaults.get("env"), dict):
         if isinstance(config.get("env"), dict):
             config["env"] = dict(config["env"], **defaults["env"])
         else:
@@ -715,7 +748,7 @@ def _as_env(value):
                              % (type(value).__name__, value))
     for key, item in value.items():
         if item is not None and not isinstance(item, str):
-            raise JobConfigError("job variable env.%s must be a string or null, got %s %.100r"
+            raise JobConfigError("job variable env.%.100r must be a string or null, got %s %.100r"
                                  % (key, type(item).__name__, item))
         if not key or "=" in key or "\0" in key or (item and "\0" in item):
             raise JobConfigError("job variable env has an invalid entry %.100r" % key)
@@ -968,6 +1001,10 @@ class Journal:
         with self._mutex:
             self._entries.setdefault(run_id, {}).update(fields)
             self._write()
+
+    def get(self, run_id):
+        with self._mutex:
+            return copy.deepcopy(self._entries.get(run_id) or {})
 
     def forget(self, run_id):
         with self._mutex:
@@ -1511,8 +1548,8 @@ class Agent:
             # whose it is, keep it on the books so it cannot be left Pending with no process.
             self._unsettled[run_id] = (run, transition_id)
             return self._settle(run_id)
-        state = result.get("state") or {}
-        details = state.get("state_details") or {}
+        state = _obj(result.get("state"))
+        details = _obj(state.get("state_details"))
         ours = state.get("type") == "PENDING" and (
             result["status"] == "ACCEPT" or details.get("transition_id") == transition_id)
         if ours and details.get("scheduled_time") is None:
@@ -1523,7 +1560,7 @@ class Agent:
         if ours:
             return True
         self.journal.forget(run_id)
-        reason = (result.get("details") or {}).get("reason") or state.get("name") or "no reason"
+        reason = _obj(result.get("details")).get("reason") or state.get("name") or "no reason"
         log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
                  state.get("type"), reason)
         return False
@@ -1532,7 +1569,7 @@ class Agent:
         states = _expect_list(self.api.request(
             "GET", "/flow_run_states/?flow_run_id=" + _quote(run_id)), "flow run states")
         earlier = [s for s in states if isinstance(s, dict) and
-                   (s.get("state_details") or {}).get("transition_id") != our_transition_id]
+                   _obj(s.get("state_details")).get("transition_id") != our_transition_id]
         if not earlier:
             return
         # Timestamps are taken when a request arrives, not when it commits, so ours may sort
@@ -1540,7 +1577,7 @@ class Agent:
         previous = max(earlier, key=lambda s: str(s.get("timestamp")))
         log.warning("run %s: already %s when our claim landed (stale poll answer); restoring "
                     "that state instead of starting it", run_id, previous.get("type"))
-        details = dict(previous.get("state_details") or {}, transition_id=str(uuid.uuid4()))
+        details = dict(_obj(previous.get("state_details")), transition_id=str(uuid.uuid4()))
         self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
             "type": previous.get("type"), "name": previous.get("name"),
             "message": previous.get("message"), "data": previous.get("data"),
@@ -1550,9 +1587,9 @@ class Agent:
         """Whether an unanswered claim landed: True if the run is Pending by our transition.
         Raises APIUnreachable (and keeps the claim unsettled) while the API cannot tell."""
         run, transition_id = self._unsettled[run_id]
-        current = self.api.read_run(run_id).get("state") or {}
+        current = _obj(self.api.read_run(run_id).get("state"))
         del self._unsettled[run_id]
-        details = current.get("state_details") or {}
+        details = _obj(current.get("state_details"))
         ours = current.get("type") == "PENDING" and details.get("transition_id") == transition_id
         if not ours:
             self.journal.forget(run_id)
@@ -1702,6 +1739,8 @@ class Agent:
     def _owe(self, run_id, owed):
         """Record what the API must be told about run_id, then tell it (in order, retried).
         The journal keeps it until it is delivered, across restarts."""
+        if "claim" not in owed:
+            owed = dict(owed, claim=self.journal.get(run_id).get("transition_id"))
         self.journal.update(run_id, phase="exited", owed=owed)
         self.reporter.call(run_id, "reporting how the run ended", lambda: self._settle_owed(run_id, owed))
         self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
@@ -1715,26 +1754,25 @@ class Agent:
 
     def _settle_owed(self, run_id, owed):
         kind = owed.get("kind")
-        if kind == "crash":
-            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
-            return
         if kind == "restore":
             self._restore_final_state(run_id, owed.get("transition_id"))
             return
-        state = self.api.read_run(run_id).get("state") or {}
-        if kind == "check" and state.get("type") in ("PENDING", "RUNNING"):
-            self._propose_crashed(run_id, owed.get("message"))
-        elif kind == "cancelled":
+        state = _obj(self.api.read_run(run_id).get("state"))
+        if kind == "cancelled":
             self._finish_cancellation(run_id, state, owed.get("name") or run_id)
+        elif _still_ours(state, owed.get("claim")):
+            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+        else:
+            log.info("run %s: not reporting it crashed, it is %s now", run_id, state.get("type"))
 
     def _propose_crashed(self, run_id, message):
         result = self.api.set_state(run_id, "CRASHED", message=message)
-        state = result.get("state") or {}
+        state = _obj(result.get("state"))
         if result["status"] == "ACCEPT":
             log.info("run %s: reported as crashed", run_id)
         else:
             log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
-                     result["status"], state.get("type"), (result.get("details") or {}).get("reason"))
+                     result["status"], state.get("type"), _obj(result.get("details")).get("reason"))
 
     # -- cancellation ---------------------------------------------------------
 
@@ -1761,7 +1799,7 @@ class Agent:
             return
         # Forced, because the engine may have proposed CRASHED on SIGTERM meanwhile; the
         # current state's details (and its concurrency lease) carry over (PROTOCOL.md 8.2).
-        details = dict(state.get("state_details") or {}, flow_run_id=run_id,
+        details = dict(_obj(state.get("state_details")), flow_run_id=run_id,
                        transition_id=str(uuid.uuid4()))
         self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
             "type": "CANCELLED", "name": "Cancelled", "data": None, "state_details": details,
@@ -1795,12 +1833,12 @@ class Agent:
 
     def _recover_claim(self, run_id, entry):
         run = self.api.read_run(run_id)
-        state = run.get("state") or {}
-        details = state.get("state_details") or {}
+        state = _obj(run.get("state"))
+        details = _obj(state.get("state_details"))
         if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
             if self._reserve_slot(run_id):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
-                self._submit_claimed(dict(entry.get("run") or {}, **run))
+                self._submit_claimed(dict(_obj(entry.get("run")), **run))
             return
         if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
             self.reporter.call(run_id, "cancelling a run that was never started",
@@ -1817,6 +1855,16 @@ class Agent:
         self.supervisor.add(child)
         self.reporter.log(run_id, "Agent '%s' adopted process %d after a restart"
                           % (self.config.name, child.pid))
+
+
+def _still_ours(state, claim):
+    """Whether a run is still where our process left it: Running, or Pending by our own claim.
+    Anything else means it moved on without us: the engine finished it, or it is Pending by
+    another agent's stale claim of a run that had already ended, which that agent undoes."""
+    if state.get("type") == "RUNNING":
+        return True
+    transition = _obj(state.get("state_details")).get("transition_id")
+    return state.get("type") == "PENDING" and (claim is None or transition == claim)
 
 
 def _run_summary(run):

@@ -1918,7 +1918,7 @@ class JobConfigurationTests(unittest.TestCase):
 
     def test_malformed_job_variables_get_a_reason(self):
         cases = [({"env": ["A=1"]}, "'env' must be an object"),
-                 ({"env": {"A": 1}}, "env.A must be a string"),
+                 ({"env": {"A": 1}}, "env.'A' must be a string"),
                  ({"command": "echo 'unbalanced"}, "cannot be split"),
                  ({"command": 42}, "'command' must be a string"),
                  ({"command": "   "}, "is blank"),
@@ -2028,6 +2028,24 @@ class WatchingTests(AgentTestCase):
         self.assertIn("submitting flow run", logs)
         self.assertIn("exited with status code: 3", logs)
 
+    def test_an_exit_after_another_agents_stale_claim_does_not_crash_the_finished_run(self):
+        dep = self.deployment()
+        run = self.fake.add_run(dep, pool="pool")
+        ours, theirs = str(uuid.uuid4()), str(uuid.uuid4())
+        for state, transition in (("PENDING", ours), ("RUNNING", None), ("COMPLETED", None),
+                                  ("PENDING", theirs)):  # their stale claim, to be undone by them
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+                "type": state, "state_details": {"transition_id": transition or str(uuid.uuid4())}}})
+        with RunningAgent(self.fake) as running:
+            for kind in ("crash", "check"):
+                running.agent._settle_owed(run, {"kind": kind, "message": "m", "claim": ours})
+        self.assertEqual(final_type(self.fake, run), "PENDING")
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "PENDING", "state_details": {"transition_id": ours}}, "force": True})
+        with RunningAgent(self.fake) as running:
+            running.agent._settle_owed(run, {"kind": "check", "message": "m", "claim": ours})
+        self.assertEqual(final_type(self.fake, run), "CRASHED")
+
     def test_killed_by_a_signal_is_explained(self):
         dep = self.deployment(command=py_command("import os,signal; os.kill(os.getpid(), signal.SIGKILL)"))
         run = self.fake.add_run(dep, pool="pool")
@@ -2041,7 +2059,7 @@ class WatchingTests(AgentTestCase):
         cases = [({"command": "/no/such/program --x"}, "not found"),
                  ({"working_dir": "/no/such/dir"}, "does not exist"),
                  ({"command": "echo 'unbalanced"}, "cannot be split"),
-                 ({"env": {"A": 5}}, "env.A must be a string")]
+                 ({"env": {"A": 5}}, "env.'A' must be a string")]
         runs = []
         for job_variables, expected in cases:
             dep = self.deployment(**job_variables)
@@ -2701,6 +2719,7 @@ def state_of(run):
 
 FLOW_SOURCE = textwrap.dedent('''\
     import os
+    import time
     from prefect import flow
 
     MARKER = {marker!r}
@@ -2712,6 +2731,7 @@ FLOW_SOURCE = textwrap.dedent('''\
             os.write(fd, (os.environ.get("PREFECT__FLOW_RUN_ID", "MISSING") + "\\n").encode())
         finally:
             os.close(fd)
+        time.sleep(float(os.environ.get("FLOW_SLEEP", "0")))
         return 42
     ''')
 
@@ -3016,15 +3036,9 @@ class RealServerConformance(unittest.TestCase):
     def test_real_flow_completes(self):
         """A deployment of a real @flow (pull step sets the working directory)
         is run by agent.py with `<--python> -m prefect.engine` and COMPLETES."""
-        code = os.path.join(self.tmp, "code")
-        os.mkdir(code)
-        marker = os.path.join(self.tmp, "ran.txt")
-        flow_name = "agentpy-conformance-flow"
-        with open(os.path.join(code, "flow.py"), "w") as f:
-            f.write(FLOW_SOURCE.format(marker=marker, flow_name=flow_name))
         self.make_pool()
-        dep = self.make_deployment(flow_name, entrypoint="flow.py:conformance_flow",
-                                   directory=code)
+        dep = self.real_flow_deployment()
+        marker = self.flow_marker
         run = self.rest.create_flow_run(dep["id"])
         self.start_agent()
         final = self.wait_final(run["id"], 120)
@@ -3034,6 +3048,67 @@ class RealServerConformance(unittest.TestCase):
         with open(marker) as f:
             self.assertEqual(f.read().split(), [run["id"]],
                              "the flow body must run exactly once, with PREFECT__FLOW_RUN_ID set")
+
+    def real_flow_deployment(self, **job_variables):
+        code = os.path.join(self.tmp, "code")
+        os.makedirs(code, exist_ok=True)
+        self.flow_marker = os.path.join(self.tmp, "ran.txt")
+        flow_name = "agentpy-conformance-flow"
+        with open(os.path.join(code, "flow.py"), "w") as f:
+            f.write(FLOW_SOURCE.format(marker=self.flow_marker, flow_name=flow_name))
+        return self.make_deployment(flow_name, entrypoint="flow.py:conformance_flow",
+                                    directory=code, job_variables=job_variables)
+
+    def flow_starts(self):
+        if not os.path.exists(self.flow_marker):
+            return []
+        with open(self.flow_marker) as f:
+            return f.read().split()
+
+    def test_cancelling_a_real_flow_run_ends_it_cancelled(self):
+        """(issue 3) A running flow set Cancelling through the API is terminated and ends
+        Cancelled within a poll interval plus the grace period."""
+        self.make_pool()
+        dep = self.real_flow_deployment(env={"FLOW_SLEEP": "120"})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_agent("--cancel-grace-seconds", "5")
+        end = time.monotonic() + self.remaining(90)
+        while time.monotonic() < end and not (
+                state_of(self.rest.read_run(run_id))[0] == "RUNNING" and self.flow_starts()):
+            self.check_agents_alive()
+            time.sleep(0.5)
+        answer = self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {"state": {
+            "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
+        self.assertEqual(answer["status"], "ACCEPT", answer)
+        asked = time.monotonic()
+        final = self.wait_final(run_id, 30)
+        if state_of(final)[0] != "CANCELLED":
+            self.fail_with_logs("expected CANCELLED, got %r" % (state_of(final),))
+        self.assertLess(time.monotonic() - asked, 1 + 5 + 5, "slower than poll + grace")
+
+    def test_kill_9_and_restart_every_run_ends_final_and_none_runs_twice(self):
+        """(issue 3) agent.py is killed with SIGKILL while real flows run; a new agent on the
+        same state dir adopts them: all end in a final state and no flow body runs twice."""
+        self.make_pool()
+        dep = self.real_flow_deployment(env={"FLOW_SLEEP": "6"})
+        crash = self.make_deployment("agentpy-conformance-cmd", job_variables={
+            "command": "sh -c 'sleep 6; exit 3'"})
+        runs = [self.rest.create_flow_run(dep["id"])["id"] for _ in range(3)]
+        crashing = self.rest.create_flow_run(crash["id"])["id"]
+        state_dir = os.path.join(self.tmp, "agent-state")
+        first = self.start_agent("--state-dir", state_dir)
+        end = time.monotonic() + self.remaining(90)
+        while time.monotonic() < end and len(set(self.flow_starts())) < len(runs):
+            self.check_agents_alive()
+            time.sleep(0.3)
+        first.kill()
+        first.wait(10)
+        self.agents = [a for a in self.agents if a[0] is not first]  # its death was the point
+        self.start_agent("--state-dir", state_dir)
+        finals = {r: state_of(self.wait_final(r, 90))[0] for r in runs + [crashing]}
+        if finals != dict({r: "COMPLETED" for r in runs}, **{crashing: "CRASHED"}):
+            self.fail_with_logs("unexpected final states %r" % finals)
+        self.assertEqual(sorted(self.flow_starts()), sorted(runs), "a flow body ran twice")
 
     def test_nonzero_exit_reports_crashed(self):
         """A command that exits 3 without touching the run leaves it PENDING on
