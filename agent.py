@@ -562,6 +562,11 @@ def _expect_list(answer, what):
     return answer
 
 
+def _expect_id(value, what):
+    if not isinstance(value, str):
+        raise APIError("", "flow run", 200, "its %s is not a string: %.100r" % (what, value))
+
+
 def _expect_dict(answer, what):
     if not isinstance(answer, dict):
         raise APIError("", what, 200, "expected a JSON object, got %.200r" % (answer,))
@@ -1657,6 +1662,7 @@ class Agent:
                          [self.config.python, "-m", "prefect.engine"], self.config.show_flow_logs)
 
     def _deployment(self, deployment_id):
+        _expect_id(deployment_id, "deployment_id")
         # Deployments change rarely but are read for every run: cache per sync period.
         cached = self._deployments.get(deployment_id)
         if cached and cached[0] > time.monotonic():
@@ -1668,6 +1674,7 @@ class Agent:
     def _flow_name(self, flow_id):
         if not flow_id:
             return None
+        _expect_id(flow_id, "flow_id")
         if flow_id not in self._flows:
             self._flows[flow_id] = self.api.read_flow(flow_id).get("name")
         return self._flows[flow_id]

@@ -4,9 +4,12 @@ import atexit
 import base64
 import copy
 import datetime
+import email.utils
 import http.client
 import io
 import json
+import logging
+import math
 import os
 import re
 import shlex
@@ -26,6 +29,8 @@ import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from unittest import mock
 
 import agent
 
@@ -2579,6 +2584,866 @@ def free_port():
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+# =============================================================================
+# Fuzzing: response parsing, job configuration, claiming (needs hypothesis)
+#
+# Each property says what a hostile or broken input must produce: a value of the
+# documented shape, or one of the agent's own exceptions with a one-line message;
+# never a stray TypeError/AttributeError/RecursionError/OverflowError that would
+# become a traceback, a run left Pending with no process, or a stalled agent.
+# Pinned @example inputs are the bugs these tests found. Without hypothesis the
+# tests skip; .ci/run installs it and lets no test skip.
+# =============================================================================
+
+try:
+    import hypothesis
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the stdlib-only test run: everything below is skipped
+    hypothesis = None
+
+    class _Absent:
+        """Stands in for hypothesis' API so the module still imports (and then skips)."""
+
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            return self
+
+        def __or__(self, other):
+            return self
+
+        __ror__ = __or__
+
+    st = HealthCheck = _Absent()
+
+    def _passthrough(*args, **kwargs):
+        return lambda function: function
+
+    given = example = settings = _passthrough
+
+HYPOTHESIS_MISSING = "hypothesis is not installed (pip install hypothesis; .ci/run installs it)"
+needs_hypothesis = unittest.skipIf(hypothesis is None, HYPOTHESIS_MISSING)
+
+
+#: AGENT_FUZZ_SCALE=10 runs ten times the examples (a longer hunt than CI needs).
+FUZZ_SCALE = float(os.environ.get("AGENT_FUZZ_SCALE") or 1)
+
+
+def fuzz_settings(examples=60):
+    # database=None: leave no .hypothesis/ directory behind in the repository.
+    return settings(max_examples=max(1, int(examples * FUZZ_SCALE)), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+class FuzzTestCase(unittest.TestCase):
+    """Keeps agent.py's log lines (warnings about junk answers) off the test output; the
+    records are in self.records for tests that check them."""
+
+    def setUp(self):
+        records = self.records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record)
+
+        logger = agent.log
+        saved = (logger.handlers[:], logger.propagate, logger.level)
+        logger.handlers[:] = [Keep(logging.INFO)]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+
+        def restore():
+            logger.handlers[:], logger.propagate = saved[0], saved[1]
+            logger.setLevel(saved[2])
+
+        self.addCleanup(restore)
+
+
+def assert_one_line(test, exc):
+    text = str(exc)
+    test.assertTrue(text.strip(), "empty message from %r" % (exc,))
+    test.assertNotIn("\n", text, "multi-line message from %s" % type(exc).__name__)
+    test.assertNotIn("\r", text, "message with a carriage return from %s" % type(exc).__name__)
+
+
+# =============================================================================
+# Strategies
+# =============================================================================
+
+# What json.loads can hand the agent: NaN/Infinity included, as Python's json accepts them.
+json_scalars = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
+                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+PLACEHOLDER_PIECES = [
+    "{{ command }}", "{{ env }}", "{{ working_dir }}", "{{ stream_output }}", "{{ name }}",
+    "{{ labels }}", "{{ a.b[3] }}", "{{ a[0] }}", "{{ a[99] }}", "{{ [0] }}", "{{ a..b }}",
+    "{{ env.X }}", "{{ $X }}", "{{ $HOME }}", "{{ $ }}", "{{ $NOPE }}",
+    "{{ prefect.variables.x }}", "{{ prefect.variables.cmd }}", "{{ prefect.blocks.x.y }}",
+    "{{ prefect. }}", "{{", "}}", "{{ a", "{{ }}", "{{{{ a }}}}", "{{a.b}}", "{{ a-b }}",
+    "'", '"', "\\", " ", "\n", "=", "\0", "python -m x", "--flag", "echo 'unbalanced",
+]
+template_text = st.lists(st.sampled_from(PLACEHOLDER_PIECES) | st.text(max_size=6),
+                         max_size=5).map("".join)
+FIELD_NAMES = ["command", "env", "working_dir", "stream_output", "name", "labels", "a", "a.b",
+               "a.b.c", "env.X", "env.PATH", "x", "", ".", "a.", ".a", "X", "HOME", "A=B"]
+field_names = st.sampled_from(FIELD_NAMES) | st.text(max_size=8)
+# Values a job variable or template default may hold: JSON junk and placeholder text.
+variable_values = st.recursive(
+    json_scalars | template_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(field_names, inner, max_size=4),
+    max_leaves=12)
+job_variables = json_values | st.dictionaries(field_names, variable_values, max_size=6)
+
+config_nodes = st.recursive(
+    json_scalars | template_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(field_names, inner, max_size=5),
+    max_leaves=15)
+job_configurations = (st.dictionaries(st.sampled_from(FIELD_NAMES[:6]) | field_names,
+                                      config_nodes, max_size=7)
+                      | st.just(dict(agent.PROCESS_BASE_JOB_TEMPLATE["job_configuration"]))
+                      | config_nodes)
+variable_specs = json_values | st.fixed_dictionaries(
+    {}, optional={"default": variable_values, "type": st.sampled_from(["string", "object"]),
+                  "title": st.text(max_size=5)})
+variables_sections = (json_values | st.fixed_dictionaries(
+    {}, optional={"type": st.just("object"),
+                  "properties": json_values | st.dictionaries(field_names, variable_specs,
+                                                              max_size=6)}))
+base_job_templates = (
+    st.none() | st.just({}) | st.just(agent.PROCESS_BASE_JOB_TEMPLATE) | json_values
+    | st.fixed_dictionaries({}, optional={"job_configuration": job_configurations,
+                                          "variables": variables_sections}))
+
+ENV_NAMES = st.sampled_from(["X", "HOME", "PATH", "", "A=B"]) | st.text(max_size=6)
+environs = st.dictionaries(ENV_NAMES, st.text(max_size=10), max_size=4)
+env_names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,10}\Z")
+flow_run_envs = st.dictionaries(env_names, st.text(max_size=10).filter(lambda s: "\0" not in s),
+                                max_size=4)
+
+
+class _LookupRaises:
+    """A lookup_prefect that refuses, the way Agent._lookup_prefect refuses blocks."""
+
+    def __call__(self, name):
+        raise agent.JobConfigError("placeholder {{ %s }} is not supported" % name)
+
+    def __repr__(self):
+        return "<lookup raising JobConfigError>"
+
+
+class _LookupAnswers:
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, name):
+        return self.value
+
+    def __repr__(self):
+        return "<lookup answering %r>" % (self.value,)
+
+
+lookups = (st.none() | st.just(_LookupRaises())
+           | (json_values | template_text).map(_LookupAnswers))
+
+
+# =============================================================================
+# 1. Job configuration: merge -> resolve -> build
+# =============================================================================
+
+
+@needs_hypothesis
+class JobConfigurationFuzzTest(FuzzTestCase):
+    DEFAULT_ARGV = ["/usr/bin/python3", "-m", "prefect.engine"]
+
+    def check_chain(self, deployment_vars, run_vars, template, lookup, environ, flow_run_env,
+                    show_flow_logs):
+        try:
+            values = agent.merge_job_variables(deployment_vars, run_vars)
+            config = agent.resolve_job_configuration(template, values, lookup, environ)
+            job = agent.build_job(config, flow_run_env, self.DEFAULT_ARGV, show_flow_logs)
+        except agent.JobConfigError as exc:
+            assert_one_line(self, exc)
+            return
+        self.assertIsInstance(job, agent.Job)
+        self.assertIsInstance(job.argv, list)
+        self.assertTrue(job.argv, "empty argv")
+        for part in job.argv:
+            self.assertIsInstance(part, str)
+        self.assertIsInstance(job.env, dict)
+        for key, value in job.env.items():
+            self.assertIsInstance(key, str)
+            self.assertIsInstance(value, str, "env[%r]" % key)
+        for key, value in flow_run_env.items():  # what the agent sets always wins
+            self.assertEqual(job.env.get(key), value)
+        self.assertIsInstance(job.stream_output, bool)
+        if show_flow_logs:
+            self.assertIs(job.stream_output, True)
+        self.assertTrue(job.working_dir is None or isinstance(job.working_dir, str))
+
+    # regression: RecursionError from dotted keys, deep templates; TypeError from a non-object env default;
+    # AttributeError from a non-object `variables`; multi-line JobConfigError for an env key with "\n"
+    @fuzz_settings(examples=150)
+    @given(deployment_vars=job_variables, run_vars=job_variables, template=base_job_templates,
+           lookup=lookups, environ=environs, flow_run_env=flow_run_envs,
+           show_flow_logs=st.booleans())
+    @example(deployment_vars={}, run_vars={}, template={"job_configuration": {}, "variables": [1]},
+             lookup=None, environ={}, flow_run_env={}, show_flow_logs=False)
+    @example(deployment_vars={}, run_vars={}, lookup=None, environ={}, flow_run_env={},
+             show_flow_logs=False, template={"job_configuration": {"env": {}},
+                                             "variables": {"properties": {"env": {"default": [1]}}}})
+    @example(deployment_vars={"a." * 1500 + "b": 1}, run_vars={}, template=None, lookup=None,
+             environ={}, flow_run_env={}, show_flow_logs=False)
+    @example(deployment_vars={}, run_vars={}, lookup=None, environ={}, flow_run_env={},
+             show_flow_logs=False,
+             template={"job_configuration": json.loads('{"x": %s%s}' % ("[" * 400, "]" * 400))})
+    @example(deployment_vars={"env": {"A\nB": 1}}, run_vars={}, template=None, lookup=None,
+             environ={}, flow_run_env={}, show_flow_logs=False)
+    def test_job_configuration_chain(self, deployment_vars, run_vars, template, lookup, environ,
+                                     flow_run_env, show_flow_logs):
+        self.check_chain(deployment_vars, run_vars, template, lookup, environ, flow_run_env,
+                         show_flow_logs)
+
+    # regression: multi-line JobConfigError for an env key with a newline (_as_env formats it with %s)
+    @fuzz_settings(examples=100)
+    @given(command=json_values | template_text, env=json_values | st.dictionaries(
+               ENV_NAMES, json_scalars | template_text, max_size=4),
+           working_dir=json_values | template_text, stream_output=json_values | template_text,
+           flow_run_env=flow_run_envs, show_flow_logs=st.booleans(),
+           present=st.sets(st.sampled_from(["command", "env", "working_dir", "stream_output"])))
+    @example(command="echo 'unbalanced", env=None, working_dir=None, stream_output=True,
+             flow_run_env={}, show_flow_logs=False, present={"command"})
+    @example(command=None, env={"A\nB": 1}, working_dir=None, stream_output=True,
+             flow_run_env={}, show_flow_logs=False, present={"env"})
+    def test_odd_job_variables_on_the_process_template(self, command, env, working_dir,
+                                                       stream_output, flow_run_env,
+                                                       show_flow_logs, present):
+        """The stock process template, with each of its variables set to anything at all."""
+        given_values = {"command": command, "env": env, "working_dir": working_dir,
+                        "stream_output": stream_output}
+        run_vars = {key: value for key, value in given_values.items() if key in present}
+        self.check_chain({}, run_vars, agent.PROCESS_BASE_JOB_TEMPLATE, None, {}, flow_run_env,
+                         show_flow_logs)
+
+
+# =============================================================================
+# 2. Response parsing against a server that answers anything
+# =============================================================================
+
+
+class _Reply:
+    def __init__(self, status=200, headers=(), body=b"", length="exact", raw=None):
+        self.status, self.headers, self.body, self.length, self.raw = (
+            status, list(headers), body, length, raw)
+
+    def __repr__(self):
+        if self.raw is not None:
+            return "_Reply(raw=%r)" % (self.raw[:200],)
+        return "_Reply(%r, %r, %r%s, length=%r)" % (
+            self.status, self.headers, self.body[:200], "..." if len(self.body) > 200 else "",
+            self.length)
+
+
+class _HostileServer:
+    """Answers each request with the next scripted _Reply (repeating the last one)."""
+
+    MAX_REQUESTS = 25  # more than this for one API call means the client is looping
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.replies = [_Reply()]
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # one request per connection, closed after
+
+            def answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                reply = server.next_reply(self.command, self.path)
+                if reply.raw is not None:
+                    self.wfile.write(reply.raw)
+                    return
+                self.send_response_only(reply.status)
+                for name, value in reply.headers:
+                    self.send_header(name, value)
+                if reply.length == "exact":
+                    self.send_header("Content-Length", str(len(reply.body)))
+                elif reply.length == "longer":  # the body is cut short by the closed connection
+                    self.send_header("Content-Length", str(len(reply.body) + 10))
+                elif reply.length == "shorter":
+                    self.send_header("Content-Length", str(max(0, len(reply.body) - 3)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = answer
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that hung up on a hostile answer is what these tests do
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/api" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def script(self, replies):
+        with self.lock:
+            self.replies = list(replies)
+            self.requests = []
+
+    def next_reply(self, method, path):
+        with self.lock:
+            self.requests.append((method, path))
+            if len(self.requests) > self.MAX_REQUESTS:
+                return _Reply(599, body=b"fuzz server: too many requests for one call")
+            return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+
+
+SERVER = None
+
+
+def setUpModule():
+    global SERVER
+    if hypothesis is not None:
+        SERVER = _HostileServer()
+        SERVER.start()
+
+
+def tearDownModule():
+    if SERVER is not None:
+        SERVER.stop()
+
+
+STATUSES = [200, 201, 202, 204, 206, 299, 300, 301, 302, 303, 304, 305, 307, 308, 400, 401,
+            403, 404, 405, 409, 410, 413, 418, 422, 429, 500, 501, 502, 503, 504, 599]
+statuses = st.sampled_from(STATUSES) | st.integers(200, 599)
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                    blacklist_characters="\x7f"), max_size=30)
+headers = st.lists(st.tuples(
+    st.sampled_from(["Content-Type", "Retry-After", "Location", "X-Junk"]),
+    st.sampled_from(["application/json", "text/html", "/api/elsewhere", "/other",
+                     "http://elsewhere.invalid/api", "", "5", "inf", "1e400", "-1",
+                     "Wed, 21 Oct 2015 07:28:00 GMT"]) | header_text), max_size=3)
+
+SHAPED_KEYS = ["id", "flow_run", "status", "state", "details", "detail", "exception_message",
+               "name", "type", "state_details", "transition_id", "token", "value",
+               "base_job_template", "job_variables", "reason"]
+shaped_values = st.recursive(
+    json_scalars | st.sampled_from(["ACCEPT", "REJECT", "ABORT", "WAIT", "PENDING",
+                                    str(uuid.UUID(int=7))]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(SHAPED_KEYS) | st.text(max_size=5), inner, max_size=5),
+    max_leaves=15)
+
+
+def _truncate(pair):
+    text, cut = pair
+    return text[:cut % (len(text) + 1)]
+
+
+class _Big(bytes):
+    """Bytes that print short in a falsifying example."""
+
+    def __repr__(self):
+        text = bytes.__repr__(self)
+        return text if len(text) <= 80 else "%s...(%d bytes)" % (text[:60], len(self))
+
+
+DEEP_JSON = _Big(b"[" * 100000)  # deeper than json.loads can recurse
+BIG_BODIES = [_Big(body) for body in [
+    b'"' + b"a" * (1 << 20) + b'"',
+    DEEP_JSON,
+    b"[" * 5000 + b"]" * 5000,
+    b'{"detail": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b"x" * (1 << 20),
+    json.dumps([{"name": "q%d" % i, "flow_run": {"id": str(i)}} for i in range(1000)]).encode(),
+    json.dumps({"detail": "line one\nline two\r\n" * 50}).encode(),
+]]
+bodies = (
+    st.binary(max_size=300)
+    | json_values.map(json.dumps).map(str.encode)
+    | shaped_values.map(json.dumps).map(str.encode)
+    | st.tuples(shaped_values.map(json.dumps), st.integers(0, 10 ** 6)).map(_truncate).map(str.encode)
+    | st.text(max_size=80).map(lambda t: ("<html><head><title>502 Bad Gateway</title></head>"
+                                          "<body>\n<h1>Bad Gateway</h1>\n<p>%s</p>\n</body></html>"
+                                          % t).encode("utf-8", "surrogatepass"))
+    | st.sampled_from([b"", b"  \n", b"null", b"NaN", b"{}", b"[]", b'"x"', b"0", b"\xff\xfe"])
+    | st.sampled_from(BIG_BODIES)
+)
+replies = st.builds(_Reply, status=statuses, headers=headers, body=bodies,
+                    length=st.sampled_from(["exact", "exact", "exact", "none", "longer", "shorter"]))
+raw_responses = (st.binary(max_size=200)
+                 | st.tuples(st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 500 X\r\n",
+                                              b"HTTP/1.1 99 Low\r\n", b"HTTP/1.1 1000 High\r\n",
+                                              b"HTTP/9.9 200 OK\r\n", b"\r\n"]),
+                             st.sampled_from([b"Transfer-Encoding: chunked\r\n",
+                                              b"Content-Length: -5\r\n",
+                                              b"Content-Length: x\r\n", b"", b"X" * 70000 + b"\r\n"]),
+                             st.binary(max_size=60))
+                 .map(lambda parts: parts[0] + parts[1] + b"\r\n" + parts[2]))
+reply_scripts = st.lists(replies | raw_responses.map(lambda raw: _Reply(raw=raw)),
+                         min_size=1, max_size=3)
+
+RUN_ID = str(uuid.UUID(int=42))
+API_ERRORS = (agent.APIError, agent.APIUnreachable, agent.AuthRefused)
+
+
+def _is_dict(value):
+    return isinstance(value, dict)
+
+
+def _dict_or_none(value):
+    return value is None or isinstance(value, dict)
+
+
+def _runs(value):
+    return isinstance(value, list) and all(
+        isinstance(run, dict) and isinstance(run.get("id"), str) for run in value)
+
+
+def _orchestration_result(value):
+    return isinstance(value, dict) and value.get("status") in ("ACCEPT", "REJECT", "ABORT", "WAIT")
+
+
+def _list_of_str(value):
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
+CALLS = {
+    "read_pool": (lambda api: api.read_pool("pool"), _dict_or_none),
+    "scheduled_runs": (lambda api: api.scheduled_runs(
+        "pool", ["default"], agent.utcnow()), _runs),
+    "set_state": (lambda api: api.set_state(RUN_ID, "PENDING"), _orchestration_result),
+    "read_run": (lambda api: api.read_run(RUN_ID), _is_dict),
+    "read_deployment": (lambda api: api.read_deployment(RUN_ID), _is_dict),
+    "read_flow": (lambda api: api.read_flow(RUN_ID), _is_dict),
+    "heartbeat": (lambda api: api.heartbeat("pool", "fuzz-agent", 30), lambda v: v is None),
+    "queues_with_prefixes": (lambda api: api.queues_with_prefixes("pool", ["q"]), _list_of_str),
+    "ensure_queue": (lambda api: api.ensure_queue("pool", "q"), lambda v: isinstance(v, bool)),
+    "write_logs": (lambda api: api.write_logs([{"message": "x"}]), lambda v: v is None),
+}
+
+
+def _api_fuzz_test(name):
+    call, shape = CALLS[name]
+
+    @fuzz_settings(examples=100)
+    @given(script=reply_scripts)
+    def test(self, script):
+        self.check_call(call, shape, script)
+
+    test.__name__ = "test_" + name
+    test.__doc__ = "PrefectAPI.%s survives any answer: the documented shape or an API error." % name
+    return test
+
+
+@needs_hypothesis
+class ResponseParsingFuzzTest(FuzzTestCase):
+    def check_call(self, call, shape, script):
+        SERVER.script(script)
+        api = agent.PrefectAPI(SERVER.url, api_key="k", max_retries=0)
+        try:
+            result = call(api)
+        except API_ERRORS as exc:
+            assert_one_line(self, exc)
+        else:
+            self.assertTrue(shape(result), "answer of the wrong shape: %.300r" % (result,))
+        self.assertLessEqual(len(SERVER.requests), _HostileServer.MAX_REQUESTS,
+                             "the call kept sending requests: %r" % SERVER.requests[:5])
+
+    # regression: read_pool passes any 200 JSON answer through (a list, a number) unchecked
+    test_read_pool = example(script=[_Reply(200, body=b"[1, 2]")])(_api_fuzz_test("read_pool"))
+    test_scheduled_runs = _api_fuzz_test("scheduled_runs")
+    test_set_state = _api_fuzz_test("set_state")
+    # regression: RecursionError escapes request() for a deeply nested JSON body
+    test_read_run = example(script=[_Reply(200, body=DEEP_JSON)])(_api_fuzz_test("read_run"))
+    test_read_deployment = _api_fuzz_test("read_deployment")
+    # regression: an error body {"detail": "a\nb"} gives a multi-line APIError message
+    test_read_flow = example(script=[_Reply(500, body=b'{"detail": "line one\\nline two"}')])(
+        _api_fuzz_test("read_flow"))
+    # regression: a broken status line's CRLF ends up in the APIUnreachable message (_describe)
+    test_heartbeat = example(script=[_Reply(raw=b"HTTP/1.1 99 Low\r\n\r\n")])(
+        _api_fuzz_test("heartbeat"))
+    # regression: queues_with_prefixes pages forever when the server ignores offset
+    test_queues_with_prefixes = example(script=[_Reply(200, body=BIG_BODIES[5])])(
+        _api_fuzz_test("queues_with_prefixes"))
+    test_ensure_queue = _api_fuzz_test("ensure_queue")
+    test_write_logs = _api_fuzz_test("write_logs")
+
+    def test_refused_connection(self):
+        probe = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+        url = "http://127.0.0.1:%d/api" % probe.server_address[1]
+        probe.server_close()  # nothing listens there now
+        api = agent.PrefectAPI(url, max_retries=0)
+        for name, (call, shape) in sorted(CALLS.items()):
+            with self.subTest(call=name):
+                with self.assertRaises(agent.APIUnreachable) as caught:
+                    call(api)
+                assert_one_line(self, caught.exception)
+
+    # regression: a server that ignores offset keeps queues_with_prefixes paging forever
+    def test_queue_paging_stops_when_the_server_ignores_offset(self):
+        page = json.dumps([{"name": "q%d" % i} for i in range(200)]).encode()
+        SERVER.script([_Reply(200, body=page)])
+        api = agent.PrefectAPI(SERVER.url, max_retries=0)
+        try:
+            names = api.queues_with_prefixes("pool", ["q"])
+        except API_ERRORS:
+            names = None
+        self.assertLess(len(SERVER.requests), _HostileServer.MAX_REQUESTS,
+                        "still paging after %d requests for the same 200 queues"
+                        % len(SERVER.requests))
+        self.assertEqual(sorted(set(names or [])), sorted("q%d" % i for i in range(200)))
+
+    def test_oversized_answer_is_refused(self):
+        SERVER.script([_Reply(200, body=b" " * (agent.MAX_RESPONSE_BYTES + 1))])
+        api = agent.PrefectAPI(SERVER.url, max_retries=0)
+        with self.assertRaises(agent.APIError) as caught:
+            api.read_flow(RUN_ID)
+        assert_one_line(self, caught.exception)
+
+    # regression: Retry-After "inf" / "1e400" / "1e300" makes request() sleep(inf) -> OverflowError
+    @fuzz_settings(examples=40)
+    @given(status=st.sampled_from(agent.RETRY_STATUSES),
+           retry_after=st.sampled_from(["inf", "1e400", "1e300", "99999999999", "-inf", "nan",
+                                        "0", "0.01"]) | header_text)
+    @example(status=503, retry_after="inf")
+    def test_retry_after_from_a_hostile_server(self, status, retry_after):
+        slept = []
+
+        class Clock:
+            """time for agent.py, with sleeps recorded and cut short (and refused the way
+            time.sleep refuses what it cannot represent)."""
+
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            def sleep(self, seconds):
+                if math.isnan(seconds):
+                    raise ValueError("Invalid value NaN (not a number)")
+                if seconds < 0:
+                    raise ValueError("sleep length must be non-negative")
+                if seconds > 9.2e9:
+                    raise OverflowError("timestamp out of range for platform time_t")
+                slept.append(seconds)
+                time.sleep(min(seconds, 0.001))
+
+        SERVER.script([_Reply(status, headers=[("Retry-After", retry_after)], body=b"busy"),
+                       _Reply(200, body=b'{"id": "x"}')])
+        api = agent.PrefectAPI(SERVER.url, max_retries=1)
+        with mock.patch.object(agent, "time", Clock()):
+            try:
+                answer = api.read_flow(RUN_ID)
+            except API_ERRORS as exc:
+                assert_one_line(self, exc)
+            else:
+                self.assertEqual(answer, {"id": "x"})
+
+
+TIMEZONES = [None, datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=14)),
+             datetime.timezone(datetime.timedelta(hours=-23, minutes=-59))]
+
+
+@needs_hypothesis
+class ParsingHelpersFuzzTest(FuzzTestCase):
+    # regression: RecursionError for deeply nested JSON; "detail" text with newlines comes back as is
+    @fuzz_settings(examples=100)
+    @given(body=bodies | st.builds(
+        lambda field, value: json.dumps({field: value}).encode(),
+        st.sampled_from(["detail", "exception_message"]), json_values | st.text()))
+    @example(body=DEEP_JSON)
+    @example(body=b'{"detail": "line one\\nline two"}')
+    def test_error_detail(self, body):
+        detail = agent._error_detail(body)
+        self.assertIsInstance(detail, str)
+        self.assertNotIn("\n", detail)
+        self.assertNotIn("\r", detail)
+        self.assertLessEqual(len(detail), 303)
+
+    @fuzz_settings(examples=100)
+    @given(text=st.text() | header_text | st.sampled_from(
+        ["inf", "-inf", "nan", "1e400", "-0", "0x10", "1_000", " 5 ", "", "Wed, 21 Oct 2015 07:28:00 GMT",
+         "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 -2359", "Thu, 32 Feb 2024 99:99:99"])
+        | st.datetimes(timezones=st.sampled_from(TIMEZONES)).map(email.utils.format_datetime))
+    def test_retry_after_seconds(self, text):
+        seconds = agent._retry_after_seconds(text)
+        if seconds is not None:
+            self.assertIsInstance(seconds, float)
+            self.assertGreaterEqual(seconds, 0.0)
+
+
+# =============================================================================
+# 3. The agent's claim decision (and what follows it) survives whatever the API answers
+# =============================================================================
+
+STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLED",
+               "CANCELLING", "PAUSED"]
+ECHO = "<echo our transition id>"  # replaced by the transition id the agent proposed
+UNREACHABLE = "<raise APIUnreachable>"
+API_ERROR = "<raise APIError 409>"
+NOT_FOUND = "<raise APIError 404>"
+junk = json_values
+state_details = junk | st.fixed_dictionaries({}, optional={
+    "transition_id": st.just(ECHO) | junk,
+    "scheduled_time": st.none() | st.just("2030-01-01T00:00:00Z") | junk,
+    "flow_run_id": st.just(RUN_ID) | junk})
+states = junk | st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(STATE_TYPES) | junk, "name": junk | template_text, "message": junk,
+    "state_details": state_details, "timestamp": junk | st.just("2030-01-01T00:00:00Z")})
+orchestration_results = junk | st.fixed_dictionaries(
+    {"status": st.sampled_from(["ACCEPT", "REJECT", "ABORT", "WAIT"]) | junk},
+    optional={"state": states, "details": junk | st.fixed_dictionaries(
+        {}, optional={"reason": junk | template_text, "transition_id": junk})})
+failures = st.sampled_from([UNREACHABLE, API_ERROR, NOT_FOUND])
+flow_runs = junk | st.fixed_dictionaries({"id": st.just(RUN_ID)}, optional={
+    "state": states, "name": junk, "infrastructure_pid": junk})
+deployments = junk | st.fixed_dictionaries({}, optional={
+    "job_variables": job_variables, "infra_overrides": job_variables, "name": junk})
+variables_answers = junk | st.fixed_dictionaries({}, optional={"value": junk | template_text})
+
+
+def answer_lists(answers):
+    return st.lists(answers | failures, min_size=1, max_size=3)
+
+
+routes = st.fixed_dictionaries({
+    "set_state": answer_lists(orchestration_results),
+    "read_run": answer_lists(flow_runs),
+    "states": answer_lists(st.lists(states | junk, max_size=4) | junk),
+    "deployment": answer_lists(deployments),
+    "flow": answer_lists(junk | st.fixed_dictionaries({}, optional={"name": junk})),
+    "variable": answer_lists(variables_answers),
+    "other": answer_lists(junk),
+})
+# What /get_scheduled_flow_runs can hand _submit: scheduled_runs() only vouches for a str "id".
+scheduled_runs = st.fixed_dictionaries({"id": st.just(RUN_ID)}, optional={
+    "name": junk, "deployment_id": st.just(str(uuid.UUID(int=1))) | junk,
+    "flow_id": st.just(str(uuid.UUID(int=2))) | junk, "job_variables": job_variables})
+pools = st.fixed_dictionaries({}, optional={"base_job_template": base_job_templates,
+                                            "is_paused": junk, "type": junk})
+
+
+ROUTES = ("set_state", "read_run", "states", "deployment", "flow", "variable", "other")
+
+
+def route_answers(answers, **overrides):
+    """Every route answering `answers`, except those given."""
+    return dict(dict.fromkeys(ROUTES, answers), **overrides)
+
+
+def _route(method, path):
+    if path.endswith("/set_state"):
+        return "set_state"
+    if method == "GET" and path.startswith("/flow_runs/"):
+        return "read_run"
+    if path.startswith("/flow_run_states/"):
+        return "states"
+    if path.startswith("/deployments/"):
+        return "deployment"
+    if path.startswith("/flows/"):
+        return "flow"
+    if path.startswith("/variables/"):
+        return "variable"
+    return "other"
+
+
+def _echo(value, transition_id):
+    if isinstance(value, str) and value == ECHO:
+        return transition_id
+    if isinstance(value, dict):
+        return {key: _echo(item, transition_id) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_echo(item, transition_id) for item in value]
+    return value
+
+
+@needs_hypothesis
+class AgentFuzzTest(FuzzTestCase):
+    """An Agent (not started) whose API answers anything. Only PrefectAPI.request is faked, so
+    what reaches the agent is what the real set_state/read_run/... let through."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="agentpy-fuzz-")
+        environ = {"HOME": cls.tmp, "XDG_STATE_HOME": cls.tmp}
+        args = agent.build_arg_parser().parse_args(
+            ["--api", "http://127.0.0.1:9/api", "--pool", "pool", "--name", "fuzz-agent",
+             "--hide-welcome"])
+        cls.agent = agent.Agent(agent.parse_config(args, environ))
+
+    @classmethod
+    def tearDownClass(cls):
+        journal = getattr(cls.agent, "journal", None)
+        if journal is not None:
+            journal.close()
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def reset(self, routes, transition_id=None):
+        """Fake the API with per-route answer lists (the last answer repeats)."""
+        routes = {name: list(answers) for name, answers in routes.items()}
+        proposed = {"transition_id": transition_id}
+
+        def request(method, path, body=None, retries=None):
+            if path.endswith("/set_state") and isinstance(body, dict) and \
+                    isinstance(body.get("state"), dict) and not body.get("force"):
+                proposed["transition_id"] = (body["state"].get("state_details") or {}).get(
+                    "transition_id")
+            answers = routes[_route(method, path)]
+            answer = answers.pop(0) if len(answers) > 1 else answers[0]
+            if isinstance(answer, str) and answer == UNREACHABLE:
+                raise agent.APIUnreachable("%s %s failed: ConnectionResetError" % (method, path))
+            if isinstance(answer, str) and answer in (API_ERROR, NOT_FOUND):
+                raise agent.APIError(method, path, 404 if answer == NOT_FOUND else 409, "no")
+            return _echo(answer, proposed["transition_id"])
+
+        self.agent.api.request = request
+        self.agent._unsettled.clear()
+        self.agent._deployments.clear()
+        self.agent._flows.clear()
+        self.agent._in_flight.clear()
+        self.agent.reporter._queue.clear()
+        del self.records[:]
+
+    def queued_calls(self):
+        return [payload for kind, payload in list(self.agent.reporter._queue) if kind == "call"]
+
+    def run_queued_calls(self):
+        """What the reporter thread would do: each action may fail only in the ways
+        Reporter._attempt handles on purpose (anything else is a traceback and a lost report)."""
+        for run_id, what, action in self.queued_calls():
+            try:
+                action()
+            except API_ERRORS as exc:
+                assert_one_line(self, exc)
+
+    def assert_clean_log(self):
+        for record in self.records:
+            self.assertIsNone(record.exc_info, "a traceback in the log: %s" % record.getMessage())
+            self.assertNotIn("\n", record.getMessage())
+
+    # regression: AttributeError when the answer's state / state_details / details is not an object
+    @fuzz_settings(examples=100)
+    @given(routes=routes)
+    @example(routes=route_answers([{}], set_state=[{"status": "ACCEPT", "state": [1]}]))
+    @example(routes=route_answers([{}], set_state=[UNREACHABLE], read_run=[{"state": "PENDING"}]))
+    def test_claim_decision(self, routes):
+        self.reset(routes)
+        try:
+            claimed = self.agent._claim({"id": RUN_ID, "name": "fuzzy-run"})
+        except (agent.APIError, agent.APIUnreachable) as exc:
+            assert_one_line(self, exc)
+        else:
+            self.assertIsInstance(claimed, bool)
+
+    # regression: AttributeError/TypeError in _restore_final_state for junk flow run states
+    @fuzz_settings(examples=60)
+    @given(routes=routes)
+    @example(routes=route_answers([{}],
+                                  states=[[{"type": "COMPLETED", "state_details": [1]}]],
+                                  set_state=[{}]))
+    def test_stale_claim_restore(self, routes):
+        """A claim that lands on a finished run queues _restore_final_state on the reporter;
+        whatever the run's states look like, it may only fail the ways the reporter expects."""
+        accepted = {"status": "ACCEPT", "state": {"type": "PENDING", "state_details": {
+            "transition_id": ECHO, "scheduled_time": None}}}
+        self.reset(dict(routes, set_state=[accepted] + routes["set_state"]))
+        self.assertIs(self.agent._claim({"id": RUN_ID}), False)
+        self.assertTrue(self.queued_calls(), "no restore queued for a claim of a finished run")
+        self.run_queued_calls()
+
+    # regression: TypeError for a non-str deployment_id/flow_id; junk job configuration escapes _launch
+    @fuzz_settings(examples=100)
+    @given(run=scheduled_runs, pool=pools, routes=routes)
+    @example(run={"id": RUN_ID, "deployment_id": 5}, pool={},
+             routes=route_answers([{}]))
+    @example(run={"id": RUN_ID, "flow_id": [1]}, pool={},
+             routes=route_answers([{}]))
+    @example(run={"id": RUN_ID}, pool={"base_job_template": {"job_configuration": {},
+                                                             "variables": [1]}},
+             routes=route_answers([{}], set_state=[{"status": "ACCEPT", "state": {
+                                       "type": "PENDING", "state_details": {
+                                           "scheduled_time": "2030-01-01T00:00:00Z"}}}]))
+    def test_submit(self, run, pool, routes):
+        """_submit (read deployment and flow, claim, resolve the job, start) never raises: a
+        run it cannot start is left unclaimed or reported, with one log line, no traceback."""
+        self.reset(routes)
+        self.agent.pool = pool
+        started = []
+
+        def start_process(run_id, run_name, job, *args):
+            started.append(job)
+            raise agent.LaunchError("fuzz tests start no processes")
+
+        self.assertTrue(self.agent._reserve_slot(run["id"]))
+        with mock.patch.object(agent, "start_process", start_process):
+            self.agent._submit(run)
+            self.run_queued_calls()
+        self.assertEqual(self.agent.in_flight_count(), 0, "the run's slot was never released")
+        self.assert_clean_log()
+
+    # regression: AttributeError in _settle_owed/_propose_crashed/_finish_cancellation for junk states
+    @fuzz_settings(examples=80)
+    @given(owed=st.sampled_from([{"kind": "crash", "message": "Flow run process exited 1."},
+                                 {"kind": "check", "message": "exited 0 without a state"},
+                                 {"kind": "cancelled", "name": "fuzzy-run"}])
+           | st.dictionaries(st.sampled_from(["kind", "message", "name"]),
+                             st.sampled_from(["crash", "check", "cancelled"]) | junk, max_size=3),
+           routes=routes)
+    @example(owed={"kind": "check", "message": "m"},
+             routes=route_answers([{}], read_run=[{"id": RUN_ID, "state": [1]}]))
+    @example(owed={"kind": "crash", "message": "m"},
+             routes=route_answers([{}], set_state=[{"status": "REJECT", "state": "x"}]))
+    def test_reporting_how_a_run_ended(self, owed, routes):
+        """_owe queues the report (CRASHED, or a check, or finishing a cancellation) on the
+        reporter; junk answers may only fail it the ways the reporter handles on purpose."""
+        self.reset(routes)
+        if not hasattr(self.agent, "_owe"):
+            self.skipTest("agent.py has no Agent._owe")
+        self.agent._owe(RUN_ID, owed)
+        self.run_queued_calls()
+
+    # regression: AttributeError in _recover_claim (a non-object state) stops Agent.run() at startup
+    @fuzz_settings(examples=60)
+    @given(routes=routes, summary=junk | st.fixed_dictionaries({"id": st.just(RUN_ID)}))
+    @example(routes=route_answers([{}], read_run=[{"id": RUN_ID, "state": [1]}]),
+             summary={"id": RUN_ID})
+    def test_recovering_a_claim_after_a_restart(self, routes, summary):
+        """Restart recovery runs inside Agent.run()'s loop, which only survives API errors."""
+        if not hasattr(self.agent, "_recover_claim"):
+            self.skipTest("agent.py has no Agent._recover_claim")
+        transition_id = str(uuid.uuid4())
+        self.reset(routes, transition_id=transition_id)
+        launched = []
+        entry = {"phase": "claiming", "transition_id": transition_id, "run": summary}
+        with mock.patch.object(self.agent, "_submit_claimed", launched.append):
+            try:
+                self.agent._recover_claim(RUN_ID, entry)
+            except (agent.APIError, agent.APIUnreachable) as exc:
+                assert_one_line(self, exc)
+        self.agent._in_flight.clear()
+        self.run_queued_calls()
 
 
 # =============================================================================
