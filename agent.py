@@ -1548,6 +1548,9 @@ class Agent:
                             run=_run_summary(run))
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
+        except APIError:
+            self.journal.forget(run_id)  # refused outright: the claim did not land
+            raise
         except APIUnreachable:
             # The claim may have landed before the connection broke; until the run itself says
             # whose it is, keep it on the books so it cannot be left Pending with no process.
@@ -1821,22 +1824,29 @@ class Agent:
         for run_id, entry in self.journal.entries().items():
             if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
                 continue
-            phase = entry.get("phase")
-            if phase == "claiming":
-                self._recover_claim(run_id, entry)
-            elif phase == "running" and entry.get("host") == socket.gethostname() and \
-                    isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
-                self._adopt(run_id, entry)
-            else:
-                owed = entry.get("owed") if phase == "exited" else None
-                if not isinstance(owed, dict):
-                    owed = {"kind": "check", "message": (
-                        "Flow run process %s was gone when agent.py restarted: it ended while "
-                        "the agent was down, so its exit code is unknown, and the run never "
-                        "reported a final state." % entry.get("pid"))}
-                log.info("run %s: delivering what the previous agent owed the API", run_id)
-                self._owe(run_id, owed)
+            try:
+                self._recover_entry(run_id, entry)
+            except APIError as exc:  # the API will never take it (deleted run, ...): let it go
+                log.warning("run %s: dropping it from the journal: %s", run_id, exc)
+                self._forget(run_id)
         self._recovered = True
+
+    def _recover_entry(self, run_id, entry):
+        phase = entry.get("phase")
+        if phase == "claiming":
+            self._recover_claim(run_id, entry)
+        elif phase == "running" and entry.get("host") == socket.gethostname() and \
+                isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
+            self._adopt(run_id, entry)
+        else:
+            owed = entry.get("owed") if phase == "exited" else None
+            if not isinstance(owed, dict):
+                owed = {"kind": "check", "message": (
+                    "Flow run process %s was gone when agent.py restarted: it ended while "
+                    "the agent was down, so its exit code is unknown, and the run never "
+                    "reported a final state." % entry.get("pid"))}
+            log.info("run %s: delivering what the previous agent owed the API", run_id)
+            self._owe(run_id, owed)
 
     def _recover_claim(self, run_id, entry):
         run = self.api.read_run(run_id)

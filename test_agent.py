@@ -2459,6 +2459,16 @@ class RecoveryTests(AgentTestCase):
             wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
         self.assertEqual(self.fake.run(run)["state"]["message"], "owed from before")
 
+    def test_a_journal_entry_for_a_deleted_run_is_dropped_and_polling_goes_on(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        gone = str(uuid.uuid4())
+        state_dir = self.journal_with({gone: {"phase": "claiming", "transition_id": "t",
+                                              "run": {"id": gone}}})
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: run in self.started_ids(), what="polling after recovery")
+            self.assertNotIn(gone, running.agent.journal.entries())
+
     def test_a_corrupt_journal_is_set_aside_not_fatal(self):
         state_dir = os.path.join(self.tmp, "state")
         os.makedirs(state_dir)
