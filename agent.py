@@ -980,23 +980,26 @@ class Journal:
             raise UsageError("all %d journal slots in %r are held by running agents"
                              % (self.SLOTS, directory))
         self._mutex = threading.Lock()
-        self._entries = self._load()
+        self._entries, self._logs = self._load()
 
     def _load(self):
+        """(runs by id, run log lines still owed to the API) from the journal file."""
         try:
             with open(self.path) as handle:
-                entries = json.load(handle)
-            if not isinstance(entries, dict):
-                raise ValueError("not a JSON object")
-            return {k: v for k, v in entries.items() if isinstance(v, dict)}
+                data = json.load(handle)
+            if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+                raise ValueError("not a journal")
+            runs = {k: v for k, v in data["runs"].items() if isinstance(v, dict)}
+            logs = [e for e in data.get("logs") or [] if isinstance(e, dict)]
+            return runs, logs
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
+            return {}, []
+        except (OSError, ValueError, RecursionError) as exc:
             aside = "%s.unreadable-%d" % (self.path, time.time())
             log.error("journal %s is unreadable (%s); moved it to %s and starting empty",
                       self.path, exc, aside)
             os.replace(self.path, aside)
-            return {}
+            return {}, []
 
     def entries(self):
         with self._mutex:
@@ -1016,11 +1019,24 @@ class Journal:
             if self._entries.pop(run_id, None) is not None:
                 self._write()
 
+    def keep_logs(self, entries):
+        """Run log lines the API could not take before the agent exits, for the next start."""
+        with self._mutex:
+            self._logs.extend(entries)
+            self._write()
+
+    def take_logs(self):
+        with self._mutex:
+            logs, self._logs = self._logs, []
+            if logs:
+                self._write()
+            return logs
+
     def _write(self):
         # Write aside, flush to disk, then rename over: a crash leaves the old or the new file.
         temporary = self.path + ".tmp"
         with open(temporary, "w") as handle:
-            json.dump(self._entries, handle)
+            json.dump({"runs": self._entries, "logs": self._logs}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self.path)
@@ -1102,9 +1118,9 @@ class Supervisor(threading.Thread):
         now = time.monotonic()
         for child in children:
             if child not in exited and child.kill_at is not None and now >= child.kill_at:
-                log.warning("run %s: still running %s after SIGTERM; sending SIGKILL",
-                            child.run_id, "the cancellation grace period" if
-                            child.stop_reason == "cancelled" else "the stop grace period")
+                log.warning("run %s: still running after SIGTERM and the %s grace period; "
+                            "sending SIGKILL", child.run_id,
+                            "cancellation" if child.stop_reason == "cancelled" else "stop")
                 child.kill_at = None
                 child.signal_group(signal.SIGKILL)
         for child in exited:
@@ -1212,7 +1228,8 @@ class Reporter(threading.Thread):
         self._queue = collections.deque()
         self._ready = threading.Condition()
         self._busy = False
-        self.failing_since = None
+        self._sending = []
+        self._stopping = threading.Event()
 
     def log(self, run_id, message, level=logging.INFO):
         """A line for the run's logs in the Prefect UI (and the agent's own log)."""
@@ -1220,6 +1237,25 @@ class Reporter(threading.Thread):
         self._put(("log", {"name": self.LOGGER_NAME, "level": level, "message": message,
                            "timestamp": isoformat(utcnow()), "flow_run_id": run_id,
                            "task_run_id": None}))
+
+    def resend_logs(self, entries):
+        """Log lines a previous agent could not deliver, queued ahead of everything else."""
+        with self._ready:
+            self._queue.extendleft(("log", entry) for entry in reversed(entries))
+            self._ready.notify()
+
+    def stop(self, timeout):
+        """Stop delivering: the batch in flight is abandoned (and requeued) at its next retry.
+        Returns the log lines that were not delivered, for the journal."""
+        self._stopping.set()
+        with self._ready:
+            self._ready.notify_all()
+        self.join(timeout)
+        with self._ready:
+            # A batch still in flight after the timeout may yet land: keep it anyway, since a
+            # line twice in the run's log is better than a line lost.
+            pending = list(self._sending) + list(self._queue) if self.is_alive() else list(self._queue)
+        return [payload for kind, payload in pending if kind == "log"]
 
     def call(self, run_id, what, action):
         """Run `action()` (an API call about run_id) in order with everything queued before."""
@@ -1244,15 +1280,22 @@ class Reporter(threading.Thread):
     def run(self):
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._stopping.is_set():
                     self._ready.wait()
+                if self._stopping.is_set():
+                    return
                 batch = self._take_batch()
                 self._busy = True
+                self._sending = batch
+            delivered = False
             try:
-                self._deliver(batch)
+                delivered = self._deliver(batch)
             finally:
                 with self._ready:
+                    if not delivered:
+                        self._queue.extendleft(reversed(batch))
                     self._busy = False
+                    self._sending = []
                     self._ready.notify_all()
 
     def _take_batch(self):
@@ -1264,13 +1307,13 @@ class Reporter(threading.Thread):
         return batch
 
     def _deliver(self, batch):
+        """True once the batch is done with (delivered or refused); False if abandoned."""
         if batch[0][0] == "log":
             entries = [payload for _, payload in batch]
-            self._attempt("writing %d log line(s)" % len(entries), entries[0]["flow_run_id"],
-                          lambda: self.api.write_logs(entries))
-        else:
-            run_id, what, action = batch[0][1]
-            self._attempt(what, run_id, action)
+            return self._attempt("writing %d log line(s)" % len(entries),
+                                 entries[0]["flow_run_id"], lambda: self.api.write_logs(entries))
+        run_id, what, action = batch[0][1]
+        return self._attempt(what, run_id, action)
 
     def _attempt(self, what, run_id, action):
         """Retry while the API is unreachable (the run's story must reach it); give up only
@@ -1279,21 +1322,20 @@ class Reporter(threading.Thread):
         while True:
             try:
                 action()
-                self.failing_since = None
-                return
+                return True
             except APIUnreachable as exc:
                 failures += 1
                 if failures == 1:
-                    self.failing_since = self.failing_since or time.monotonic()
                     log.warning("run %s: %s failed; retrying until the API answers: %s",
                                 run_id, what, exc)
-                time.sleep(backoff_seconds(failures, cap=30))
+                if self._stopping.wait(backoff_seconds(failures, cap=30)):
+                    return False
             except (APIError, AuthRefused) as exc:
                 log.warning("run %s: %s was refused and dropped: %s", run_id, what, exc)
-                return
+                return True
             except Exception:
                 log.exception("run %s: %s failed unexpectedly", run_id, what)
-                return
+                return True
 
 
 ###############################################################################
@@ -1372,7 +1414,9 @@ class Agent:
             self._wake.wait(max(0.0, min(next_poll, self._next_sync) - time.monotonic()))
             self._wake.clear()
         delivered = self.reporter.flush(timeout=REPORT_FLUSH_SECONDS)
+        undelivered = self.reporter.stop(timeout=5)
         if not delivered:
+            self.journal.keep_logs(undelivered)
             log.warning("some reports could not reach the API before exit; they are kept in %s "
                         "and will be delivered by the next start", self.journal.path)
         self.supervisor.stop()
@@ -1821,6 +1865,7 @@ class Agent:
     def _recover(self):
         """Finish what a previous agent on this journal left: launch its claimed runs, adopt
         its still-running children, and deliver the reports it still owed."""
+        self.reporter.resend_logs(self.journal.take_logs())
         for run_id, entry in self.journal.entries().items():
             if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
                 continue

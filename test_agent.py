@@ -1788,8 +1788,8 @@ class ClaimTests(AgentTestCase):
         state_dir = os.path.join(self.tmp, "state")
         os.makedirs(state_dir)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
-            json.dump({run: {"phase": "exited", "transition_id": ours,
-                             "owed": {"kind": "restore", "transition_id": ours}}}, handle)
+            json.dump({"runs": {run: {"phase": "exited", "transition_id": ours,
+                                      "owed": {"kind": "restore", "transition_id": ours}}}}, handle)
         with RunningAgent(self.fake, "--state-dir", state_dir):
             wait_for(lambda: final_type(self.fake, run) == "COMPLETED", what="restored")
         self.assertEqual(self.started_ids(), [])
@@ -2402,7 +2402,7 @@ class RecoveryTests(AgentTestCase):
         state_dir = os.path.join(self.tmp, "state")
         os.makedirs(state_dir)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
-            json.dump(entries, handle)
+            json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
 
     def test_a_run_claimed_but_never_started_is_started_after_a_restart(self):
@@ -2513,6 +2513,29 @@ class OutageTests(AgentTestCase):
         self.assertEqual(len(exits), 1, logs)
         self.assertLess(logs.index(exits[0]), len(logs))
         self.assertIn("failing now", self.fake.run(run)["state"]["message"])
+
+
+class OutageAcrossRestartTests(AgentTestCase):
+    def test_log_lines_and_reports_owed_when_the_agent_stops_are_delivered_by_the_next_start(self):
+        dep = self.deployment(command=py_command("import sys; print('bye'); sys.exit(4)"))
+        run = self.fake.add_run(dep, pool="pool")
+        state_dir = os.path.join(self.tmp, "state")
+        flush_seconds, agent.REPORT_FLUSH_SECONDS = agent.REPORT_FLUSH_SECONDS, 0.5
+        self.addCleanup(setattr, agent, "REPORT_FLUSH_SECONDS", flush_seconds)
+        with RunningAgent(self.fake, "--state-dir", state_dir, api_retries=0) as running:
+            wait_for(lambda: self.fake.run(run).get("infrastructure_pid"), what="launched")
+            self.fake.fail_next(10 ** 6, status=503)
+            wait_for(lambda: not running.agent.in_flight_count(), what="child exit")
+        self.assertEqual(final_type(self.fake, run), "PENDING")
+        self.fake.clear_faults()
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: final_type(self.fake, run) == "CRASHED", what="owed crash report")
+            wait_for(lambda: running.agent.reporter.flush(0) and not running.agent.journal.entries(),
+                     what="all delivered")
+        logs = self.fake.logs(run)
+        self.assertEqual([m for m in logs if "exited with status code: 4" in m],
+                         ["Process %s exited with status code: 4" %
+                          self.fake.run(run)["infrastructure_pid"].split(":")[1]])
 
 
 class Pid1Tests(AgentTestCase):
