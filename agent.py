@@ -1402,7 +1402,12 @@ class Agent:
                     next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
                 self.last_contact = time.monotonic()
                 self._api_recovered()
-            except (APIError, APIUnreachable) as exc:
+            except (AuthRefused, UsageError):
+                raise
+            except Exception as exc:
+                if not isinstance(exc, (APIError, APIUnreachable)):
+                    # A bug of ours must not stop supervision of every running flow.
+                    log.exception("unexpected error in the agent loop; carrying on")
                 self._api_failed(exc)
                 retry_at = time.monotonic() + min(
                     self.config.poll_seconds, backoff_seconds(self._outage_failures, cap=60))

@@ -1676,6 +1676,20 @@ class PoolTests(AgentTestCase):
             polled = running.agent.last_poll
             wait_for(lambda: running.agent.last_poll != polled, timeout=20, what="recovery")
 
+    def test_an_unexpected_error_in_the_loop_is_logged_and_the_agent_carries_on(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        with self.assertLogs("agent", "ERROR") as logs:
+            with RunningAgent(self.fake) as running:
+                wait_for(lambda: running.agent.last_poll, what="first poll")
+                real_check = running.agent._check_cancellations
+                running.agent._check_cancellations = lambda: 1 / 0
+                time.sleep(0.5)
+                self.assertTrue(running.thread.is_alive())
+                running.agent._check_cancellations = real_check
+                run = self.fake.add_run(dep, pool="pool")
+                wait_for(lambda: run in self.started_ids(), timeout=30, what="a run after the error")
+        self.assertIn("ZeroDivisionError", "\n".join(logs.output))
+
     def test_an_outage_logs_one_line_when_it_starts_and_one_when_it_ends(self):
         self.fake.add_pool("pool")
         with self.assertLogs("agent", "INFO") as logs:
