@@ -2436,6 +2436,20 @@ class RecoveryTests(AgentTestCase):
     def final(self, run):
         return lambda: final_type(self.fake, run) in agent_final()
 
+    def test_a_claimed_run_cancelled_before_it_started_is_cancelled_not_started(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        transition = str(uuid.uuid4())
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "PENDING", "state_details": {"transition_id": transition}}})
+        self.fake.set_run_state(run, "CANCELLING")  # cancelled while the agent was down
+        state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": transition,
+                                             "run": agent._run_summary(self.fake.run(run))}})
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+        self.assertEqual(self.started_ids(), [])
+
     def test_a_claim_that_never_landed_is_dropped(self):
         dep = self.deployment(command=marker_command(self.markers))
         run = self.fake.add_run(dep, pool="pool")
