@@ -2598,6 +2598,63 @@ class Pid1Tests(AgentTestCase):
             return None
 
 
+class SupervisordTests(AgentTestCase):
+    """Under a real supervisord, configured by `agent.py install` (AGENT_TEST_SUPERVISORD names
+    the supervisord executable; .ci/run installs supervisor and requires this test to run)."""
+
+    def setUp(self):
+        super().setUp()
+        self.supervisord = os.environ.get("AGENT_TEST_SUPERVISORD", "").strip()
+        if not self.supervisord:
+            reason = "AGENT_TEST_SUPERVISORD is not set (pip install supervisor; see .ci/run)"
+            if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
+                self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
+            self.skipTest(reason)
+
+    def supervisor_conf(self):
+        section = subprocess.run(
+            [PY, AGENT_PY, "install", "--pool", "pool", "--api", self.fake.url, "--hide-welcome",
+             "--poll-interval", "0.2", "--prefetch-seconds", "0", "--name", "sv-agent",
+             "--state-dir", os.path.join(self.tmp, "state")],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+        section = re.sub(r"stdout_logfile=.*", "stdout_logfile=%s" % os.path.join(
+            self.tmp, "agent.log").replace("%", "%%"), section)
+        path = os.path.join(self.tmp, "supervisord.conf")
+        with open(path, "w") as handle:
+            handle.write(textwrap.dedent("""\
+                [unix_http_server]
+                file={tmp}/supervisor.sock
+                [supervisord]
+                logfile={tmp}/supervisord.log
+                pidfile={tmp}/supervisord.pid
+                [rpcinterface:supervisor]
+                supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+                [supervisorctl]
+                serverurl=unix://{tmp}/supervisor.sock
+                """).format(tmp=self.tmp) + section)
+        return path
+
+    def ctl(self, conf, *args):
+        ctl = os.path.join(os.path.dirname(self.supervisord), "supervisorctl")
+        return subprocess.run([ctl, "-c", conf] + list(args), capture_output=True, text=True,
+                              timeout=120).stdout
+
+    def test_supervisorctl_stop_lets_the_running_flow_finish_and_ends_stopped(self):
+        dep = self.deployment(command=marker_command(
+            self.markers, "import time; time.sleep(1.5)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
+        run = self.fake.add_run(dep, pool="pool")
+        conf = self.supervisor_conf()
+        daemon = subprocess.Popen([self.supervisord, "-n", "-c", conf], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: (daemon.terminate(), daemon.wait(30)))
+        wait_for(lambda: run in self.started_ids(), timeout=30, what="run started under supervisord")
+        stopped = self.ctl(conf, "stop", "prefect-agent-pool")
+        self.assertIn("stopped", stopped)
+        self.assertEqual(final_type(self.fake, run), "COMPLETED", read(os.path.join(self.tmp, "agent.log")))
+        self.assertIn("STOPPED", self.ctl(conf, "status", "prefect-agent-pool"))
+        self.assertIn("waiting for 1 running flow run", read(os.path.join(self.tmp, "agent.log")))
+
+
 class SecretTests(AgentTestCase):
     KEY = "sk-agentpy-secret-key-0123456789"
     AUTH = "admin:pw-agentpy-secret-987654"
