@@ -419,15 +419,19 @@ class PrefectAPI:
 
     # -- calls a worker makes (PROTOCOL.md sections 2-9) ----------------------
 
-    def read_pool(self, pool):
-        """The work pool, or None when it does not exist."""
+    def _get_or_none(self, path):
+        """GET path; None when the server answers that it does not exist (404)."""
         try:
-            answer = self.request("GET", "/work_pools/" + _quote(pool))
+            return self.request("GET", path)
         except APIError as exc:
             if exc.status == 404:
                 return None
             raise
-        return _expect_dict(answer, "work pool")
+
+    def read_pool(self, pool):
+        """The work pool, or None when it does not exist."""
+        answer = self._get_or_none("/work_pools/" + _quote(pool))
+        return None if answer is None else _expect_dict(answer, "work pool")
 
     def create_pool(self, pool, pool_type, base_job_template):
         body = {"name": pool, "type": pool_type, "base_job_template": base_job_template}
@@ -506,12 +510,7 @@ class PrefectAPI:
         return _expect_dict(self.request("GET", "/flows/" + flow_id), "flow")
 
     def read_variable(self, name):
-        try:
-            answer = self.request("GET", "/variables/name/" + _quote(name))
-        except APIError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        answer = self._get_or_none("/variables/name/" + _quote(name))
         return answer.get("value") if isinstance(answer, dict) else None
 
     def write_logs(self, entries):

@@ -2033,13 +2033,16 @@ class WatchingTests(AgentTestCase):
     def finished(self, run_id):
         return lambda: self.fake.run(run_id)["state"]["type"] in ("CRASHED", "COMPLETED", "FAILED")
 
-    def test_non_zero_exit_is_crashed_with_code_meaning_and_last_output(self):
-        dep = self.deployment(command=py_command(
-            "import sys; print('loading flow'); print('ValueError: bad input', file=sys.stderr); sys.exit(3)"))
-        run = self.fake.add_run(dep, pool="pool")
+    def final_state_of(self, command):
+        """The state a run of `command` ends in under an agent, once it has ended."""
+        run = self.fake.add_run(self.deployment(command=command), pool="pool")
         with RunningAgent(self.fake):
-            wait_for(self.finished(run), what="crash report")
-        state = self.fake.run(run)["state"]
+            wait_for(self.finished(run), what="a final state")
+        return run, self.fake.run(run)["state"]
+
+    def test_non_zero_exit_is_crashed_with_code_meaning_and_last_output(self):
+        run, state = self.final_state_of(py_command(
+            "import sys; print('loading flow'); print('ValueError: bad input', file=sys.stderr); sys.exit(3)"))
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("status code 3", state["message"])
         self.assertIn("ValueError: bad input", state["message"])
@@ -2066,11 +2069,8 @@ class WatchingTests(AgentTestCase):
         self.assertEqual(final_type(self.fake, run), "CRASHED")
 
     def test_killed_by_a_signal_is_explained(self):
-        dep = self.deployment(command=py_command("import os,signal; os.kill(os.getpid(), signal.SIGKILL)"))
-        run = self.fake.add_run(dep, pool="pool")
-        with RunningAgent(self.fake):
-            wait_for(self.finished(run), what="crash report")
-        message = self.fake.run(run)["state"]["message"]
+        run, state = self.final_state_of(py_command("import os,signal; os.kill(os.getpid(), signal.SIGKILL)"))
+        message = state["message"]
         self.assertIn("SIGKILL", message)
         self.assertIn("-9", message)
 
@@ -2104,11 +2104,7 @@ class WatchingTests(AgentTestCase):
         self.assertEqual(self.fake.history(run), ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"])
 
     def test_exit_zero_without_a_final_state_is_crashed_with_the_command(self):
-        dep = self.deployment(command=py_command("print('not an engine')"))
-        run = self.fake.add_run(dep, pool="pool")
-        with RunningAgent(self.fake):
-            wait_for(self.finished(run), what="crash report")
-        state = self.fake.run(run)["state"]
+        run, state = self.final_state_of(py_command("print('not an engine')"))
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("without reporting a final state", state["message"])
         self.assertIn("not an engine", state["message"])
@@ -2123,12 +2119,9 @@ class WatchingTests(AgentTestCase):
             # in_flight drops as each child is reaped, so none may be left a zombie now
             self.assertEqual(zombie_children(), [])
 
-    def test_a_child_whose_grandchild_holds_the_pipe_is_still_reaped(self):
-        dep = self.deployment(command="sh -c 'sleep 30 & exit 4'")
-        run = self.fake.add_run(dep, pool="pool")
-        with RunningAgent(self.fake):
-            wait_for(self.finished(run), timeout=10, what="crash report despite open pipe")
-        self.assertIn("status code 4", self.fake.run(run)["state"]["message"])
+    def test_a_child_whose_grandchild_lives_on_is_still_reaped_and_reported(self):
+        run, state = self.final_state_of("sh -c 'sleep 30 & exit 4'")
+        self.assertIn("status code 4", state["message"])
 
 
 def zombie_children():
@@ -2419,15 +2412,22 @@ class RecoveryTests(AgentTestCase):
             json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
 
-    def test_a_run_claimed_but_never_started_is_started_after_a_restart(self):
+    def claimed_before_a_restart(self, then=None):
+        """(run, state dir) for a run claimed by an agent that died before starting it; `then`
+        is a state an operator set while no agent was running."""
         dep = self.deployment(command=marker_command(self.markers))
         run = self.fake.add_run(dep, pool="pool")
         transition = str(uuid.uuid4())
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
             "type": "PENDING", "state_details": {"transition_id": transition}}})
-        stored = self.fake.run(run)
+        if then:
+            self.fake.set_run_state(run, then)
         state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": transition,
-                                             "run": agent._run_summary(stored)}})
+                                             "run": agent._run_summary(self.fake.run(run))}})
+        return run, state_dir
+
+    def test_a_run_claimed_but_never_started_is_started_after_a_restart(self):
+        run, state_dir = self.claimed_before_a_restart()
         with RunningAgent(self.fake, "--state-dir", state_dir):
             wait_for(lambda: run in self.started_ids(), what="start after restart")
             wait_for(self.final(run), what="final")
@@ -2437,14 +2437,7 @@ class RecoveryTests(AgentTestCase):
         return lambda: final_type(self.fake, run) in agent_final()
 
     def test_a_claimed_run_cancelled_before_it_started_is_cancelled_not_started(self):
-        dep = self.deployment(command=marker_command(self.markers))
-        run = self.fake.add_run(dep, pool="pool")
-        transition = str(uuid.uuid4())
-        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
-            "type": "PENDING", "state_details": {"transition_id": transition}}})
-        self.fake.set_run_state(run, "CANCELLING")  # cancelled while the agent was down
-        state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": transition,
-                                             "run": agent._run_summary(self.fake.run(run))}})
+        run, state_dir = self.claimed_before_a_restart(then="CANCELLING")
         with RunningAgent(self.fake, "--state-dir", state_dir) as running:
             wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
             wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
@@ -4015,6 +4008,13 @@ class RealServerConformance(unittest.TestCase):
         self.fail_with_logs("run %s not final after %.0f s; last state %r"
                             % (run_id, timeout, last))
 
+    def expect_final(self, run_id, expected, timeout):
+        """(type, name, message) of the run's final state, failing unless it is `expected`."""
+        st = state_of(self.wait_final(run_id, timeout))
+        if st[0] != expected:
+            self.fail_with_logs("expected %s, got %r" % (expected, st))
+        return st
+
     # -- tests -----------------------------------------------------------------
     def test_real_flow_completes(self):
         """A deployment of a real @flow (pull step sets the working directory)
@@ -4024,10 +4024,7 @@ class RealServerConformance(unittest.TestCase):
         marker = self.flow_marker
         run = self.rest.create_flow_run(dep["id"])
         self.start_agent()
-        final = self.wait_final(run["id"], 120)
-        st = state_of(final)
-        if st[0] != "COMPLETED":
-            self.fail_with_logs("expected COMPLETED, got %r" % (st,))
+        self.expect_final(run["id"], "COMPLETED", 120)
         with open(marker) as f:
             self.assertEqual(f.read().split(), [run["id"]],
                              "the flow body must run exactly once, with PREFECT__FLOW_RUN_ID set")
@@ -4064,9 +4061,7 @@ class RealServerConformance(unittest.TestCase):
             "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
         self.assertEqual(answer["status"], "ACCEPT", answer)
         asked = time.monotonic()
-        final = self.wait_final(run_id, 30)
-        if state_of(final)[0] != "CANCELLED":
-            self.fail_with_logs("expected CANCELLED, got %r" % (state_of(final),))
+        self.expect_final(run_id, "CANCELLED", 30)
         self.assertLess(time.monotonic() - asked, 1 + 5 + 5, "slower than poll + grace")
 
     def test_kill_9_and_restart_every_run_ends_final_and_none_runs_twice(self):
@@ -4101,10 +4096,7 @@ class RealServerConformance(unittest.TestCase):
                                    job_variables={"command": "sh -c 'exit 3'"})
         run = self.rest.create_flow_run(dep["id"])
         self.start_agent()
-        final = self.wait_final(run["id"], 60)
-        st = state_of(final)
-        if st[0] != "CRASHED":
-            self.fail_with_logs("expected CRASHED, got %r" % (st,))
+        st = self.expect_final(run["id"], "CRASHED", 60)
         if not re.search(r"(?<!\d)3(?!\d)", st[2] or ""):
             self.fail_with_logs("CRASHED message should mention exit code 3: %r" % (st[2],))
         # the run's own log in the UI tells the story the agent wrote (9.1 of PROTOCOL.md)
