@@ -2591,6 +2591,161 @@ class Pid1Tests(AgentTestCase):
             return None
 
 
+# A stand-in for the docker CLI: records each call (argv, and the values it would pass for
+# `-e NAME`); `run` behaves as the run's FAKE_DOCKER_RUN says: exit:N, fail:MESSAGE (exit 125,
+# as docker does when it cannot create or start the container), or wait (until `docker kill`).
+FAKE_DOCKER = r'''
+import json, os, sys, time
+record = os.environ["FAKE_DOCKER_RECORD"]
+args = sys.argv[1:]
+names = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-e"]
+with open(record, "a") as handle:
+    handle.write(json.dumps({"argv": args, "env": {n: os.environ.get(n) for n in names}}) + "\n")
+killed = os.path.join(os.path.dirname(record), "killed-%s" % args[-1])
+if args[0] == "kill":
+    open(killed, "w").close()
+elif args[0] == "run":
+    name = args[args.index("--name") + 1]
+    kind, _, value = os.environ.get("FAKE_DOCKER_RUN", "exit:0").partition(":")
+    print("container %s: started" % name, flush=True)
+    if kind == "exit":
+        sys.exit(int(value))
+    if kind == "fail":
+        print("docker: " + value, file=sys.stderr)
+        sys.exit(125)
+    killed = os.path.join(os.path.dirname(record), "killed-%s" % name)
+    while not os.path.exists(killed):
+        time.sleep(0.05)
+    sys.exit(143)
+'''
+
+
+class DockerTests(AgentTestCase):
+    """Docker pools, with a fake docker CLI on PATH that records every call."""
+
+    def setUp(self):
+        super().setUp()
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        self.docker = os.path.join(bin_dir, "docker")
+        with open(self.docker, "w") as handle:
+            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
+        os.chmod(self.docker, 0o755)
+        self.record = os.path.join(self.tmp, "docker-calls")
+        patch = mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                                             "FAKE_DOCKER_RECORD": self.record})
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    def calls(self, subcommand):
+        if not os.path.exists(self.record):
+            return []
+        return [c for c in map(json.loads, read(self.record).splitlines()) if c["argv"][0] == subcommand]
+
+    def docker_run(self, *flags, **job_variables):
+        if self.fake.pool("pool") is None:
+            self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        flow_id = self.fake.add_flow("flow")
+        run = self.fake.add_run(self.fake.add_deployment(flow_id, "dep", job_variables=job_variables),
+                                pool="pool", name="brave-otter")
+        with RunningAgent(self.fake, *flags):
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+        return run, self.fake.run(run)["state"]
+
+    def test_a_missing_pool_is_created_as_a_docker_pool_with_the_docker_template(self):
+        with RunningAgent(self.fake, "--type", "docker"):
+            wait_for(lambda: self.fake.pool("pool"), what="pool creation")
+        pool = self.fake.pool("pool")
+        self.assertEqual(pool["type"], "docker")
+        self.assertEqual(pool["base_job_template"], agent.DOCKER_BASE_JOB_TEMPLATE)
+        self.assertEqual(sorted(pool["base_job_template"]["job_configuration"]), sorted(
+            ["command", "env", "labels", "name", "image", "registry_credentials", "image_pull_policy",
+             "networks", "network_mode", "auto_remove", "volumes", "stream_output", "mem_limit",
+             "memswap_limit", "privileged", "container_create_kwargs"]))
+
+    def test_docker_run_carries_every_job_variable_and_no_secret_in_argv(self):
+        run, state = self.docker_run(
+            "--key", "sk-secret-in-env-only",
+            image="registry.local/flows:1.0", command="python -m prefect.engine",
+            env={"A": "1", "FAKE_DOCKER_RUN": "exit:3"}, labels={"team": "data"}, name="my-box",
+            networks=["n1", "n2"], volumes=["/data:/data:ro"], auto_remove=True,
+            image_pull_policy="Never", mem_limit="512m", memswap_limit="1g", privileged=True)
+        (call,) = self.calls("run")
+        argv = call["argv"]
+        pairs = list(zip(argv, argv[1:]))
+        for flag, value in (("--name", "my-box"), ("--pull", "never"), ("--network", "n1"),
+                            ("--network", "n2"), ("-v", "/data:/data:ro"), ("--memory", "512m"),
+                            ("--memory-swap", "1g"), ("--label", "team=data"),
+                            ("--label", "io.prefect.flow-run-id=%s" % run),
+                            ("--label", "io.prefect.flow-run-name=brave-otter"),
+                            ("--add-host", "host.docker.internal:host-gateway"), ("-e", "A")):
+            self.assertIn((flag, value), pairs)
+        self.assertIn("--rm", argv)
+        self.assertIn("--privileged", argv)
+        self.assertEqual(argv[-4:], ["registry.local/flows:1.0", "python", "-m", "prefect.engine"])
+        self.assertNotIn("sk-secret-in-env-only", " ".join(argv))
+        self.assertEqual(call["env"]["PREFECT_API_KEY"], "sk-secret-in-env-only")
+        self.assertEqual(call["env"]["A"], "1")
+        self.assertEqual(call["env"]["PREFECT__FLOW_RUN_ID"], run)
+        self.assertEqual(call["env"]["PREFECT_API_URL"],
+                         self.fake.url.replace("127.0.0.1", "host.docker.internal"))
+        self.assertNotIn("PATH", call["env"], "the agent's own environment leaked into the container")
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("status code 3", state["message"])
+
+    def test_a_server_on_loopback_means_the_host_network_and_the_engine_by_default(self):
+        run, _ = self.docker_run(image="flows")
+        (call,) = self.calls("run")
+        pairs = list(zip(call["argv"], call["argv"][1:]))
+        self.assertIn(("--network", "host"), pairs)
+        self.assertIn(("--pull", "always"), pairs)  # no tag: pulled like :latest
+        self.assertIn(("--name", "brave-otter-%s" % run[:8]), pairs)
+        self.assertEqual(call["argv"][-4:], ["flows", "prefect", "flow-run", "execute"])
+        self.assertEqual(call["env"]["PREFECT_API_URL"], self.fake.url)
+
+    def test_unsupported_or_malformed_variables_are_refused_on_the_run(self):
+        cases = [({"image": "i", "registry_credentials": {"username": "u"}}, "registry_credentials"),
+                 ({"image": "i", "container_create_kwargs": {"cpu_count": 2}}, "container_create_kwargs"),
+                 ({"image": "i", "image_pull_policy": "IfPossible"}, "IfPossible"),
+                 ({}, "'image' must name the image"),
+                 ({"image": "i", "env": {"DOCKER_HOST": "tcp://x"}}, "DOCKER_HOST"),
+                 ({"image": "i", "volumes": "/a:/b"}, "'volumes' must be a list")]
+        for job_variables, expected in cases:
+            with self.subTest(expected=expected):
+                _, state = self.docker_run(**job_variables)
+                self.assertEqual(state["type"], "CRASHED")
+                self.assertIn(expected, state["message"])
+        self.assertEqual(self.calls("run"), [])
+
+    def test_docker_failures_crash_the_run_with_dockers_own_message(self):
+        _, state = self.docker_run(image="i", env={
+            "FAKE_DOCKER_RUN": "fail:Cannot connect to the Docker daemon at unix:///var/run/docker.sock"})
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("status code 125", state["message"])
+        self.assertIn("docker could not create or start the container", state["message"])
+        self.assertIn("Cannot connect to the Docker daemon", state["message"])
+
+    def test_cancelling_a_container_run_kills_the_container_and_marks_cancelled(self):
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        flow_id = self.fake.add_flow("flow")
+        run = self.fake.add_run(self.fake.add_deployment(flow_id, "dep", job_variables={
+            "image": "i", "env": {"FAKE_DOCKER_RUN": "wait"}}), pool="pool")
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "5"):
+            wait_for(lambda: self.calls("run"), what="docker run")
+            self.fake.set_run_state(run, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+        (kill,) = self.calls("kill")
+        self.assertEqual(kill["argv"][:3], ["kill", "--signal", "TERM"])
+        self.assertEqual(kill["argv"][3], self.calls("run")[0]["argv"][2])
+
+    def test_without_a_docker_cli_the_run_crashes_saying_so(self):
+        os.unlink(self.docker)
+        with mock.patch.dict(os.environ, {"PATH": os.path.dirname(self.docker)}):
+            _, state = self.docker_run(image="i")
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("command 'docker' not found", state["message"])
+
+
 class SupervisordTests(AgentTestCase):
     """Under a real supervisord, configured by `agent.py install` (AGENT_TEST_SUPERVISORD names
     the supervisord executable; .ci/run installs supervisor and requires this test to run)."""
