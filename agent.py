@@ -662,6 +662,7 @@ class Job:
         self.argv, self.env, self.working_dir = argv, env, working_dir
         self.stream_output = stream_output
         self.container = container  # the docker container's name, for docker runs
+        self.cidfile = None  # where docker writes the container's id once it exists
 
 
 def merge_job_variables(deployment_vars, run_vars):
@@ -841,7 +842,7 @@ DOCKER_DEFAULT_COMMAND = ["prefect", "flow-run", "execute"]
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-def build_docker_job(config, flow_run_env, labels, container_name, show_flow_logs):
+def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show_flow_logs):
     """The Job for a resolved docker job configuration: an attached `docker run` whose exit
     code is the container's. Values of the container's environment travel through the docker
     CLI's own environment (`-e NAME`), never its argv, where `ps` would show the API key."""
@@ -868,7 +869,7 @@ def build_docker_job(config, flow_run_env, labels, container_name, show_flow_log
     if network_mode is None and not networks and api_host in LOOPBACK_HOSTS:
         network_mode = "host"  # the server listens on this host's loopback (Prefect does this)
     argv = ["docker", "run", "--name", config.get("name") or container_name,
-            "--pull", _pull_policy(config.get("image_pull_policy"), image)]
+            "--cidfile", cidfile, "--pull", _pull_policy(config.get("image_pull_policy"), image)]
     if network_mode != "host" and api_host in LOOPBACK_HOSTS:
         env["PREFECT_API_URL"] = env["PREFECT_API_URL"].replace(api_host, "host.docker.internal", 1)
         argv += ["--add-host", "host.docker.internal:host-gateway"]
@@ -898,7 +899,9 @@ def build_docker_job(config, flow_run_env, labels, container_name, show_flow_log
     cli_env = dict(os.environ)
     cli_env.update(env)
     stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
-    return Job(argv, cli_env, None, stream, container=argv[3])
+    job = Job(argv, cli_env, None, stream, container=argv[3])
+    job.cidfile = cidfile
+    return job
 
 
 def _pull_policy(policy, image):
@@ -943,6 +946,8 @@ class Child:
                  start_time=None, temp_dir=None, argv_text="", container=None):
         self.run_id, self.run_name, self.pid = run_id, run_name, pid
         self.container = container
+        self.cidfile = None
+        self.container_id = None
         self.helpers = []  # `docker kill` processes, reaped by the supervisor like the child
         self.process = process  # None when adopted: not our child, so no exit status
         self.start_time = start_time if start_time is not None else process_start_time(pid)
@@ -1043,6 +1048,7 @@ def start_process(run_id, run_name, job, output_path):
         child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
                       process=process, temp_dir=temp_dir, argv_text=_argv_text(job.argv),
                       container=job.container)
+        child.cidfile = job.cidfile
         child.open_output()
         return child
     _remove(temp_dir)
@@ -1215,9 +1221,10 @@ class Supervisor(threading.Thread):
 
     TICK_SECONDS = 0.25
 
-    def __init__(self, on_exit, console=None, reap_orphans=False):
+    def __init__(self, on_exit, console=None, reap_orphans=False, on_container=None):
         super().__init__(name="supervisor", daemon=True)
         self._on_exit = on_exit
+        self._on_container = on_container
         self._console = console or sys.stdout
         self._reap_orphans = reap_orphans
         self._wake_r, self._wake_w = os.pipe()
@@ -1273,6 +1280,8 @@ class Supervisor(threading.Thread):
         for child in children:
             self._adopt_helpers(child)
             self._read(child)
+            if child.cidfile and child.container_id is None:
+                self._note_container_id(child)
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
         exited = self._collect_exits(children)
         now = time.monotonic()
@@ -1285,6 +1294,15 @@ class Supervisor(threading.Thread):
                 child.signal_group(signal.SIGKILL)
         for child in exited:
             self._finish(child)
+
+    def _note_container_id(self, child):
+        try:
+            with open(child.cidfile) as handle:
+                child.container_id = handle.read().strip() or None
+        except OSError:
+            return  # not created yet (the image may still be pulling)
+        if child.container_id and self._on_container:
+            self._on_container(child)
 
     def _adopt_helpers(self, child):
         while child.helpers:  # pop, not copy-and-clear: the main thread may be appending
@@ -1517,7 +1535,8 @@ class Agent:
         self.journal = Journal(config.state_dir, config.pool)
         self.reporter = Reporter(self.api)
         self.supervisor = Supervisor(self._child_exited, console=console,
-                                     reap_orphans=os.getpid() == 1)
+                                     reap_orphans=os.getpid() == 1,
+                                     on_container=self._container_created)
         self.pool = None
         self.queues = list(config.queues)
         self._queues_to_create = list(config.queues)
@@ -1865,9 +1884,10 @@ class Agent:
                             stream_output=child.stream_output, argv=child.argv_text,
                             container=child.container)
         self.supervisor.add(child)
-        pid = "%s:%d" % (socket.gethostname(), child.pid)
-        self.reporter.call(run_id, "recording infrastructure_pid",
-                           lambda: self.api.set_infrastructure_pid(run_id, pid))
+        if not child.container:
+            pid = "%s:%d" % (socket.gethostname(), child.pid)
+            self.reporter.call(run_id, "recording infrastructure_pid",
+                               lambda: self.api.set_infrastructure_pid(run_id, pid))
         where = ("container %s" % child.container) if child.container else "process %d" % child.pid
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, where, _argv_text(job.argv)))
@@ -1883,6 +1903,7 @@ class Agent:
         if docker:
             return build_docker_job(config, flow_run_env, self._container_labels(run, flow_run_env),
                                     container_name(run.get("name"), run["id"]),
+                                    self.journal.output_path(run["id"]) + ".cid",
                                     self.config.show_flow_logs)
         return build_job(config, flow_run_env, [self.config.python, "-m", "prefect.engine"],
                          self.config.show_flow_logs)
@@ -1952,7 +1973,13 @@ class Agent:
         self._owe(run_id, {"kind": "crash", "message": message})
         self._release_slot(run_id)
 
-    # -- child exits (called on the supervisor thread) ------------------------
+    # -- called on the supervisor thread ----------------------------------------
+
+    def _container_created(self, child):
+        pid = "docker://%s:%s" % (socket.gethostname(), child.container_id)
+        self.reporter.call(child.run_id, "recording the container as infrastructure_pid",
+                           lambda: self.api.set_infrastructure_pid(child.run_id, pid))
+        self.reporter.log(child.run_id, "Container %s created: %s" % (child.container, child.container_id))
 
     def _child_exited(self, child):
         code = child.returncode
@@ -1995,10 +2022,11 @@ class Agent:
 
     def _forget(self, run_id):
         self.journal.forget(run_id)
-        try:
-            os.unlink(self.journal.output_path(run_id))
-        except OSError:
-            pass
+        for path in (self.journal.output_path(run_id), self.journal.output_path(run_id) + ".cid"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def _settle_owed(self, run_id, owed):
         kind = owed.get("kind")

@@ -2606,6 +2606,8 @@ if args[0] == "kill":
     open(killed, "w").close()
 elif args[0] == "run":
     name = args[args.index("--name") + 1]
+    with open(args[args.index("--cidfile") + 1], "w") as handle:
+        handle.write("cid-%s\n" % name)
     kind, _, value = os.environ.get("FAKE_DOCKER_RUN", "exit:0").partition(":")
     print("container %s: started" % name, flush=True)
     if kind == "exit":
@@ -2692,6 +2694,8 @@ class DockerTests(AgentTestCase):
         self.assertNotIn("PATH", call["env"], "the agent's own environment leaked into the container")
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("status code 3", state["message"])
+        self.assertEqual(self.fake.run(run)["infrastructure_pid"],
+                         "docker://%s:cid-my-box" % socket.gethostname())
 
     def test_a_server_on_loopback_means_the_host_network_and_the_engine_by_default(self):
         run, _ = self.docker_run(image="flows")
