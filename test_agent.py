@@ -4247,6 +4247,68 @@ class RealServerConformance(unittest.TestCase):
             self.fail_with_logs("unexpected final states %r" % finals)
         self.assertEqual(sorted(self.flow_starts()), sorted(runs), "a flow body ran twice")
 
+    # -- docker pools: real containers (AGENT_TEST_DOCKER_IMAGE: an image with prefect) --------
+
+    def docker_image(self):
+        image = os.environ.get("AGENT_TEST_DOCKER_IMAGE", "").strip()
+        if not image:
+            reason = "AGENT_TEST_DOCKER_IMAGE is not set (.ci/run builds one with .ci/prefect-image.sh)"
+            if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
+                self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
+            self.skipTest(reason)
+        return image
+
+    def docker_deployment(self, **job_variables):
+        """A docker pool and a real flow's deployment whose code is mounted at the same path
+        inside the container, so the pull step and the marker file work on both sides."""
+        image = self.docker_image()
+        self.rest.call("POST", "/work_pools/", {"name": self.pool, "type": "docker",
+                                                "base_job_template": agent.DOCKER_BASE_JOB_TEMPLATE})
+        return self.real_flow_deployment(image=image, volumes=["%s:%s" % (self.tmp, self.tmp)],
+                                         **job_variables)
+
+    def containers_of(self, run_id):
+        out = subprocess.run(["docker", "ps", "-a", "-q", "--filter",
+                              "label=io.prefect.flow-run-id=%s" % run_id],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.split()
+
+    def test_docker_a_real_flow_completes_in_a_container(self):
+        """(issue 4) A real flow runs in a real container (host network, code mounted)."""
+        dep = self.docker_deployment(auto_remove=True)
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_agent()
+        self.expect_final(run_id, "COMPLETED", 120)
+        self.assertEqual(self.flow_starts(), [run_id])
+        self.assertTrue(self.rest.read_run(run_id)["infrastructure_pid"].startswith("docker://"))
+
+    def test_docker_a_container_that_exits_3_is_crashed(self):
+        """(issue 4) The container's exit code drives Crashed exactly as a process's does."""
+        dep = self.docker_deployment(command="sh -c 'echo going down; exit 3'")
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_agent()
+        st = self.expect_final(run_id, "CRASHED", 120)
+        self.assertIn("status code 3", st[2])
+        self.assertIn("going down", st[2])
+
+    def test_docker_a_cancelled_container_run_ends_cancelled_and_the_container_is_gone(self):
+        """(issue 4) Cancellation stops the container; with auto_remove it is removed."""
+        dep = self.docker_deployment(auto_remove=True, env={"FLOW_SLEEP": "120"})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_agent("--cancel-grace-seconds", "5")
+        end = time.monotonic() + self.remaining(120)
+        while time.monotonic() < end and not (
+                state_of(self.rest.read_run(run_id))[0] == "RUNNING" and self.flow_starts()):
+            self.check_agents_alive()
+            time.sleep(0.5)
+        self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {"state": {
+            "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
+        self.expect_final(run_id, "CANCELLED", 60)
+        end = time.monotonic() + 20
+        while self.containers_of(run_id) and time.monotonic() < end:
+            time.sleep(0.5)
+        self.assertEqual(self.containers_of(run_id), [])
+
     def test_nonzero_exit_reports_crashed(self):
         """A command that exits 3 without touching the run leaves it PENDING on
         the server; the agent must propose CRASHED with the exit code."""
