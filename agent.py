@@ -922,6 +922,21 @@ def _as_strings(value, field):
     return value
 
 
+def docker_container_state(name):
+    """(status, exit code) of a container per the docker daemon, or (None, None) when it does
+    not exist or docker cannot tell."""
+    try:
+        answer = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
+                                 name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    fields = answer.stdout.decode("utf-8", "replace").split()
+    if answer.returncode != 0 or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+        return None, None
+    return fields[0], int(fields[1])
+
+
 def container_name(run_name, run_id):
     """A docker container name for the run: its name made safe, plus part of its id."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or "").strip("_.-")[:200]
@@ -2105,6 +2120,8 @@ class Agent:
         elif phase == "running" and entry.get("host") == socket.gethostname() and \
                 isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
             self._adopt(run_id, entry)
+        elif phase == "running" and isinstance(entry.get("container"), str):
+            self._recover_container(run_id, entry)
         else:
             owed = entry.get("owed") if phase == "exited" else None
             if not isinstance(owed, dict):
@@ -2128,6 +2145,34 @@ class Agent:
             self.reporter.call(run_id, "cancelling a run that was never started",
                                lambda: self._finish_cancellation(run_id, state, run.get("name") or run_id))
         self._forget(run_id)
+
+    def _recover_container(self, run_id, entry):
+        """The `docker run` client is gone but its container may not be: ask the daemon."""
+        name = entry["container"]
+        state, code = docker_container_state(name)
+        if state in ("running", "created", "paused", "restarting"):
+            job = Job(["docker", "start", "--attach", name], dict(os.environ), None,
+                      bool(entry.get("stream_output")), container=name)
+            try:
+                child = start_process(run_id, entry.get("run_name") or run_id, job,
+                                      self.journal.output_path(run_id))
+            except LaunchError as exc:
+                self._owe(run_id, {"kind": "check", "message": "Could not re-attach to container "
+                                   "%s after a restart: %s" % (name, exc)})
+                return
+            self._reserve_slot(run_id, ignore_limit=True)
+            self.journal.update(run_id, pid=child.pid, start_time=child.start_time,
+                                host=socket.gethostname())
+            self.supervisor.add(child)
+            self.reporter.log(run_id, "Agent '%s' re-attached to container %s after a restart"
+                              % (self.config.name, name))
+        elif state is not None and code:
+            self._owe(run_id, {"kind": "crash", "message": "Container %s exited with status code "
+                               "%d while agent.py was restarting: %s." % (name, code, explain_exit(code))})
+        else:
+            self._owe(run_id, {"kind": "check", "message": (
+                "Container %s %s when agent.py restarted, and the run never reported a final "
+                "state." % (name, "had exited with status code 0" if state else "was gone"))})
 
     def _adopt(self, run_id, entry):
         child = Child(run_id, entry.get("run_name") or run_id, entry["pid"],

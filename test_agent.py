@@ -2604,6 +2604,14 @@ with open(record, "a") as handle:
 killed = os.path.join(os.path.dirname(record), "killed-%s" % args[-1])
 if args[0] == "kill":
     open(killed, "w").close()
+elif args[0] == "inspect":
+    state = os.environ.get("FAKE_DOCKER_INSPECT")
+    if not state:
+        print("Error: No such object: " + args[-1], file=sys.stderr)
+        sys.exit(1)
+    print(state)
+elif args[0] == "start":
+    sys.exit(int(os.environ.get("FAKE_DOCKER_START_EXIT", "0")))
 elif args[0] == "run":
     name = args[args.index("--name") + 1]
     with open(args[args.index("--cidfile") + 1], "w") as handle:
@@ -2741,6 +2749,45 @@ class DockerTests(AgentTestCase):
         (kill,) = self.calls("kill")
         self.assertEqual(kill["argv"][:3], ["kill", "--signal", "TERM"])
         self.assertEqual(kill["argv"][3], self.calls("run")[0]["argv"][2])
+
+    def restarted_with_container(self, inspect, start_exit="0"):
+        """A run whose agent and `docker run` client died while its container lived on; a new
+        agent starts with the daemon answering `inspect` with `inspect`."""
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d"), pool="pool")
+        for state in ("PENDING", "RUNNING"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {"type": state}})
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
+            json.dump({"runs": {run: {"phase": "running", "pid": gone.pid, "start_time": 1,
+                                      "host": socket.gethostname(), "container": "box-1",
+                                      "run_name": "r"}}}, handle)
+        with mock.patch.dict(os.environ, {"FAKE_DOCKER_INSPECT": inspect,
+                                          "FAKE_DOCKER_START_EXIT": start_exit}):
+            with RunningAgent(self.fake, "--state-dir", state_dir):
+                wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+        return run, self.fake.run(run)["state"]
+
+    def test_after_a_restart_a_running_container_is_found_again_and_watched_to_its_end(self):
+        run, state = self.restarted_with_container("running 0", start_exit="5")
+        self.assertEqual(self.calls("start")[0]["argv"], ["start", "--attach", "box-1"])
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("status code 5", state["message"])
+        self.assertIn("re-attached to container box-1", " ".join(self.fake.logs(run)))
+
+    def test_after_a_restart_a_container_that_exited_meanwhile_is_reported_with_its_code(self):
+        _, state = self.restarted_with_container("exited 7")
+        self.assertEqual(self.calls("start"), [])
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("exited with status code 7 while agent.py was restarting", state["message"])
+
+    def test_after_a_restart_a_vanished_container_is_crashed_saying_so(self):
+        _, state = self.restarted_with_container("")
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("Container box-1 was gone", state["message"])
 
     def test_without_a_docker_cli_the_run_crashes_saying_so(self):
         os.unlink(self.docker)
