@@ -884,8 +884,8 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
         argv += ["-e", key]
     if network_mode:
         argv += ["--network", network_mode]
-    for network in networks:
-        argv += ["--network", network]
+    if networks:
+        argv += ["--network", networks[0]]
     for volume in _as_strings(config.get("volumes"), "volumes"):
         argv += ["-v", volume]
     if _as_bool(config.get("auto_remove", False), "auto_remove"):
@@ -896,12 +896,26 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
     if _as_bool(config.get("privileged", False), "privileged"):
         argv.append("--privileged")
     argv += [image] + _command_argv(config, DOCKER_DEFAULT_COMMAND)
+    name = argv[3]
+    if len(networks) > 1:
+        argv = _create_connect_start(argv, name, networks[1:])
     cli_env = dict(os.environ)
     cli_env.update(env)
     stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
-    job = Job(argv, cli_env, None, stream, container=argv[3])
+    job = Job(argv, cli_env, None, stream, container=name)
     job.cidfile = cidfile
     return job
+
+
+def _create_connect_start(run_argv, name, more_networks):
+    """`docker run` for a container on several networks, in steps: daemons before Docker 25
+    (API 1.44) refuse more than one --network at creation, so the rest are connected before
+    start, as Prefect's docker worker does. Every word is quoted: no user text reaches sh."""
+    steps = [" ".join(shlex.quote(word) for word in ["docker", "create"] + run_argv[2:]) + " >/dev/null"]
+    steps += [" ".join(shlex.quote(word) for word in ["docker", "network", "connect", network, name])
+              for network in more_networks]
+    steps.append("exec docker start --attach %s" % shlex.quote(name))
+    return ["sh", "-c", " && ".join(steps)]
 
 
 def _pull_policy(policy, image):

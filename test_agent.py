@@ -2612,6 +2612,11 @@ elif args[0] == "inspect":
     print(state)
 elif args[0] == "start":
     sys.exit(int(os.environ.get("FAKE_DOCKER_START_EXIT", "0")))
+elif args[0] == "create":
+    name = args[args.index("--name") + 1]
+    with open(args[args.index("--cidfile") + 1], "w") as handle:
+        handle.write("cid-%s\n" % name)
+    print("cid-" + name)
 elif args[0] == "run":
     name = args[args.index("--name") + 1]
     with open(args[args.index("--cidfile") + 1], "w") as handle:
@@ -2678,13 +2683,13 @@ class DockerTests(AgentTestCase):
             "--key", "sk-secret-in-env-only",
             image="registry.local/flows:1.0", command="python -m prefect.engine",
             env={"A": "1", "FAKE_DOCKER_RUN": "exit:3"}, labels={"team": "data"}, name="my-box",
-            networks=["n1", "n2"], volumes=["/data:/data:ro"], auto_remove=True,
+            networks=["n1"], volumes=["/data:/data:ro"], auto_remove=True,
             image_pull_policy="Never", mem_limit="512m", memswap_limit="1g", privileged=True)
         (call,) = self.calls("run")
         argv = call["argv"]
         pairs = list(zip(argv, argv[1:]))
         for flag, value in (("--name", "my-box"), ("--pull", "never"), ("--network", "n1"),
-                            ("--network", "n2"), ("-v", "/data:/data:ro"), ("--memory", "512m"),
+                            ("-v", "/data:/data:ro"), ("--memory", "512m"),
                             ("--memory-swap", "1g"), ("--label", "team=data"),
                             ("--label", "io.prefect.flow-run-id=%s" % run),
                             ("--label", "io.prefect.flow-run-name=brave-otter"),
@@ -2704,6 +2709,26 @@ class DockerTests(AgentTestCase):
         self.assertIn("status code 3", state["message"])
         self.assertEqual(self.fake.run(run)["infrastructure_pid"],
                          "docker://%s:cid-my-box" % socket.gethostname())
+
+    def test_several_networks_are_connected_before_the_container_starts(self):
+        run, state = self.docker_run(image="i", networks=["n1", "n2", "n3"], name="box")
+        (create,) = self.calls("create")
+        pairs = list(zip(create["argv"], create["argv"][1:]))
+        self.assertIn(("--network", "n1"), pairs)
+        self.assertNotIn(("--network", "n2"), pairs)
+        self.assertEqual([c["argv"] for c in self.calls("network")],
+                         [["network", "connect", "n2", "box"], ["network", "connect", "n3", "box"]])
+        self.assertEqual(self.calls("start")[0]["argv"], ["start", "--attach", "box"])
+        self.assertEqual(self.fake.run(run)["infrastructure_pid"], "docker://%s:cid-box" % socket.gethostname())
+        self.assertEqual(state["type"], "CRASHED")  # the fake's start exits 0 without reporting
+        self.assertNotIn("\ncid-box", state["message"], "docker create's output reached the run's")
+
+    def test_an_explicit_network_mode_is_used_as_given(self):
+        _, _ = self.docker_run(image="i", network_mode="none")
+        (call,) = self.calls("run")
+        pairs = list(zip(call["argv"], call["argv"][1:]))
+        self.assertIn(("--network", "none"), pairs)
+        self.assertIn(("--add-host", "host.docker.internal:host-gateway"), pairs)
 
     def test_a_server_on_loopback_means_the_host_network_and_the_engine_by_default(self):
         run, _ = self.docker_run(image="flows")
