@@ -2723,6 +2723,15 @@ class DockerTests(AgentTestCase):
         self.assertEqual(state["type"], "CRASHED")  # the fake's start exits 0 without reporting
         self.assertNotIn("\ncid-box", state["message"], "docker create's output reached the run's")
 
+    def test_container_output_streams_with_the_run_name(self):
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
+            "image": "i", "name": "box"}), pool="pool", name="brave-otter")
+        with RunningAgent(self.fake) as running:
+            wait_for(lambda: "[brave-otter] container box: started" in running.console.lines(),
+                     what="streamed container output")
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+
     def test_an_explicit_network_mode_is_used_as_given(self):
         _, _ = self.docker_run(image="i", network_mode="none")
         (call,) = self.calls("run")
