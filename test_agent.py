@@ -4285,14 +4285,11 @@ class RealServerConformance(unittest.TestCase):
         with open(self.flow_marker) as f:
             return f.read().split()
 
-    def test_cancelling_a_real_flow_run_ends_it_cancelled(self):
-        """(issue 3) A running flow set Cancelling through the API is terminated and ends
-        Cancelled within a poll interval plus the grace period."""
-        self.make_pool()
-        dep = self.real_flow_deployment(env={"FLOW_SLEEP": "120"})
-        run_id = self.rest.create_flow_run(dep["id"])["id"]
+    def cancel_once_running(self, deployment):
+        """Run the deployment under an agent and set the run Cancelling once its flow runs."""
+        run_id = self.rest.create_flow_run(deployment["id"])["id"]
         self.start_agent("--cancel-grace-seconds", "5")
-        end = time.monotonic() + self.remaining(90)
+        end = time.monotonic() + self.remaining(120)
         while time.monotonic() < end and not (
                 state_of(self.rest.read_run(run_id))[0] == "RUNNING" and self.flow_starts()):
             self.check_agents_alive()
@@ -4300,6 +4297,13 @@ class RealServerConformance(unittest.TestCase):
         answer = self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {"state": {
             "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
         self.assertEqual(answer["status"], "ACCEPT", answer)
+        return run_id
+
+    def test_cancelling_a_real_flow_run_ends_it_cancelled(self):
+        """(issue 3) A running flow set Cancelling through the API is terminated and ends
+        Cancelled within a poll interval plus the grace period."""
+        self.make_pool()
+        run_id = self.cancel_once_running(self.real_flow_deployment(env={"FLOW_SLEEP": "120"}))
         asked = time.monotonic()
         self.expect_final(run_id, "CANCELLED", 30)
         self.assertLess(time.monotonic() - asked, 1 + 5 + 5, "slower than poll + grace")
@@ -4374,16 +4378,8 @@ class RealServerConformance(unittest.TestCase):
 
     def test_docker_a_cancelled_container_run_ends_cancelled_and_the_container_is_gone(self):
         """(issue 4) Cancellation stops the container; with auto_remove it is removed."""
-        dep = self.docker_deployment(auto_remove=True, env={"FLOW_SLEEP": "120"})
-        run_id = self.rest.create_flow_run(dep["id"])["id"]
-        self.start_agent("--cancel-grace-seconds", "5")
-        end = time.monotonic() + self.remaining(120)
-        while time.monotonic() < end and not (
-                state_of(self.rest.read_run(run_id))[0] == "RUNNING" and self.flow_starts()):
-            self.check_agents_alive()
-            time.sleep(0.5)
-        self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {"state": {
-            "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
+        run_id = self.cancel_once_running(
+            self.docker_deployment(auto_remove=True, env={"FLOW_SLEEP": "120"}))
         self.expect_final(run_id, "CANCELLED", 60)
         end = time.monotonic() + 20
         while self.containers_of(run_id) and time.monotonic() < end:
