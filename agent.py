@@ -936,6 +936,18 @@ def _as_strings(value, field):
     return value
 
 
+def docker_container_for_run(run_id):
+    """The container labelled io.prefect.flow-run-id=run_id, or None."""
+    try:
+        answer = subprocess.run(["docker", "ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s"
+                                 % run_id, "--format", "{{.Names}}"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = answer.stdout.decode("utf-8", "replace").split()
+    return names[0] if answer.returncode == 0 and names else None
+
+
 def docker_container_state(name):
     """(status, exit code) of a container per the docker daemon, or (None, None) when it does
     not exist or docker cannot tell."""
@@ -2161,8 +2173,9 @@ class Agent:
         self._forget(run_id)
 
     def _recover_container(self, run_id, entry):
-        """The `docker run` client is gone but its container may not be: ask the daemon."""
-        name = entry["container"]
+        """The `docker run` client is gone but its container may not be: ask the daemon for the
+        container labelled with this run (or, failing that, the one the journal names)."""
+        name = docker_container_for_run(run_id) or entry["container"]
         state, code = docker_container_state(name)
         if state in ("running", "created", "paused", "restarting"):
             job = Job(["docker", "start", "--attach", name], dict(os.environ), None,

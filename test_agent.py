@@ -2610,6 +2610,8 @@ elif args[0] == "inspect":
         print("Error: No such object: " + args[-1], file=sys.stderr)
         sys.exit(1)
     print(state)
+elif args[0] == "ps":
+    print(os.environ.get("FAKE_DOCKER_PS", ""))
 elif args[0] == "start":
     sys.exit(int(os.environ.get("FAKE_DOCKER_START_EXIT", "0")))
 elif args[0] == "create":
@@ -2784,7 +2786,7 @@ class DockerTests(AgentTestCase):
         self.assertEqual(kill["argv"][:3], ["kill", "--signal", "TERM"])
         self.assertEqual(kill["argv"][3], self.calls("run")[0]["argv"][2])
 
-    def restarted_with_container(self, inspect, start_exit="0"):
+    def restarted_with_container(self, inspect, start_exit="0", labelled=""):
         """A run whose agent and `docker run` client died while its container lived on; a new
         agent starts with the daemon answering `inspect` with `inspect`."""
         self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
@@ -2799,7 +2801,7 @@ class DockerTests(AgentTestCase):
             json.dump({"runs": {run: {"phase": "running", "pid": gone.pid, "start_time": 1,
                                       "host": socket.gethostname(), "container": "box-1",
                                       "run_name": "r"}}}, handle)
-        with mock.patch.dict(os.environ, {"FAKE_DOCKER_INSPECT": inspect,
+        with mock.patch.dict(os.environ, {"FAKE_DOCKER_INSPECT": inspect, "FAKE_DOCKER_PS": labelled,
                                           "FAKE_DOCKER_START_EXIT": start_exit}):
             with RunningAgent(self.fake, "--state-dir", state_dir):
                 wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
@@ -2811,6 +2813,13 @@ class DockerTests(AgentTestCase):
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("status code 5", state["message"])
         self.assertIn("re-attached to container box-1", " ".join(self.fake.logs(run)))
+
+    def test_after_a_restart_the_container_is_looked_up_by_its_run_label(self):
+        run, state = self.restarted_with_container("running 0", start_exit="6", labelled="renamed-box")
+        (ps,) = self.calls("ps")
+        self.assertIn("label=io.prefect.flow-run-id=%s" % run, ps["argv"])
+        self.assertEqual(self.calls("start")[0]["argv"], ["start", "--attach", "renamed-box"])
+        self.assertIn("status code 6", state["message"])
 
     def test_after_a_restart_a_container_that_exited_meanwhile_is_reported_with_its_code(self):
         _, state = self.restarted_with_container("exited 7")
