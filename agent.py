@@ -489,10 +489,13 @@ class PrefectAPI:
         return runs
 
     def set_state(self, run_id, state_type, message=None, name=None, force=False,
-                  transition_id=None):
-        state = {"type": state_type, "name": name, "message": message, "data": None,
-                 "state_details": {"flow_run_id": run_id,
-                                   "transition_id": transition_id or str(uuid.uuid4())}}
+                  transition_id=None, details=None, data=None):
+        """Propose a state; `details` carries over state_details (a lease, a scheduled time)
+        from a state being restored or replaced."""
+        state_details = dict(details or {}, flow_run_id=run_id,
+                             transition_id=transition_id or str(uuid.uuid4()))
+        state = {"type": state_type, "name": name, "message": message, "data": data,
+                 "state_details": state_details}
         answer = self.request("POST", "/flow_runs/%s/set_state" % run_id,
                               {"state": state, "force": force})
         if not isinstance(answer, dict) or answer.get("status") not in (
@@ -1860,11 +1863,9 @@ class Agent:
         previous = max(earlier, key=lambda s: str(s.get("timestamp")))
         log.warning("run %s: already %s when our claim landed (stale poll answer); restoring "
                     "that state instead of starting it", run_id, previous.get("type"))
-        details = dict(_obj(previous.get("state_details")), transition_id=str(uuid.uuid4()))
-        self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
-            "type": previous.get("type"), "name": previous.get("name"),
-            "message": previous.get("message"), "data": previous.get("data"),
-            "state_details": details}})
+        self.api.set_state(run_id, previous.get("type"), message=previous.get("message"),
+                           name=previous.get("name"), force=True, data=previous.get("data"),
+                           details=_obj(previous.get("state_details")))
 
     def _settle(self, run_id):
         """Whether an unanswered claim landed: True if the run is Pending by our transition.
@@ -2116,11 +2117,9 @@ class Agent:
             return
         # Forced, because the engine may have proposed CRASHED on SIGTERM meanwhile; the
         # current state's details (and its concurrency lease) carry over (PROTOCOL.md 8.2).
-        details = dict(_obj(state.get("state_details")), flow_run_id=run_id,
-                       transition_id=str(uuid.uuid4()))
-        self.api.request("POST", "/flow_runs/%s/set_state" % run_id, {"force": True, "state": {
-            "type": "CANCELLED", "name": "Cancelled", "data": None, "state_details": details,
-            "message": "Flow run was cancelled: agent.py terminated its processes."}})
+        self.api.set_state(run_id, "CANCELLED", name="Cancelled", force=True,
+                           details=_obj(state.get("state_details")),
+                           message="Flow run was cancelled: agent.py terminated its processes.")
         self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
 
     # -- restart recovery -------------------------------------------------------
