@@ -661,11 +661,11 @@ class JobConfigError(Exception):
 class Job:
     """What to start for one run: argv, environment, directory, output handling."""
 
-    def __init__(self, argv, env, working_dir, stream_output, container=None):
+    def __init__(self, argv, env, working_dir, stream_output, container=None, cidfile=None):
         self.argv, self.env, self.working_dir = argv, env, working_dir
         self.stream_output = stream_output
         self.container = container  # the docker container's name, for docker runs
-        self.cidfile = None  # where docker writes the container's id once it exists
+        self.cidfile = cidfile  # where docker writes the container's id once it exists
 
 
 def merge_job_variables(deployment_vars, run_vars):
@@ -871,8 +871,8 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
     api_host = urllib.parse.urlsplit(env.get("PREFECT_API_URL", "")).hostname
     if network_mode is None and not networks and api_host in LOOPBACK_HOSTS:
         network_mode = "host"  # the server listens on this host's loopback (Prefect does this)
-    argv = ["docker", "run", "--name", config.get("name") or container_name,
-            "--cidfile", cidfile, "--pull", _pull_policy(config.get("image_pull_policy"), image)]
+    name = config.get("name") or container_name
+    argv = ["docker", "run", "--name", name, "--cidfile", cidfile, "--pull", _pull_policy(config.get("image_pull_policy"), image)]
     if network_mode != "host" and api_host in LOOPBACK_HOSTS:
         env["PREFECT_API_URL"] = env["PREFECT_API_URL"].replace(api_host, "host.docker.internal", 1)
         argv += ["--add-host", "host.docker.internal:host-gateway"]
@@ -899,15 +899,12 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
     if _as_bool(config.get("privileged", False), "privileged"):
         argv.append("--privileged")
     argv += [image] + _command_argv(config, DOCKER_DEFAULT_COMMAND)
-    name = argv[3]
     if len(networks) > 1:
         argv = _create_connect_start(argv, name, networks[1:])
     cli_env = dict(os.environ)
     cli_env.update(env)
     stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
-    job = Job(argv, cli_env, None, stream, container=name)
-    job.cidfile = cidfile
-    return job
+    return Job(argv, cli_env, None, stream, container=name, cidfile=cidfile)
 
 
 def _create_connect_start(run_argv, name, more_networks):
