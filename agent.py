@@ -936,29 +936,28 @@ def _as_strings(value, field):
     return value
 
 
-def docker_container_for_run(run_id):
-    """The container labelled io.prefect.flow-run-id=run_id, or None."""
+def _docker_answer(*args):
+    """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
     try:
-        answer = subprocess.run(["docker", "ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s"
-                                 % run_id, "--format", "{{.Names}}"], stdin=subprocess.DEVNULL,
+        answer = subprocess.run(["docker"] + list(args), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    names = answer.stdout.decode("utf-8", "replace").split()
-    return names[0] if answer.returncode == 0 and names else None
+    return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
+
+
+def docker_container_for_run(run_id):
+    """The container labelled io.prefect.flow-run-id=run_id, or None."""
+    names = _docker_answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
+                           "--format", "{{.Names}}")
+    return names[0] if names else None
 
 
 def docker_container_state(name):
     """(status, exit code) of a container per the docker daemon, or (None, None) when it does
     not exist or docker cannot tell."""
-    try:
-        answer = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
-                                 name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    fields = answer.stdout.decode("utf-8", "replace").split()
-    if answer.returncode != 0 or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+    fields = _docker_answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
+    if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
         return None, None
     return fields[0], int(fields[1])
 
