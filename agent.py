@@ -20,7 +20,6 @@ import copy
 import datetime
 import email.utils
 import fcntl
-import http.client
 import json
 import logging
 import os
@@ -36,9 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 
 __version__ = "0.1.0"
@@ -242,6 +239,8 @@ RETRY_STATUSES = (408, 429, 502, 503, 504)
 #: A response larger than this is refused rather than parsed.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 REQUEST_TIMEOUT_SECONDS = 60
+#: A connection idle longer than this is reopened rather than reused (uvicorn closes at 5 s).
+KEEPALIVE_IDLE_SECONDS = 4.0
 #: A server's Retry-After is honoured up to this; beyond it is a broken or hostile answer.
 MAX_RETRY_AFTER_SECONDS = 300.0
 
@@ -262,11 +261,42 @@ class AuthRefused(Exception):
     """The server refused our credentials: running on would only fail again."""
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are handled by PrefectAPI itself so credentials never go elsewhere."""
+def _http_client(tls):
+    """http.client, with TLS support only when `tls`. Its optional `import ssl` maps OpenSSL,
+    4 MB of the agent's memory, which an API on plain http never uses."""
+    if not tls and "http.client" not in sys.modules and "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # makes that import fail, as if Python had no ssl
+        try:
+            import http.client
+        finally:
+            del sys.modules["ssl"]
+    import http.client
+    if tls and not hasattr(http.client, "HTTPSConnection"):
+        raise UsageError("this Python has no ssl module, so it cannot reach an https:// API")
+    return http.client
 
-    def redirect_request(self, *args, **kwargs):
+
+def _proxy_for(url, environ):
+    """(host, port, Proxy-Authorization or None) of the proxy `environ` names for `url`, the way
+    curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = environ.get(parts.scheme + "_proxy") or environ.get(parts.scheme.upper() + "_PROXY")
+    if not proxy:
         return None
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    host = (parts.hostname or "").lower()
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry)
+                                       or "%s:%s" % (host, port) == entry)):
+            return None
+    found = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    auth = None
+    if found.username is not None:
+        userinfo = "%s:%s" % (urllib.parse.unquote(found.username),
+                              urllib.parse.unquote(found.password or ""))
+        auth = "Basic " + base64.b64encode(userinfo.encode()).decode()
+    return found.hostname, found.port or 8080, auth
 
 
 def _error_detail(body):
@@ -336,7 +366,11 @@ class PrefectAPI:
         self._csrf_client = str(uuid.uuid4())
         self._csrf_token = None
         self._csrf_lock = threading.Lock()
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._client = _http_client(self.url.startswith("https:"))
+        self._proxy = _proxy_for(self.url, os.environ)
+        self._local = threading.local()  # each thread keeps its own connection alive
+        self._connections = []
+        self._connections_lock = threading.Lock()
         self._reached = False
         self.last_success = None
 
@@ -354,7 +388,7 @@ class PrefectAPI:
             attempt += 1
             try:
                 status, headers, raw = self._send(method, path, body)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except (OSError, self._client.HTTPException, ValueError) as exc:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
@@ -400,17 +434,73 @@ class PrefectAPI:
             headers["Prefect-Csrf-Token"] = self._csrf_token
             headers["Prefect-Csrf-Client"] = self._csrf_client
         url = path if path.startswith(("http://", "https://")) else self.url + path
-        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        status, answer_headers, raw = self._exchange(method, url, data, headers, path)
+        location = answer_headers.get("Location")
+        if status in (307, 308) and location and redirects:
+            target = urllib.parse.urljoin(url, location)
+            if urllib.parse.urlsplit(target)[:2] == urllib.parse.urlsplit(url)[:2]:
+                return self._send(method, target, body, redirects - 1)
+        return status, answer_headers, raw
+
+    def _exchange(self, method, url, data, headers, path):
+        """One request and its whole answer on this thread's kept-alive connection.
+        A connection the server closed while it sat idle is reopened and the request sent
+        again: the server never saw it."""
+        connection = self._connection()
+        parts = urllib.parse.urlsplit(url)
+        target = url if self._proxy and parts.scheme == "http" else (
+            (parts.path or "/") + ("?" + parts.query if parts.query else ""))
+        if self._proxy and self._proxy[2] and parts.scheme == "http":
+            headers = dict(headers, **{"Proxy-Authorization": self._proxy[2]})
+        reused = connection.sock is not None
         try:
-            with self._opener.open(req, timeout=REQUEST_TIMEOUT_SECONDS) as resp:
-                return resp.status, resp.headers, _read_capped(resp, method, path)
-        except urllib.error.HTTPError as exc:
-            location = exc.headers.get("Location") if exc.headers else None
-            if exc.code in (307, 308) and location and redirects:
-                target = urllib.parse.urljoin(url, location)
-                if urllib.parse.urlsplit(target)[:2] == urllib.parse.urlsplit(url)[:2]:
-                    return self._send(method, target, body, redirects - 1)
-            return exc.code, exc.headers or {}, _read_capped(exc, method, path)
+            try:
+                connection.request(method, target, body=data, headers=headers)
+                response = connection.getresponse()
+            except (self._client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                connection.close()
+                connection.request(method, target, body=data, headers=headers)
+                response = connection.getresponse()
+            raw = _read_capped(response, method, path)
+        except BaseException:
+            connection.close()  # whatever state it is in, the next request starts afresh
+            raise
+        self._local.used = time.monotonic()
+        return response.status, response.headers, raw
+
+    def _connection(self):
+        local = self._local
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            parts = urllib.parse.urlsplit(self.url)
+            tls = parts.scheme == "https"
+            cls = self._client.HTTPSConnection if tls else self._client.HTTPConnection
+            if self._proxy:
+                connection = cls(self._proxy[0], self._proxy[1], timeout=REQUEST_TIMEOUT_SECONDS)
+                if tls:
+                    auth = {"Proxy-Authorization": self._proxy[2]} if self._proxy[2] else None
+                    connection.set_tunnel(parts.hostname, parts.port or 443, headers=auth)
+            else:
+                connection = cls(parts.hostname, parts.port or (443 if tls else 80),
+                                 timeout=REQUEST_TIMEOUT_SECONDS)
+            local.connection, local.used = connection, time.monotonic()
+            with self._connections_lock:
+                self._connections.append(connection)
+        elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS:
+            # Servers drop idle connections (uvicorn after 5 s); one dropped mid-request would
+            # look like a failure, so an old one is closed first and reopened on use.
+            connection.close()
+        return connection
+
+    def close(self):
+        """Close every thread's kept-alive connection (a later request opens a new one)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        self._local = threading.local()
 
     def _refresh_csrf_token(self):
         with self._csrf_lock:
@@ -1650,6 +1740,7 @@ class Agent:
                         "and will be delivered by the next start", self.journal.path)
         self.supervisor.stop()
         self.journal.close()
+        self.api.close()
         return 1 if self._force.is_set() else 0
 
     def stop(self):

@@ -231,6 +231,9 @@ class _BadJSON(object):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive like uvicorn, so drop_next closes explicitly
+    # Headers and body in one write, as uvicorn sends them: two small writes on a kept-alive
+    # connection meet Nagle and delayed ACK, 40 ms a request that no real server costs.
+    wbufsize = -1
 
     def log_message(self, *args):
         pass
@@ -1515,6 +1518,83 @@ class ClientTests(unittest.TestCase):
         api.read_pool("pool")
         self.fake.drop_next(2, path_contains="/work_pools/pool")
         self.assertEqual(api.read_pool("pool")["name"], "pool")
+
+    def test_keeps_one_connection_alive_per_thread(self):
+        api = agent.PrefectAPI(self.fake.url)
+        api.read_pool("pool")
+        first = api._local.connection.sock
+        api.read_pool("pool")
+        self.assertIs(api._local.connection.sock, first)
+        api.close()
+        self.assertEqual(first.fileno(), -1)  # closed
+
+    def test_reopens_a_connection_the_server_closed_while_idle(self):
+        served = []
+
+        class ClosesAfterEachAnswer(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # promises keep-alive, then closes: uvicorn's idle timeout
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                served.append(self.client_address)
+                data = b'{"name": "pool"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), ClosesAfterEachAnswer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        api = agent.PrefectAPI("http://127.0.0.1:%d/api" % server.server_address[1], max_retries=0)
+        self.addCleanup(api.close)
+        for _ in range(3):
+            time.sleep(0.1)  # let the server's close arrive first
+            self.assertEqual(api.read_pool("pool")["name"], "pool")
+        self.assertEqual(len(served), 3)
+
+    def test_goes_through_the_proxy_the_environment_names(self):
+        seen = []
+
+        class ForwardProxy(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("Proxy-Authorization")))
+                data = b'{"name": "pool"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), ForwardProxy)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        environ = {"HTTP_PROXY": "http://u:p%%40ss@127.0.0.1:%d" % proxy.server_address[1],
+                   "NO_PROXY": "other.example"}
+        with mock.patch.dict(os.environ, environ, clear=True):
+            api = agent.PrefectAPI("http://prefect.invalid:4200/api", max_retries=0)
+        self.assertEqual(api.read_pool("pool")["name"], "pool")
+        api.close()
+        self.assertEqual(seen, [("http://prefect.invalid:4200/api/work_pools/pool",
+                                 "Basic " + base64.b64encode(b"u:p@ss").decode())])
+
+    def test_no_proxy_rules(self):
+        proxied = {"https_proxy": "proxy.corp:3128"}
+        url = "https://api.prefect.cloud/api/accounts/a"
+        self.assertEqual(agent._proxy_for(url, proxied), ("proxy.corp", 3128, None))
+        self.assertIsNone(agent._proxy_for("http://api.prefect.cloud/api", proxied))
+        for no_proxy in ("*", "prefect.cloud", ".prefect.cloud", "x, api.prefect.cloud",
+                         "api.prefect.cloud:443"):
+            self.assertIsNone(agent._proxy_for(url, dict(proxied, no_proxy=no_proxy)), no_proxy)
+        self.assertIsNotNone(agent._proxy_for(url, dict(proxied, no_proxy="refect.cloud")))
 
     def test_gives_up_after_the_retries_with_a_clear_error(self):
         self.fake.fail_next(10, status=502, path_contains="/work_pools/pool")
