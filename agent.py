@@ -20,6 +20,7 @@ import copy
 import datetime
 import email.utils
 import fcntl
+import heapq
 import json
 import logging
 import os
@@ -343,6 +344,28 @@ def backoff_seconds(attempt, retry_after=None, cap=30.0):
 
 def utcnow():
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+                        r"(Z|[+-]\d\d:?\d\d)?$")
+
+
+def parse_timestamp(text):
+    """An API timestamp (ISO 8601, UTC when it names no zone) as a time.time() value, or None.
+    Python 3.8's fromisoformat takes neither "Z" nor every length of fraction."""
+    match = _TIMESTAMP.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
+                                   int(second), tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    if zone and zone != "Z":
+        digits = zone[1:].replace(":", "")
+        moment -= (-1 if zone[0] == "-" else 1) * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return moment + (float("0." + fraction) if fraction else 0.0)
 
 
 def isoformat(moment):
@@ -1521,6 +1544,63 @@ def _drain_fd(fd):
         pass
 
 
+class Timetable(threading.Thread):
+    """Starts claimed runs at their scheduled time, on its own thread, so that neither an API
+    call of the agent loop nor its poll interval can make a start late. A claim made ahead of
+    time (--prefetch-seconds) waits here; a claim that is already due starts at once."""
+
+    def __init__(self):
+        super().__init__(name="timetable", daemon=True)
+        self._cond = threading.Condition()
+        self._due = []  # heap of (monotonic due time, sequence, run id)
+        self._actions = {}  # run id -> what to call when due
+        self._sequence = 0
+        self._stopping = False
+
+    def add(self, run_id, due, action):
+        with self._cond:
+            self._sequence += 1
+            heapq.heappush(self._due, (due, self._sequence, run_id))
+            self._actions[run_id] = action
+            self._cond.notify()
+
+    def held(self):
+        """Run ids waiting for their time."""
+        with self._cond:
+            return list(self._actions)
+
+    def take(self, run_id):
+        """Withdraw a waiting run: its start action if it was waiting (it will not start now),
+        else None."""
+        with self._cond:
+            return self._actions.pop(run_id, None)
+
+    def stop(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def run(self):
+        while True:
+            with self._cond:
+                while not self._stopping and not self._ready():
+                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                if self._stopping:
+                    return
+                run_id = heapq.heappop(self._due)[2]
+                action = self._actions.pop(run_id, None)
+            if action is not None:
+                try:
+                    action()
+                except Exception:  # a bug of ours must not stop every later start
+                    log.exception("run %s: starting it failed unexpectedly", run_id)
+
+    def _ready(self):
+        while self._due and self._due[0][2] not in self._actions:
+            heapq.heappop(self._due)  # withdrawn
+        return bool(self._due) and self._due[0][0] <= time.monotonic()
+
+
 ###############################################################################
 # Reporting ###################################################################
 ###############################################################################
@@ -1664,6 +1744,7 @@ class Agent:
         self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
         self.journal = Journal(config.state_dir, config.pool)
         self.reporter = Reporter(self.api)
+        self.timetable = Timetable()
         self.supervisor = Supervisor(self._child_exited, console=console,
                                      reap_orphans=os.getpid() == 1,
                                      on_container=self._container_created)
@@ -1692,10 +1773,13 @@ class Agent:
         """Run until stopped, then drain; returns the exit code (0 clean, 1 runs were killed)."""
         self.reporter.start()
         self.supervisor.start()
+        self.timetable.start()
         next_poll = 0.0
         drain_until = None
         while True:
             if self._stop.is_set():
+                if self._force.is_set() or not self.config.run_once:
+                    self._hand_back_held_runs()
                 if drain_until is None:
                     drain_until = time.monotonic() + (self.config.drain_timeout or float("inf"))
                 if not self.in_flight_count():
@@ -1738,6 +1822,7 @@ class Agent:
             self.journal.keep_logs(undelivered)
             log.warning("some reports could not reach the API before exit; they are kept in %s "
                         "and will be delivered by the next start", self.journal.path)
+        self.timetable.stop()
         self.supervisor.stop()
         self.journal.close()
         self.api.close()
@@ -1998,13 +2083,25 @@ class Agent:
                                                       force=True))
 
     def _launch(self, run, deployment, flow_name):
+        """Prepare the run's job now; start it at its scheduled time, or at once if it is due."""
         run_id = run["id"]
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
             job = self._job_for(run, deployment, flow_name)
+        except (JobConfigError, APIError, APIUnreachable) as exc:
+            self._crash_unstarted(run_id, exc)
+            return
+        wait = max(0.0, (_scheduled_time(run) or 0.0) - time.time())
+        if wait > 0.5:
+            log.info("run %s: claimed; starts at its scheduled time, in %.1f s", run_id, wait)
+        self.timetable.add(run_id, time.monotonic() + wait, lambda: self._start(run, job))
+
+    def _start(self, run, job):
+        run_id = run["id"]
+        try:
             child = start_process(run_id, run.get("name") or run_id, job,
                                   self.journal.output_path(run_id))
-        except (JobConfigError, LaunchError, APIError, APIUnreachable) as exc:
+        except LaunchError as exc:
             self._crash_unstarted(run_id, exc)
             return
         self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time,
@@ -2020,6 +2117,18 @@ class Agent:
         where = ("container %s" % child.container) if child.container else "process %d" % child.pid
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, where, _argv_text(job.argv)))
+
+    def _hand_back_held_runs(self):
+        """On stop, runs claimed ahead of their time go back to the pool as Scheduled (for
+        another agent, or this one after its restart) instead of waiting Pending for nobody."""
+        for run_id in self.timetable.held():
+            if self.timetable.take(run_id):
+                entry = self.journal.get(run_id)
+                log.info("run %s: claimed but not yet due when the agent was stopped; handing "
+                         "it back to the pool", run_id)
+                self._owe(run_id, {"kind": "release",
+                                   "scheduled_time": _obj(entry.get("run")).get("scheduled_time")})
+                self._release_slot(run_id)
 
     def _job_for(self, run, deployment, flow_name):
         values = merge_job_variables(
@@ -2163,12 +2272,25 @@ class Agent:
             self._restore_final_state(run_id, owed.get("transition_id"))
             return
         state = _obj(self.api.read_run(run_id).get("state"))
-        if kind == "cancelled":
-            self._finish_cancellation(run_id, state, owed.get("name") or run_id)
+        if kind == "release":
+            self._release_claim(run_id, state, owed)
+        elif kind == "cancelled":
+            self._finish_cancellation(run_id, state, owed.get("name") or run_id, owed.get("message"))
         elif _still_ours(state, owed.get("claim")):
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
         else:
             log.info("run %s: not reporting it crashed, it is %s now", run_id, state.get("type"))
+
+    def _release_claim(self, run_id, state, owed):
+        if state.get("type") != "PENDING" or not _still_ours(state, owed.get("claim")):
+            log.info("run %s: not handing it back, it is %s now", run_id, state.get("type"))
+            return
+        details = dict(_obj(state.get("state_details")), transition_id=None)
+        if owed.get("scheduled_time"):
+            details["scheduled_time"] = owed["scheduled_time"]
+        self.api.set_state(run_id, "SCHEDULED", name="Scheduled", force=True, details=details,
+                           message="Handed back to the work pool: agent.py was stopped before "
+                                   "the run was due.")
 
     def _propose_crashed(self, run_id, message):
         result = self.api.set_state(run_id, "CRASHED", message=message)
@@ -2184,6 +2306,7 @@ class Agent:
     def _check_cancellations(self):
         """Terminate the process groups of our runs that someone set to Cancelling."""
         watching = [c.run_id for c in self.supervisor.children() if c.stop_reason is None]
+        watching += self.timetable.held()
         for offset in range(0, len(watching), 200):
             answer = self.api.request("POST", "/flow_runs/filter", {
                 "flow_runs": {"id": {"any_": watching[offset:offset + 200]},
@@ -2191,13 +2314,21 @@ class Agent:
                 "limit": 200, "offset": 0})
             for run in _expect_list(answer, "flow run filter"):
                 run_id = run.get("id") if isinstance(run, dict) else None
-                if isinstance(run_id, str) and self.supervisor.terminate(
-                        run_id, "cancelled", self.config.cancel_grace_seconds):
+                if not isinstance(run_id, str):
+                    continue
+                if self.timetable.take(run_id):
+                    self.reporter.log(run_id, "Cancellation requested before the run was due: "
+                                      "it will not be started")
+                    self._owe(run_id, {"kind": "cancelled", "name": run.get("name") or run_id,
+                                       "message": "Flow run was cancelled before it was due; "
+                                                  "agent.py never started it."})
+                    self._release_slot(run_id)
+                elif self.supervisor.terminate(run_id, "cancelled", self.config.cancel_grace_seconds):
                     self.reporter.log(run_id, "Cancellation requested: sent SIGTERM to the flow "
                                       "run's processes (SIGKILL after %g s)"
                                       % self.config.cancel_grace_seconds)
 
-    def _finish_cancellation(self, run_id, state, run_name):
+    def _finish_cancellation(self, run_id, state, run_name, message=None):
         if state.get("type") in ("COMPLETED", "FAILED", "CANCELLED"):
             log.info("run %s: ended %s before the cancellation took effect; left as it is",
                      run_id, state.get("type"))
@@ -2206,7 +2337,8 @@ class Agent:
         # current state's details (and its concurrency lease) carry over (PROTOCOL.md 8.2).
         self.api.set_state(run_id, "CANCELLED", name="Cancelled", force=True,
                            details=_obj(state.get("state_details")),
-                           message="Flow run was cancelled: agent.py terminated its processes.")
+                           message=message or "Flow run was cancelled: agent.py terminated "
+                                              "its processes.")
         self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
 
     # -- restart recovery -------------------------------------------------------
@@ -2312,7 +2444,25 @@ def _still_ours(state, claim):
 
 def _run_summary(run):
     """What the journal keeps of a run to start it after a restart."""
-    return {key: run.get(key) for key in ("id", "name", "deployment_id", "flow_id", "job_variables")}
+    summary = {key: run.get(key) for key in ("id", "name", "deployment_id", "flow_id", "job_variables")}
+    summary["scheduled_time"] = _scheduled_text(run)
+    return summary
+
+
+def _scheduled_text(run):
+    """The run's scheduled time as the API wrote it: a poll's answer leaves the state out
+    (PROTOCOL.md L3), so the run's own next start is read when the state says nothing."""
+    details = _obj(_obj(run.get("state")).get("state_details"))
+    for value in (details.get("scheduled_time"), run.get("next_scheduled_start_time"),
+                  run.get("expected_start_time"), run.get("scheduled_time")):
+        if parse_timestamp(value) is not None:
+            return value
+    return None
+
+
+def _scheduled_time(run):
+    """When the run is due, as a time.time() value, or None if it does not say."""
+    return parse_timestamp(_scheduled_text(run))
 
 
 ###############################################################################

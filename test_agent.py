@@ -1939,9 +1939,10 @@ class ClaimTests(AgentTestCase):
         soon = self.fake.add_run(dep, pool="pool", when=agent.utcnow() + agent.datetime.timedelta(seconds=20))
         later = self.fake.add_run(dep, pool="pool", when=agent.utcnow() + agent.datetime.timedelta(hours=1))
         with RunningAgent(self.fake, "--prefetch-seconds", "60"):
-            wait_for(lambda: soon in self.started_ids(), what="prefetched run")
+            wait_for(lambda: final_type(self.fake, soon) == "PENDING", what="prefetched run claimed")
             time.sleep(0.4)
-        self.assertNotIn(later, self.started_ids())
+            self.assertEqual(final_type(self.fake, later), "SCHEDULED")
+        self.assertEqual(self.started_ids(), [])  # neither is due yet (SchedulingTests)
 
     def test_run_once_polls_once_waits_for_its_runs_and_exits(self):
         dep = self.deployment(command=marker_command(self.markers, "import time; time.sleep(0.5)"))
@@ -2460,6 +2461,79 @@ class ShutdownTests(AgentTestCase):
         agent_proc.signal(signal.SIGTERM)
         self.assertEqual(agent_proc.wait(15), 0)
         self.assertEqual(agent_proc.output().count("ignored"), 3, agent_proc.output())
+
+
+class SchedulingTests(AgentTestCase):
+    """Runs claimed ahead of time (--prefetch-seconds) start at their scheduled time."""
+
+    def stamped_run(self, seconds_ahead):
+        """A run due `seconds_ahead` from now whose child writes its run id and start time."""
+        dep = self.deployment(command="sh -c 'echo $PREFECT__FLOW_RUN_ID $(date +%%s.%%N) >> %s'"
+                              % self.markers)
+        due = time.time() + seconds_ahead
+        run_id = self.fake.add_run(dep, pool="pool", when=datetime.datetime.fromtimestamp(due, UTC))
+        return run_id, due
+
+    def start_times(self):
+        return {line.split()[0]: float(line.split()[1]) for line in read(self.markers).splitlines()
+                if line.strip()} if os.path.exists(self.markers) else {}
+
+    def test_a_run_claimed_ahead_starts_at_its_scheduled_time_not_before(self):
+        run_id, due = self.stamped_run(2.0)
+        agent_proc = AgentProcess(self, self.fake, "--prefetch-seconds", "30")
+        wait_for(lambda: final_type(self.fake, run_id) == "PENDING", what="claimed ahead")
+        self.assertLess(time.time(), due - 0.5, "claimed too late for the test to mean anything")
+        self.assertEqual(self.start_times(), {})
+        wait_for(lambda: run_id in self.start_times(), what="started")
+        started = self.start_times()[run_id]
+        self.assertGreaterEqual(started, due, "started %.3f s early" % (due - started))
+        self.assertLess(started, due + 1.0, "started %.3f s late" % (started - due))
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+
+    def test_a_stop_hands_back_runs_claimed_before_they_were_due(self):
+        run_id, due = self.stamped_run(60)
+        scheduled = self.fake.run(run_id)["state"]["state_details"]["scheduled_time"]
+        agent_proc = AgentProcess(self, self.fake, "--prefetch-seconds", "120")
+        wait_for(lambda: final_type(self.fake, run_id) == "PENDING", what="claimed ahead")
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+        state = self.fake.run(run_id)["state"]
+        self.assertEqual(state["type"], "SCHEDULED", agent_proc.output())
+        self.assertEqual(parse_time(state["state_details"]["scheduled_time"]), parse_time(scheduled))
+        self.assertEqual(self.start_times(), {})
+        self.assertIn("handing it back", agent_proc.output())
+        again = AgentProcess(self, self.fake, "--prefetch-seconds", "120")
+        wait_for(lambda: final_type(self.fake, run_id) == "PENDING", what="claimed again")
+        again.signal(signal.SIGTERM)
+        self.assertEqual(again.wait(15), 0, again.output())
+
+    def test_cancelling_a_run_before_it_is_due_cancels_it_unstarted(self):
+        run_id, due = self.stamped_run(60)
+        agent_proc = AgentProcess(self, self.fake, "--prefetch-seconds", "120")
+        wait_for(lambda: final_type(self.fake, run_id) == "PENDING", what="claimed ahead")
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run_id,
+                 {"state": {"type": "CANCELLING"}, "force": True})
+        wait_for(lambda: final_type(self.fake, run_id) == "CANCELLED", what="cancelled")
+        self.assertIn("never started it", self.fake.run(run_id)["state"]["message"])
+        self.assertEqual(self.start_times(), {})
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+
+    def test_run_once_waits_for_a_run_claimed_ahead_and_starts_it(self):
+        run_id, due = self.stamped_run(1.5)
+        agent_proc = AgentProcess(self, self.fake, "--prefetch-seconds", "30", "--run-once")
+        self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
+        self.assertGreaterEqual(self.start_times()[run_id], due)
+
+    def test_timestamps_from_the_api(self):
+        expected = datetime.datetime(2026, 11, 23, 23, 53, 33, 335000, UTC).timestamp()
+        for text in ("2026-11-23T23:53:33.335000Z", "2026-11-23T23:53:33.335+00:00",
+                     "2026-11-23 23:53:33.335", "2026-11-24T01:53:33.335+02:00",
+                     "2026-11-23T22:53:33.335-0100"):
+            self.assertAlmostEqual(agent.parse_timestamp(text), expected, places=5, msg=text)
+        for junk in (None, 5, "", "tomorrow", "2026-02-30T00:00:00Z", "2026-11-23T23:53:33Zjunk"):
+            self.assertIsNone(agent.parse_timestamp(junk), junk)
 
 
 class RecoveryTests(AgentTestCase):
@@ -3839,6 +3913,9 @@ class AgentFuzzTest(FuzzTestCase):
         self.assertTrue(self.agent._reserve_slot(run["id"]))
         with mock.patch.object(agent, "start_process", start_process):
             self.agent._submit(run)
+            start = self.agent.timetable.take(run["id"])  # the timetable thread is not running
+            if start is not None:
+                start()
             self.run_queued_calls()
         self.assertEqual(self.agent.in_flight_count(), 0, "the run's slot was never released")
         self.assert_clean_log()
