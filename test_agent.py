@@ -3924,9 +3924,11 @@ class AgentFuzzTest(FuzzTestCase):
     @fuzz_settings(examples=80)
     @given(owed=st.sampled_from([{"kind": "crash", "message": "Flow run process exited 1."},
                                  {"kind": "check", "message": "exited 0 without a state"},
-                                 {"kind": "cancelled", "name": "fuzzy-run"}])
-           | st.dictionaries(st.sampled_from(["kind", "message", "name"]),
-                             st.sampled_from(["crash", "check", "cancelled"]) | junk, max_size=3),
+                                 {"kind": "cancelled", "name": "fuzzy-run"},
+                                 {"kind": "release", "scheduled_time": "2030-01-01T00:00:00Z"}])
+           | st.dictionaries(st.sampled_from(["kind", "message", "name", "scheduled_time"]),
+                             st.sampled_from(["crash", "check", "cancelled", "release"]) | junk,
+                             max_size=3),
            routes=routes)
     @example(owed={"kind": "check", "message": "m"},
              routes=route_answers([{}], read_run=[{"id": RUN_ID, "state": [1]}]))
@@ -4464,6 +4466,34 @@ class RealServerConformance(unittest.TestCase):
             "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
         self.assertEqual(answer["status"], "ACCEPT", answer)
         return run_id
+
+    def test_a_prefetched_run_is_handed_back_on_stop_then_runs_on_time(self):
+        """(issue 5) A run claimed ahead of its time is not started early; an agent stopped
+        before it is due hands it back Scheduled at the same time, and the next agent starts
+        the real flow at that time (the server's RUNNING comes after it) and it COMPLETES."""
+        self.make_pool()
+        dep = self.real_flow_deployment()
+        due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=20)
+        run_id = self.rest.create_flow_run(dep["id"], state={
+            "type": "SCHEDULED", "state_details": {"scheduled_time": due.isoformat()}})["id"]
+        first = self.start_agent("--prefetch-seconds", "60")
+        end = time.monotonic() + self.remaining(30)
+        while state_of(self.rest.read_run(run_id))[0] != "PENDING" and time.monotonic() < end:
+            self.check_agents_alive()
+            time.sleep(0.3)
+        first.send_signal(signal.SIGTERM)
+        self.assertEqual(first.wait(30), 0, self.agent_logs())
+        run = self.rest.read_run(run_id)
+        self.assertEqual(state_of(run)[0], "SCHEDULED", self.agent_logs())
+        self.assertEqual(agent.parse_timestamp(run["state"]["state_details"]["scheduled_time"]),
+                         due.timestamp())
+        self.agents.pop()  # stopped on purpose: check_agents_alive is for the next one
+        self.start_agent("--prefetch-seconds", "60")
+        self.expect_final(run_id, "COMPLETED", 120)
+        self.assertEqual(self.flow_starts(), [run_id])
+        states = self.rest.call("GET", "/flow_run_states/?flow_run_id=" + run_id)
+        running = [agent.parse_timestamp(s["timestamp"]) for s in states if s["type"] == "RUNNING"]
+        self.assertTrue(running and min(running) >= due.timestamp(), (running, due))
 
     def test_cancelling_a_real_flow_run_ends_it_cancelled(self):
         """(issue 3) A running flow set Cancelling through the API is terminated and ends
