@@ -1625,6 +1625,19 @@ class Reporter(threading.Thread):
         self._busy = False
         self._sending = []
         self._stopping = threading.Event()
+        self._paused = False
+
+    def pause(self):
+        """Leave the API to the agent loop while it claims a poll's runs: a server that takes
+        one write at a time (SQLite) would otherwise interleave reports with the claims, and a
+        run started late costs more than a report delivered a few seconds later."""
+        with self._ready:
+            self._paused = True
+
+    def resume(self):
+        with self._ready:
+            self._paused = False
+            self._ready.notify_all()
 
     def log(self, run_id, message, level=logging.INFO):
         """A line for the run's logs in the Prefect UI (and the agent's own log)."""
@@ -1675,7 +1688,7 @@ class Reporter(threading.Thread):
     def run(self):
         while True:
             with self._ready:
-                while not self._queue and not self._stopping.is_set():
+                while (not self._queue or self._paused) and not self._stopping.is_set():
                     self._ready.wait()
                 if self._stopping.is_set():
                     return
@@ -1694,11 +1707,16 @@ class Reporter(threading.Thread):
                     self._ready.notify_all()
 
     def _take_batch(self):
+        """The call at the head of the queue, or the log lines queued so far, up to BATCH of
+        them: lines may overtake calls (the UI orders them by timestamp), and one request for
+        many lines spares the server a write per line."""
         if self._queue[0][0] == "call":
             return [self._queue.popleft()]
-        batch = []
-        while self._queue and self._queue[0][0] == "log" and len(batch) < self.BATCH:
-            batch.append(self._queue.popleft())
+        batch, rest = [], collections.deque()
+        while self._queue:
+            item = self._queue.popleft()
+            (batch if item[0] == "log" and len(batch) < self.BATCH else rest).append(item)
+        self._queue = rest
         return batch
 
     def _deliver(self, batch):
@@ -1933,6 +1951,14 @@ class Agent:
         before = utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
         runs = self.api.scheduled_runs(self.config.pool, self.queues, before)
         self.last_poll = time.monotonic()
+        if runs:
+            self.reporter.pause()
+            try:
+                self._claim_all(runs)
+            finally:
+                self.reporter.resume()
+
+    def _claim_all(self, runs):
         for run in runs:
             if self._stop.is_set():
                 break

@@ -1944,6 +1944,24 @@ class ClaimTests(AgentTestCase):
             self.assertEqual(final_type(self.fake, later), "SCHEDULED")
         self.assertEqual(self.started_ids(), [])  # neither is due yet (SchedulingTests)
 
+    def test_a_poll_s_claims_go_first_and_log_lines_go_in_batches(self):
+        """While it claims a poll's runs the agent sends nothing else (a SQLite server takes
+        one write at a time); then its log lines go many to a request."""
+        dep = self.deployment(command=marker_command(self.markers))
+        runs = [self.fake.add_run(dep, pool="pool") for _ in range(30)]
+        with RunningAgent(self.fake):
+            wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in runs),
+                     what="every run reported")  # exit 0 without a final state
+        requests = self.fake.requests
+        claims = [i for i, r in enumerate(requests) if r[1].endswith("/set_state") and
+                  (r[3] or {}).get("state", {}).get("type") == "PENDING"]
+        reports = [i for i, r in enumerate(requests) if r[0] == "PATCH" or r[1].endswith("/logs/")]
+        self.assertEqual(len(claims), 30)
+        self.assertLess(max(claims), min(reports))
+        lines = sum(len(r[3]) for r in requests if r[1].endswith("/logs/"))
+        self.assertGreaterEqual(lines, 90)  # submitting, submitted, exited: 3 per run
+        self.assertLessEqual(len(self.fake.calls("POST", "/logs/")), lines / 2)
+
     def test_run_once_polls_once_waits_for_its_runs_and_exits(self):
         dep = self.deployment(command=marker_command(self.markers, "import time; time.sleep(0.5)"))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(3)]
