@@ -1426,7 +1426,11 @@ class Supervisor(threading.Thread):
 
     def run(self):
         while not self._stopping:
-            select.select([self._wake_r], [], [], self.TICK_SECONDS)
+            # With nothing to watch, sleep until woken (a child added, SIGCHLD): an idle agent
+            # should cost no CPU between polls.
+            with self._lock:
+                idle = not self._children and not self._helpers and not self._reap_orphans
+            select.select([self._wake_r], [], [], None if idle else self.TICK_SECONDS)
             _drain_fd(self._wake_r)
             self.tick()
 
