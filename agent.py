@@ -18,7 +18,6 @@ import base64
 import collections
 import copy
 import datetime
-import email.utils
 import fcntl
 import heapq
 import json
@@ -262,19 +261,155 @@ class AuthRefused(Exception):
     """The server refused our credentials: running on would only fail again."""
 
 
-def _http_client(tls):
-    """http.client, with TLS support only when `tls`. Its optional `import ssl` maps OpenSSL,
-    4 MB of the agent's memory, which an API on plain http never uses."""
-    if not tls and "http.client" not in sys.modules and "ssl" not in sys.modules:
-        sys.modules["ssl"] = None  # makes that import fail, as if Python had no ssl
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.x as we can read it."""
+
+
+class ServerClosed(ConnectionError):
+    """The server closed the connection before it answered."""
+
+
+class AnswerTooLarge(ProtocolError):
+    def __init__(self, status):
+        super().__init__("answer larger than %d bytes, refused" % MAX_RESPONSE_BYTES)
+        self.status = status
+
+
+class HTTPConnection:
+    """One kept-alive HTTP/1.1 connection: the little of the protocol a Prefect API needs.
+    http.client would do, but it imports the email package for its header parser, which
+    costs the agent 30 ms of start-up and 4 MB of memory; TLS (ssl, another 4 MB) is loaded
+    only for an https API."""
+
+    MAX_HEADER_LINES = 200
+
+    def __init__(self, host, port, tls_host=None, tunnel=None, timeout=None):
+        self.host, self.port = host, port  # where the socket goes: the API, or its proxy
+        self.tls_host = tls_host  # wrap in TLS for this server name
+        self.tunnel = tunnel  # (host, port, Proxy-Authorization) for an https API via proxy
+        self.timeout = timeout
+        self.sock = self._file = None
+
+    def request(self, method, target, headers, body=None):
+        """(status, {lower-case header: value}, body bytes) of one exchange."""
+        if self.sock is None:
+            self._connect()
+        lines = ["%s %s HTTP/1.1" % (method, target)]
+        lines += ["%s: %s" % item for item in headers.items()]
+        lines.append("Content-Length: %d" % len(body or b""))
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        status, answer_headers = self._read_head()
+        while 100 <= status < 200:  # interim answers; the real one follows
+            status, answer_headers = self._read_head()
+        data, reusable = self._read_body(method, status, answer_headers)
+        if not reusable:
+            self.close()
+        return status, answer_headers, data
+
+    def close(self):
+        for closable in (self._file, self.sock):
+            if closable is not None:
+                try:
+                    closable.close()
+                except OSError:
+                    pass
+        self.sock = self._file = None
+
+    def _connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
-            import http.client
-        finally:
-            del sys.modules["ssl"]
-    import http.client
-    if tls and not hasattr(http.client, "HTTPSConnection"):
-        raise UsageError("this Python has no ssl module, so it cannot reach an https:// API")
-    return http.client
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock, self._file = sock, sock.makefile("rb")
+            if self.tunnel:
+                self._open_tunnel()
+            if self.tls_host:
+                import ssl
+                self._file.close()
+                self.sock = ssl.create_default_context().wrap_socket(
+                    self.sock, server_hostname=self.tls_host)
+                self._file = self.sock.makefile("rb")
+        except BaseException:
+            sock.close()
+            self.sock = self._file = None
+            raise
+
+    def _open_tunnel(self):
+        host, port, auth = self.tunnel
+        lines = ["CONNECT %s:%d HTTP/1.1" % (host, port), "Host: %s:%d" % (host, port)]
+        if auth:
+            lines.append("Proxy-Authorization: " + auth)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        status, _ = self._read_head()
+        if status != 200:
+            raise ProtocolError("the proxy refused to open a tunnel to %s:%d (%d)" % (host, port, status))
+
+    def _read_line(self, limit=65536):
+        line = self._file.readline(limit + 1)
+        if len(line) > limit:
+            raise ProtocolError("a line longer than %d bytes in the answer" % limit)
+        return line
+
+    def _read_head(self):
+        line = self._read_line()
+        if not line:
+            raise ServerClosed("the server closed the connection before answering")
+        parts = line.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError("not an HTTP answer: %r" % line[:100])
+        self._version = parts[0]
+        headers = {}
+        for _ in range(self.MAX_HEADER_LINES):
+            line = self._read_line()
+            if line in (b"\r\n", b"\n", b""):
+                return int(parts[1]), headers
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        raise ProtocolError("more than %d header lines in the answer" % self.MAX_HEADER_LINES)
+
+    def _read_body(self, method, status, headers):
+        """(body, whether the connection can carry another request)."""
+        keep_alive = headers.get("connection", "").lower() != "close" and (
+            self._version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive")
+        if method == "HEAD" or status in (204, 304):
+            return b"", keep_alive
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return self._read_chunked(status), keep_alive
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ProtocolError("bad Content-Length %r" % length[:50])
+            if int(length) > MAX_RESPONSE_BYTES:
+                raise AnswerTooLarge(status)
+            data = self._file.read(int(length))
+            if len(data) < int(length):
+                raise ServerClosed("the server closed the connection mid-answer")
+            return data, keep_alive
+        data = self._file.read(MAX_RESPONSE_BYTES + 1)  # the answer ends where the connection does
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise AnswerTooLarge(status)
+        return data, False
+
+    def _read_chunked(self, status):
+        chunks, size = [], 0
+        while True:
+            text = self._read_line().split(b";")[0].strip()
+            try:
+                length = int(text, 16)
+            except ValueError:
+                raise ProtocolError("bad chunk size %r" % text[:50])
+            if length == 0:
+                while self._read_line() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            size += length
+            if size > MAX_RESPONSE_BYTES:
+                raise AnswerTooLarge(status)
+            chunk = self._file.read(length)
+            if len(chunk) < length:
+                raise ServerClosed("the server closed the connection mid-answer")
+            chunks.append(chunk)
+            self._read_line()  # the CRLF after each chunk
 
 
 def _proxy_for(url, environ):
@@ -323,6 +458,7 @@ def _retry_after_seconds(value):
         seconds = None
     if seconds is not None:
         return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS) if seconds == seconds else None
+    import email.utils  # here: rarely needed, and slow to import (see HTTPConnection)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -389,7 +525,6 @@ class PrefectAPI:
         self._csrf_client = str(uuid.uuid4())
         self._csrf_token = None
         self._csrf_lock = threading.Lock()
-        self._client = _http_client(self.url.startswith("https:"))
         self._proxy = _proxy_for(self.url, os.environ)
         self._local = threading.local()  # each thread keeps its own connection alive
         self._connections = []
@@ -411,7 +546,7 @@ class PrefectAPI:
             attempt += 1
             try:
                 status, headers, raw = self._send(method, path, body)
-            except (OSError, self._client.HTTPException, ValueError) as exc:
+            except (OSError, ProtocolError, ValueError) as exc:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
@@ -420,7 +555,7 @@ class PrefectAPI:
                 time.sleep(backoff_seconds(attempt))
                 continue
             if status in RETRY_STATUSES and attempt <= retries:
-                time.sleep(backoff_seconds(attempt, _retry_after_seconds(headers.get("Retry-After"))))
+                time.sleep(backoff_seconds(attempt, _retry_after_seconds(headers.get("retry-after"))))
                 continue
             if status in RETRY_STATUSES:
                 raise APIUnreachable("%s %s answered %s after %d tries: %s"
@@ -458,7 +593,7 @@ class PrefectAPI:
             headers["Prefect-Csrf-Client"] = self._csrf_client
         url = path if path.startswith(("http://", "https://")) else self.url + path
         status, answer_headers, raw = self._exchange(method, url, data, headers, path)
-        location = answer_headers.get("Location")
+        location = answer_headers.get("location")
         if status in (307, 308) and location and redirects:
             target = urllib.parse.urljoin(url, location)
             if urllib.parse.urlsplit(target)[:2] == urllib.parse.urlsplit(url)[:2]:
@@ -473,25 +608,26 @@ class PrefectAPI:
         parts = urllib.parse.urlsplit(url)
         target = url if self._proxy and parts.scheme == "http" else (
             (parts.path or "/") + ("?" + parts.query if parts.query else ""))
+        headers = dict(headers, Host=parts.netloc.rpartition("@")[2])
         if self._proxy and self._proxy[2] and parts.scheme == "http":
-            headers = dict(headers, **{"Proxy-Authorization": self._proxy[2]})
+            headers["Proxy-Authorization"] = self._proxy[2]
         reused = connection.sock is not None
         try:
             try:
-                connection.request(method, target, body=data, headers=headers)
-                response = connection.getresponse()
-            except (self._client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                answer = connection.request(method, target, headers, data)
+            except (ServerClosed, BrokenPipeError, ConnectionResetError):
                 if not reused:
                     raise
                 connection.close()
-                connection.request(method, target, body=data, headers=headers)
-                response = connection.getresponse()
-            raw = _read_capped(response, method, path)
+                answer = connection.request(method, target, headers, data)
+        except AnswerTooLarge as exc:
+            connection.close()
+            raise APIError(method, path, exc.status, str(exc))
         except BaseException:
             connection.close()  # whatever state it is in, the next request starts afresh
             raise
         self._local.used = time.monotonic()
-        return response.status, response.headers, raw
+        return answer
 
     def _connection(self):
         local = self._local
@@ -499,15 +635,17 @@ class PrefectAPI:
         if connection is None:
             parts = urllib.parse.urlsplit(self.url)
             tls = parts.scheme == "https"
-            cls = self._client.HTTPSConnection if tls else self._client.HTTPConnection
-            if self._proxy:
-                connection = cls(self._proxy[0], self._proxy[1], timeout=REQUEST_TIMEOUT_SECONDS)
-                if tls:
-                    auth = {"Proxy-Authorization": self._proxy[2]} if self._proxy[2] else None
-                    connection.set_tunnel(parts.hostname, parts.port or 443, headers=auth)
+            port = parts.port or (443 if tls else 80)
+            if self._proxy and tls:
+                connection = HTTPConnection(self._proxy[0], self._proxy[1], tls_host=parts.hostname,
+                                            tunnel=(parts.hostname, port, self._proxy[2]),
+                                            timeout=REQUEST_TIMEOUT_SECONDS)
+            elif self._proxy:
+                connection = HTTPConnection(self._proxy[0], self._proxy[1],
+                                            timeout=REQUEST_TIMEOUT_SECONDS)
             else:
-                connection = cls(parts.hostname, parts.port or (443 if tls else 80),
-                                 timeout=REQUEST_TIMEOUT_SECONDS)
+                connection = HTTPConnection(parts.hostname, port, tls_host=parts.hostname if tls else None,
+                                            timeout=REQUEST_TIMEOUT_SECONDS)
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
@@ -635,21 +773,6 @@ class PrefectAPI:
 
     def write_logs(self, entries):
         self.request("POST", "/logs/", entries)
-
-
-def _read_capped(resp, method, path):
-    chunks, size = [], 0
-    while size <= MAX_RESPONSE_BYTES:
-        chunk = resp.read(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    raw = b"".join(chunks)
-    if size > MAX_RESPONSE_BYTES:
-        raise APIError(method, path, resp.status, "answer larger than %d bytes, refused"
-                       % MAX_RESPONSE_BYTES)
-    return raw
 
 
 def _describe(exc):
@@ -1822,6 +1945,8 @@ class Agent:
                         self._poll()
                     self._check_cancellations()
                     next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
+                if syncing:
+                    self._heartbeat()  # after the poll: a write, and runs waiting come first
                 self.last_contact = time.monotonic()
                 self._api_recovered()
             except (AuthRefused, UsageError):
@@ -1892,7 +2017,8 @@ class Agent:
     # -- pool, queues, heartbeat ------------------------------------------------
 
     def _sync(self):
-        """Read (or create) the pool, make sure our queues exist, heartbeat."""
+        """Read (or create) the pool and make sure our queues exist (the heartbeat follows
+        the poll)."""
         pool = self.api.read_pool(self.config.pool)
         if pool is None:
             pool = self._create_pool()
@@ -1902,6 +2028,8 @@ class Agent:
         self._note_pool_changes(pool)
         self.pool = pool
         self._resolve_queues()
+
+    def _heartbeat(self):
         self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
         self._next_sync = time.monotonic() + SYNC_SECONDS * random.uniform(0.9, 1.1)
 

@@ -1558,6 +1558,44 @@ class ClientTests(unittest.TestCase):
             self.assertEqual(api.read_pool("pool")["name"], "pool")
         self.assertEqual(len(served), 3)
 
+    def test_reads_chunked_interim_and_unsized_answers(self):
+        answers = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\n{\"nam\r\nB\r\ne\": \"pool\"}\r\n0\r\nX-Trailer: 1\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\n\r\n{\"id\": \"x\"}"]  # no length: ends with the connection
+        connections = []
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        self.addCleanup(listener.close)
+
+        def serve():
+            while answers:
+                conn, _ = listener.accept()
+                connections.append(conn)
+                reader = conn.makefile("rb")
+                while answers:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        head += reader.read(1)
+                    length = re.search(rb"Content-Length: (\d+)", head)
+                    reader.read(int(length.group(1)) if length else 0)
+                    answer = answers.pop(0)
+                    conn.sendall(answer)
+                    if answer.startswith(b"HTTP/1.0"):
+                        conn.close()
+                        break
+
+        threading.Thread(target=serve, daemon=True).start()
+        api = agent.PrefectAPI("http://127.0.0.1:%d/api" % listener.getsockname()[1], max_retries=0)
+        self.addCleanup(api.close)
+        self.assertEqual(api.read_pool("pool"), {"name": "pool"})
+        self.assertIsNone(api.request("PATCH", "/flow_runs/x", {"infrastructure_pid": "h:1"}))
+        self.assertEqual(api.read_flow("x"), {"id": "x"})
+        self.assertEqual(len(connections), 1)
+        self.assertIsNone(api._local.connection.sock)  # closed with the HTTP/1.0 answer
+
     def test_goes_through_the_proxy_the_environment_names(self):
         seen = []
 
