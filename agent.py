@@ -1498,6 +1498,7 @@ class Supervisor(threading.Thread):
     a container without an init would otherwise accumulate."""
 
     TICK_SECONDS = 0.25
+    QUIET_TICK_SECONDS = 1.0
 
     def __init__(self, on_exit, console=None, reap_orphans=False, on_container=None):
         super().__init__(name="supervisor", daemon=True)
@@ -1548,22 +1549,29 @@ class Supervisor(threading.Thread):
         self.wake()
 
     def run(self):
+        interval = self.TICK_SECONDS
         while not self._stopping:
             # With nothing to watch, sleep until woken (a child added, SIGCHLD): an idle agent
-            # should cost no CPU between polls.
+            # should cost no CPU between polls. Children that are quiet are looked at less
+            # often, down to once a second, so hundreds of sleeping runs cost next to nothing;
+            # output, an exit, a wake-up or a pending SIGKILL restores the pace.
             with self._lock:
                 idle = not self._children and not self._helpers and not self._reap_orphans
-            select.select([self._wake_r], [], [], None if idle else self.TICK_SECONDS)
+            woken = select.select([self._wake_r], [], [], None if idle else interval)[0]
             _drain_fd(self._wake_r)
-            self.tick()
+            busy = self.tick()
+            interval = self.TICK_SECONDS if busy or woken else min(interval * 2, self.QUIET_TICK_SECONDS)
 
     def tick(self):
+        """One look at every child; True if anything happened or is about to."""
         children = self.children()
+        busy = False
         for child in children:
             self._adopt_helpers(child)
-            self._read(child)
+            busy = self._read(child) or busy
             if child.cidfile and child.container_id is None:
                 self._note_container_id(child)
+            busy = busy or child.kill_at is not None
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
         exited = self._collect_exits(children)
         now = time.monotonic()
@@ -1576,6 +1584,7 @@ class Supervisor(threading.Thread):
                 child.signal_group(signal.SIGKILL)
         for child in exited:
             self._finish(child)
+        return busy or bool(exited)
 
     def _note_container_id(self, child):
         try:
@@ -1621,15 +1630,18 @@ class Supervisor(threading.Thread):
         return exited
 
     def _read(self, child):
+        """Pass on what the child wrote since the last look; True if it wrote anything."""
         if child.output is None:
-            return
+            return False
+        got = False
         while True:
             try:
                 chunk = child.output.read(65536)
             except OSError:
-                return
+                return got
             if not chunk:
-                return
+                return got
+            got = True
             lines = (child.partial + chunk).split(b"\n")
             child.partial = lines.pop()
             if len(child.partial) > 65536:  # a runaway line without newline: show it in pieces
