@@ -196,7 +196,8 @@ class Api:
         attempt, last = 0, ""
         while time.monotonic() < give_up:
             attempt += 1
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+            conn = http.client.HTTPConnection(self.host, self.port,
+                                              timeout=min(60.0, self.deadline))
             try:
                 conn.request(method, target, body=data,
                              headers={"Content-Type": "application/json"} if data else {})
@@ -397,8 +398,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def tunnel(self):
         self.close_connection = True
-        upstream = socket.create_connection((self.server.upstream_host, self.server.upstream_port),
-                                            timeout=10)
+        try:
+            upstream = socket.create_connection(
+                (self.server.upstream_host, self.server.upstream_port), timeout=10)
+        except OSError:
+            return
         try:
             head = ["%s %s %s" % (self.command, self.path, self.request_version)]
             head += ["%s: %s" % (k, v) for k, v in self.headers.items()]
@@ -407,15 +411,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # and the socket itself can be relayed from here on.
             client = self.connection
             upstream.settimeout(None)
+            # poll, not select: the worker keeps two websockets per running flow run, so a
+            # scale round takes this process past select's 1024 file descriptors.
+            poller = select.poll()
+            peer = {client.fileno(): (client, upstream), upstream.fileno(): (upstream, client)}
+            for fd in peer:
+                poller.register(fd, select.POLLIN)
             while True:
-                ready, _, _ = select.select([client, upstream], [], [], 60)
-                if not ready and self.server.stopping:
+                events = poller.poll(60000)
+                if not events and self.server.stopping:
                     return
-                for sock in ready:
-                    data = sock.recv(65536)
+                for fd, _event in events:
+                    source, target = peer[fd]
+                    data = source.recv(65536)
                     if not data:
                         return
-                    (upstream if sock is client else client).sendall(data)
+                    target.sendall(data)
         except OSError:
             return
         finally:
@@ -712,7 +723,7 @@ class Bench:
         self.offset = time.time() - time.monotonic()
         self.server = None
         self.proxy = None
-        self.api = None
+        self.api = self.quick_api = None
         self.template = None
         self.agent_version = None
         self.flow_id = None
@@ -736,6 +747,9 @@ class Bench:
             log("starting a Prefect %s server (up to %.0f s)" % (PREFECT_VERSION, HEALTH_TIMEOUT))
             self.server, url = start_server(self.venv, self.tmp)
         self.api = Api(url)
+        # For the states of runs that did not start: a shortcut, not worth a long wait when
+        # the server is swamped.
+        self.quick_api = Api(url, deadline=15.0)
         if not self.api.healthy():
             raise BenchError("the server at %s is not healthy" % url)
         self.info["server"] = url
@@ -792,7 +806,7 @@ class Bench:
         states = {}
         for i in range(0, len(run_ids), 200):
             chunk = run_ids[i:i + 200]
-            for run in self.api.call("POST", "/flow_runs/filter", {
+            for run in self.quick_api.call("POST", "/flow_runs/filter", {
                     "flow_runs": {"id": {"any_": chunk}}, "limit": len(chunk)}):
                 states[run["id"]] = (run.get("state") or {}).get("type")
         return states
@@ -1414,7 +1428,8 @@ HOW_MEASURED = """\
 - memory: VmRSS of the agent process {idle_after} s after start; peak = VmHWM after 100 runs
   (`sleep {mem_sleep}`) released at once have ended. MB = 2^20 bytes.
 - install: agent.py's size; for the worker, the files of prefect and its dependency closure.
-- idle cost: utime+stime of the agent process over {idle} s idle, after the RSS sample.
+- idle cost: CPU time of the agent process's threads (schedstat, ns) over {idle} s idle, after
+  the RSS sample.
 - dispatch: 200 runs waiting in a paused queue are released (unpaused); time from the poll
   that returned them to the 200th child's start.
 - punctuality: 20 runs scheduled {ahead:.0f} s ahead, 0.5 s apart; child start minus
@@ -1507,6 +1522,19 @@ def default_venv():
     return os.path.join(cache, "venv-prefect-" + PREFECT_VERSION)
 
 
+def raise_file_limit():
+    """The proxy holds two sockets per request or websocket in flight: with the worker's two
+    websockets per running flow run, a 500-run scale round needs a few thousand."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def on_signal(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 
@@ -1553,6 +1581,7 @@ def main(argv=None):
     if not os.path.isfile(args.agent):
         parser.error("--agent %s: no such file" % args.agent)
 
+    raise_file_limit()
     signal.signal(signal.SIGTERM, on_signal)
     bench = Bench(args)
     completed = False
