@@ -674,7 +674,11 @@ class AgentProcess:
         return proc_status_kib(self.pid, "VmHWM")
 
     def cpu(self):
-        return proc_cpu_seconds(self.pid)
+        seconds = proc_cpu_seconds(self.pid) if self.alive() else None
+        if seconds is None:
+            raise BenchError("%s exited (%s) in the middle of a measurement; log %s" % (
+                self.kind, self.proc.poll(), self.log_path))
+        return seconds
 
     def stop(self):
         """SIGTERM (the agent alone: it decides what to do with its runs), wait, then SIGKILL
@@ -813,10 +817,12 @@ class Bench:
 
     def wait_started(self, markers, run_ids, timeout, agent, record, prefix, tick=None):
         """Until every run's child has started, or `timeout`, or the runs still missing are all
-        final on the server (an agent can give a run up before starting it), or no child has
-        started for --stall-seconds. Records how many did not start and their states."""
+        final on the server (an agent can give a run up before starting it), or no further
+        child has started for --stall-seconds since one did. (Before the first child, only the
+        timeout: the first poll, the scheduled times and the worker's submissions take a while.)
+        Records how many did not start and their states."""
         start = time.monotonic()
-        deadline, progress, count, next_check = start + timeout, start, -1, start + 5.0
+        deadline, progress, count, next_check = start + timeout, None, 0, start + 5.0
         while True:
             started = markers.started(run_ids)
             now = time.monotonic()
@@ -826,7 +832,8 @@ class Bench:
                 break
             if len(started) != count:
                 count, progress = len(started), now
-            if now > deadline or not agent.alive() or now - progress > self.args.stall_seconds:
+            stalled = progress is not None and now - progress > self.args.stall_seconds
+            if now > deadline or not agent.alive() or stalled:
                 break
             if now >= next_check:
                 next_check = now + 5.0
@@ -1389,6 +1396,7 @@ def build_rows(bench, install):
         va, vw = both("all_started_s", sa, sw)
         row("scale: release to all %d started (s)" % runs, va, vw, "%.1f", "-", None,
             missing=(partial(sa, "scale_started", runs), partial(sw, "scale_started", runs)))
+
     def not_started(records):
         return sum(sum(r.get(key, {}).values()) for r in records
                    for key in ("mem_not_started", "dispatch_not_started", "punct_not_started",
@@ -1558,7 +1566,8 @@ def main(argv=None):
     add("--phase-timeout", type=float, default=300.0,
         help="how long a batch of runs may take to start (s)")
     add("--stall-seconds", type=float, default=60.0,
-        help="stop waiting for a batch when no child has started for this long (s)")
+        help="stop waiting for a batch when, after its first child, no other has started "
+             "for this long (s)")
     add("--skip-scale", action="store_true", help="no scale rounds")
     add("--scale-repeat", type=int, default=1, help="scale rounds per agent (default 1)")
     add("--scale-runs", type=int, default=500, help="concurrent runs in a scale round")
@@ -1592,7 +1601,7 @@ def main(argv=None):
     except BenchError as exc:
         bench.problem(str(exc))
     except KeyboardInterrupt as exc:
-        bench.problem("interrupted (%s)" % (exc or "SIGINT"))
+        bench.problem("interrupted (%s)" % (str(exc) or "SIGINT"))
     except Exception:  # a bug here: say where, still clean up
         bench.problem("compare.py failed:\n" + traceback.format_exc())
     finally:
