@@ -1247,6 +1247,9 @@ class Child:
         self.partial = b""
         self.returncode = None
         self.stop_reason = None  # "cancelled" or "stopped" once the agent signals it
+        self.grace = None  # seconds from SIGTERM to SIGKILL
+        self.term_at = None  # when the supervisor sends SIGTERM (an engine may ack sooner)
+        self.notified = False  # the engine was told of the cancellation (ControlChannel)
         self.kill_at = None
 
     def open_output(self, from_end=False):
@@ -1505,6 +1508,185 @@ class Journal:
         return os.path.join(self.output_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) + ".log")
 
 
+class ControlChannel:
+    """The loopback channel a Prefect 3.7+ engine connects back to (PREFECT__CONTROL_PORT and
+    PREFECT__CONTROL_TOKEN in its env), so that a cancellation can be announced before the
+    SIGTERM: told "c" first, the engine runs the flow's on_cancellation hooks and reports the
+    run Cancelled itself. Without it the engine takes SIGTERM for a crash, runs on_crashed
+    hooks and reports Crashed. Engines that do not know the channel ignore the env.
+
+    The agent speaks protocol version one: the engine sends its token and a line, a 5-byte
+    hello that is answered with "version one, no capabilities", and acknowledges an intent
+    byte with "a". Only the supervisor thread touches the sockets."""
+
+    HELLO = b"\x00PF"
+    HELLO_SIZE = 5
+    VERSION_ONE = b"\x00PF\x01\x00"
+    CANCEL, ACK = b"c", b"a"
+    ACK_SECONDS = 1.0  # Prefect's runner waits as long for the acknowledgement
+    LOGIN_SECONDS = 5.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._listener = None
+        self._tokens = {}  # token -> run id, until the engine logs in with it
+        self._logins = {}  # socket -> (bytes so far, deadline) of connections not yet logged in
+        self._engines = {}  # run id -> [socket, bytes not yet parsed]
+
+    def register(self, run_id):
+        """The env that lets run_id's engine connect; {} if the channel cannot listen."""
+        with self._lock:
+            if self._listener is None and not self._listen():
+                return {}
+            token = os.urandom(16).hex()
+            self._tokens[token] = run_id
+            port = self._listener.getsockname()[1]
+        return {"PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token}
+
+    def _listen(self):
+        try:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(128)
+            listener.setblocking(False)
+        except OSError as exc:
+            log.warning("cannot listen on loopback for flow-run engines (%s): cancelled runs "
+                        "will get SIGTERM without notice, and may report Crashed first", exc)
+            return False
+        self._listener = listener
+        return True
+
+    def sockets(self):
+        with self._lock:
+            listening = [self._listener] if self._listener is not None else []
+            return listening + list(self._logins) + [entry[0] for entry in self._engines.values()]
+
+    def tell_cancel(self, run_id):
+        """Announce the cancellation to run_id's engine; False if it is not connected."""
+        entry = self._engines.get(run_id)
+        if entry is None:
+            return False
+        try:
+            entry[0].send(self.CANCEL)
+            return True
+        except OSError:
+            self.forget(run_id)
+            return False
+
+    def service(self, readable):
+        """Handle what the readable sockets brought; the run ids whose engine acknowledged."""
+        acknowledged = set()
+        for sock in readable:
+            if sock is self._listener:
+                self._accept()
+            elif sock in self._logins:
+                self._login(sock)
+            else:
+                run_id = next((r for r, e in self._engines.items() if e[0] is sock), None)
+                if run_id is not None and self._read_engine(run_id):
+                    acknowledged.add(run_id)
+        now = time.monotonic()
+        for sock, (_, deadline) in list(self._logins.items()):
+            if now >= deadline:
+                self._drop_login(sock)
+        return acknowledged
+
+    def close(self):
+        with self._lock:
+            sockets = ([self._listener] if self._listener else []) + list(self._logins)
+            sockets += [entry[0] for entry in self._engines.values()]
+            self._listener, self._tokens, self._logins, self._engines = None, {}, {}, {}
+        for sock in sockets:
+            sock.close()
+
+    def forget(self, run_id):
+        with self._lock:
+            for token in [t for t, r in self._tokens.items() if r == run_id]:
+                del self._tokens[token]
+            entry = self._engines.pop(run_id, None)
+        if entry is not None:
+            entry[0].close()
+
+    def _accept(self):
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        with self._lock:
+            self._logins[sock] = (b"", time.monotonic() + self.LOGIN_SECONDS)
+
+    def _drop_login(self, sock):
+        with self._lock:
+            self._logins.pop(sock, None)
+        sock.close()
+
+    def _login(self, sock):
+        data = _recv(sock)
+        if data is None:
+            return
+        got = self._logins[sock][0] + data
+        if not data or (b"\n" not in got and len(got) > 200):
+            self._drop_login(sock)
+            return
+        if b"\n" not in got:
+            with self._lock:
+                self._logins[sock] = (got, self._logins[sock][1])
+            return
+        token, rest = got.split(b"\n", 1)
+        with self._lock:
+            del self._logins[sock]
+            run_id = self._tokens.pop(token.decode("ascii", "replace").strip(), None)
+            if run_id is not None:
+                self._engines[run_id] = [sock, rest]
+        if run_id is None:
+            log.warning("refused a connection to the flow-run control channel: unknown token")
+            sock.close()
+        elif rest:
+            self._parse(run_id)
+
+    def _read_engine(self, run_id):
+        entry = self._engines[run_id]
+        data = _recv(entry[0])
+        if data is None:
+            return False
+        if not data:
+            self.forget(run_id)
+            return False
+        entry[1] += data
+        return self._parse(run_id)
+
+    def _parse(self, run_id):
+        """Answer hellos, drop what is not understood; True on an acknowledgement."""
+        entry = self._engines[run_id]
+        while entry[1]:
+            if entry[1].startswith(self.ACK):
+                self.forget(run_id)  # the engine closes its end after acknowledging
+                return True
+            if self.HELLO.startswith(entry[1][:3]):
+                if len(entry[1]) < self.HELLO_SIZE:
+                    return False
+                entry[1] = entry[1][self.HELLO_SIZE:]
+                try:
+                    entry[0].send(self.VERSION_ONE)
+                except OSError:
+                    self.forget(run_id)
+                    return False
+                continue
+            entry[1] = entry[1][1:]
+        return False
+
+
+def _recv(sock):
+    """What the socket has: None if nothing yet, b"" at its end or on an error."""
+    try:
+        return sock.recv(4096)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class Supervisor(threading.Thread):
     """Streams every child's output and reaps every child promptly, from one thread.
 
@@ -1528,6 +1710,7 @@ class Supervisor(threading.Thread):
         self._children = {}
         self._helpers = []  # helper processes of children that have ended
         self._stopping = False
+        self.channel = ControlChannel()
 
     def add(self, child):
         with self._lock:
@@ -1549,13 +1732,14 @@ class Supervisor(threading.Thread):
             return self._children.get(run_id)
 
     def terminate(self, run_id, reason, grace):
-        """SIGTERM the run's process group now, SIGKILL it after `grace` seconds."""
+        """SIGTERM the run's process group at once, or, for a cancellation, as soon as its
+        engine has acknowledged the notice (ControlChannel); SIGKILL it `grace` seconds later."""
         child = self.child(run_id)
         if child is None or child.stop_reason is not None:
             return False
+        child.grace = grace
         child.stop_reason = reason
-        child.kill_at = time.monotonic() + grace
-        child.signal_group(signal.SIGTERM)
+        child.term_at = time.monotonic()  # set last: the supervisor thread acts on it
         self.wake()
         return True
 
@@ -1572,13 +1756,19 @@ class Supervisor(threading.Thread):
             # output, an exit, a wake-up or a pending SIGKILL restores the pace.
             with self._lock:
                 idle = not self._children and not self._helpers and not self._reap_orphans
-            woken = select.select([self._wake_r], [], [], None if idle else interval)[0]
-            _drain_fd(self._wake_r)
-            busy = self.tick()
+            readable = select.select([self._wake_r] + self.channel.sockets(), [], [],
+                                     None if idle else interval)[0]
+            woken = self._wake_r in readable
+            if woken:
+                _drain_fd(self._wake_r)
+            acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
+            busy = self.tick(acknowledged)
             interval = self.TICK_SECONDS if busy or woken else min(interval * 2, self.QUIET_TICK_SECONDS)
+        self.channel.close()
 
-    def tick(self):
-        """One look at every child; True if anything happened or is about to."""
+    def tick(self, acknowledged=()):
+        """One look at every child; True if anything happened or is about to.
+        `acknowledged`: runs whose engine has just acknowledged a cancellation notice."""
         children = self.children()
         busy = False
         for child in children:
@@ -1586,11 +1776,13 @@ class Supervisor(threading.Thread):
             busy = self._read(child) or busy
             if child.cidfile and child.container_id is None:
                 self._note_container_id(child)
-            busy = busy or child.kill_at is not None
+            busy = busy or child.kill_at is not None or child.term_at is not None
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
         exited = self._collect_exits(children)
         now = time.monotonic()
         for child in children:
+            if child not in exited and child.term_at is not None:
+                self._send_sigterm_when_due(child, now, child.run_id in acknowledged)
             if child not in exited and child.kill_at is not None and now >= child.kill_at:
                 log.warning("run %s: still running after SIGTERM and the %s grace period; "
                             "sending SIGKILL", child.run_id,
@@ -1600,6 +1792,20 @@ class Supervisor(threading.Thread):
         for child in exited:
             self._finish(child)
         return busy or bool(exited)
+
+    def _send_sigterm_when_due(self, child, now, acknowledged):
+        if child.stop_reason == "cancelled" and not child.notified:
+            child.notified = True  # the notice goes once
+            if self.channel.tell_cancel(child.run_id):
+                child.term_at = now + ControlChannel.ACK_SECONDS
+        if acknowledged:
+            log.info("run %s: its engine acknowledged the cancellation; sending SIGTERM",
+                     child.run_id)
+        elif now < child.term_at:
+            return
+        child.term_at = None
+        child.kill_at = now + child.grace
+        child.signal_group(signal.SIGTERM)
 
     def _note_container_id(self, child):
         try:
@@ -1686,6 +1892,7 @@ class Supervisor(threading.Thread):
             self._children.pop(child.run_id, None)
         self._adopt_helpers(child)
         _remove(child.temp_dir)
+        self.channel.forget(child.run_id)
         try:
             self._on_exit(child)
         except Exception:  # a reporting bug must never stop supervision of the rest
@@ -2285,10 +2492,13 @@ class Agent:
 
     def _start(self, run, job):
         run_id = run["id"]
+        if not job.container:  # a container's engine cannot reach the host's loopback
+            job.env = dict(job.env, **self.supervisor.channel.register(run_id))
         try:
             child = start_process(run_id, run.get("name") or run_id, job,
                                   self.journal.output_path(run_id))
         except LaunchError as exc:
+            self.supervisor.channel.forget(run_id)
             self._crash_unstarted(run_id, exc)
             return
         self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time,
@@ -2511,12 +2721,15 @@ class Agent:
                                                   "agent.py never started it."})
                     self._release_slot(run_id)
                 elif self.supervisor.terminate(run_id, "cancelled", self.config.cancel_grace_seconds):
-                    self.reporter.log(run_id, "Cancellation requested: sent SIGTERM to the flow "
-                                      "run's processes (SIGKILL after %g s)"
+                    self.reporter.log(run_id, "Cancellation requested: terminating the flow "
+                                      "run's processes (SIGTERM, then SIGKILL after %g s)"
                                       % self.config.cancel_grace_seconds)
 
     def _finish_cancellation(self, run_id, state, run_name, message=None):
-        if state.get("type") in ("COMPLETED", "FAILED", "CANCELLED"):
+        if state.get("type") == "CANCELLED":  # the engine was told in time (ControlChannel)
+            self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
+            return
+        if state.get("type") in ("COMPLETED", "FAILED"):
             log.info("run %s: ended %s before the cancellation took effect; left as it is",
                      run_id, state.get("type"))
             return

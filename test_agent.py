@@ -2405,6 +2405,41 @@ LONG_CHILD = REPORT_STATES + (
 LONG_CHILD = "REPORT = %r\n" % REPORT_STATES + LONG_CHILD
 
 
+# A stand-in for a Prefect 3.7+ engine on the control channel: it connects with its token and
+# the version-two hello, notes what it is told, acknowledges a cancel notice (unless
+# CHILD_MODE is no-ack) and then, on SIGTERM, reports itself Cancelled as the real one does.
+# First it checks that a connection without the token is turned away.
+ENGINE_CHILD = REPORT_STATES + (
+    "import signal, socket, time\n"
+    "mode, notes = os.environ.get('CHILD_MODE', ''), os.environ['CHILD_NOTES']\n"
+    "def note(text):\n"
+    "    with open(notes, 'a') as handle:\n"
+    "        handle.write(text + '\\n')\n"
+    "port, token = int(os.environ['PREFECT__CONTROL_PORT']), os.environ['PREFECT__CONTROL_TOKEN']\n"
+    "intruder = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "intruder.sendall(b'0123456789abcdef0123456789abcdef\\n')\n"
+    "note('intruder closed' if intruder.recv(1) == b'' else 'intruder kept')\n"
+    "def on_term(signum, frame):\n"
+    "    note('SIGTERM')\n"
+    "    if mode != 'no-ack':\n"
+    "        sys.argv[1:] = ['CANCELLED!']\n"
+    "        exec(compile(REPORT, 'report', 'exec'))\n"
+    "    sys.exit(1)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "engine = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "engine.sendall(token.encode() + b'\\n' + b'\\x00PF\\x02\\x01')\n"
+    "answer = b''\n"
+    "while len(answer) < 5:\n"
+    "    answer += engine.recv(5 - len(answer))\n"
+    "note('answer ' + answer.hex())\n"
+    "engine.settimeout(None)\n"
+    "note('intent ' + engine.recv(1).decode())\n"
+    "if mode != 'no-ack':\n"
+    "    engine.sendall(b'a')\n"
+    "time.sleep(60)\n")
+ENGINE_CHILD = "REPORT = %r\n" % REPORT_STATES + ENGINE_CHILD
+
+
 class CancellationTests(AgentTestCase):
     def long_run(self, mode="", **flags):
         self.pids = os.path.join(self.tmp, "pids")
@@ -2450,6 +2485,42 @@ class CancellationTests(AgentTestCase):
             wait_for(lambda: running.agent.reporter.flush(0) and not running.agent.journal.entries(),
                      what="settled")
         self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "COMPLETED"])
+
+    def engine_run(self, mode):
+        self.notes = os.path.join(self.tmp, "notes")
+        dep = self.deployment(command=py_command(ENGINE_CHILD, "RUNNING"),
+                              env={"CHILD_MODE": mode, "CHILD_NOTES": self.notes})
+        return self.fake.add_run(dep, pool="pool")
+
+    def child_notes(self):
+        return read(self.notes).splitlines() if os.path.exists(self.notes) else []
+
+    def cancel_engine_run(self, mode):
+        run = self.engine_run(mode)
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "5") as running:
+            wait_for(lambda: len(self.child_notes()) == 2 and final_type(self.fake, run) == "RUNNING",
+                     what="the engine connected")
+            self.fake.set_run_state(run, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+            wait_for(lambda: running.agent.reporter.flush(0) and not running.agent.journal.entries(),
+                     what="settled")
+        return run
+
+    def test_an_engine_on_the_control_channel_is_told_before_sigterm_and_reports_itself(self):
+        """(Prefect 3.7+) The engine hears "cancel" first, acknowledges, then gets SIGTERM, so
+        it reports Cancelled itself (running on_cancellation hooks, not on_crashed ones); the
+        agent leaves that state alone. A connection without the run's token is turned away."""
+        run = self.cancel_engine_run("")
+        self.assertEqual(self.child_notes(), ["intruder closed", "answer 0050460100",
+                                              "intent c", "SIGTERM"])
+        self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "CANCELLED"])
+        self.assertIn("Cancelled flow run", " ".join(self.fake.logs(run)))
+
+    def test_an_engine_that_does_not_acknowledge_the_notice_gets_sigterm_anyway(self):
+        run = self.cancel_engine_run("no-ack")
+        self.assertEqual(self.child_notes()[2:], ["intent c", "SIGTERM"])
+        self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "CANCELLED"])
+        self.assertIn("agent.py terminated", self.fake.run(run)["state"]["message"])
 
     def test_runs_of_other_agents_are_not_touched(self):
         dep = self.deployment(command=marker_command(self.markers))
@@ -4164,7 +4235,14 @@ FLOW_SOURCE = textwrap.dedent('''\
 
     MARKER = {marker!r}
 
-    @flow(name={flow_name!r})
+    def note_hook(name):
+        def hook(flow, flow_run, state):
+            with open(MARKER + ".hooks", "a") as handle:
+                handle.write(name + "\\n")
+        return hook
+
+    @flow(name={flow_name!r}, on_cancellation=[note_hook("on_cancellation")],
+          on_crashed=[note_hook("on_crashed")])
     def conformance_flow():
         fd = os.open(MARKER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -4553,12 +4631,18 @@ class RealServerConformance(unittest.TestCase):
 
     def test_cancelling_a_real_flow_run_ends_it_cancelled(self):
         """(issue 3) A running flow set Cancelling through the API is terminated and ends
-        Cancelled within a poll interval plus the grace period."""
+        Cancelled within a poll interval plus the grace period. The engine hears of the
+        cancellation before SIGTERM (control channel), so the run is never Crashed on the way."""
         self.make_pool()
         run_id = self.cancel_once_running(self.real_flow_deployment(env={"FLOW_SLEEP": "120"}))
         asked = time.monotonic()
         self.expect_final(run_id, "CANCELLED", 30)
         self.assertLess(time.monotonic() - asked, 1 + 5 + 5, "slower than poll + grace")
+        states = [s["type"] for s in self.rest.call("GET", "/flow_run_states/?flow_run_id=" + run_id)]
+        if "CRASHED" in states:
+            self.fail_with_logs("the run went through CRASHED: %r" % states)
+        with open(self.flow_marker + ".hooks") as f:
+            self.assertEqual(f.read().split(), ["on_cancellation"])
 
     def test_kill_9_and_restart_every_run_ends_final_and_none_runs_twice(self):
         """(issue 3) agent.py is killed with SIGKILL while real flows run; a new agent on the
@@ -4629,10 +4713,15 @@ class RealServerConformance(unittest.TestCase):
         self.assertIn("going down", st[2])
 
     def test_docker_a_cancelled_container_run_ends_cancelled_and_the_container_is_gone(self):
-        """(issue 4) Cancellation stops the container; with auto_remove it is removed."""
+        """(issue 4) Cancellation stops the container; with auto_remove it is removed. The
+        engine inside cannot reach the agent's loopback control channel, so it takes the
+        SIGTERM for a crash and may report Crashed before the agent settles it Cancelled."""
         run_id = self.cancel_once_running(
             self.docker_deployment(auto_remove=True, env={"FLOW_SLEEP": "120"}))
-        self.expect_final(run_id, "CANCELLED", 60)
+        end = time.monotonic() + self.remaining(60)
+        while state_of(self.rest.read_run(run_id))[0] != "CANCELLED" and time.monotonic() < end:
+            time.sleep(0.5)
+        self.expect_final(run_id, "CANCELLED", 1)
         end = time.monotonic() + 20
         while self.containers_of(run_id) and time.monotonic() < end:
             time.sleep(0.5)
