@@ -820,7 +820,7 @@ class Bench:
         final on the server (an agent can give a run up before starting it), or no further
         child has started for --stall-seconds since one did. (Before the first child, only the
         timeout: the first poll, the scheduled times and the worker's submissions take a while.)
-        Records how many did not start and their states."""
+        Records how many did not start, their states, and how long it waited for them."""
         start = time.monotonic()
         deadline, progress, count, next_check = start + timeout, None, 0, start + 5.0
         while True:
@@ -834,12 +834,14 @@ class Bench:
                 count, progress = len(started), now
             stalled = progress is not None and now - progress > self.args.stall_seconds
             if now > deadline or not agent.alive() or stalled:
+                record[prefix + "_waited_s"] = now - start
                 break
             if now >= next_check:
                 next_check = now + 5.0
                 missing = [r for r in run_ids if r not in started]
                 try:
                     if all(s in FINAL_STATES for s in self.run_states(missing).values()):
+                        record[prefix + "_waited_s"] = now - start  # they will never start
                         break
                 except BenchError as exc:  # only a shortcut: the other limits still apply
                     log("could not read the states of the runs not started: %s" % exc)
@@ -1018,6 +1020,8 @@ class Bench:
         record["dispatch_last_started_s"] = max(started.values()) - first_poll
         if len(started) == len(run_ids):
             record["dispatch_s"] = record["dispatch_last_started_s"]
+        else:  # its time to all started is longer than this, if it ever comes
+            record["dispatch_more_than_s"] = released + record["dispatch_waited_s"] - first_poll
         quiet_from = time.monotonic()
         self.wait_quiet(quiet_from)
         record["dispatch_requests"] = len(self.proxy.recorder.since(released))
@@ -1374,6 +1378,16 @@ def build_rows(bench, install):
         "5x faster", (va * 5 <= vw) if known(va, vw) else None,
         missing=(partial(a, "dispatch_started", DISPATCH_RUNS),
                  partial(w, "dispatch_started", DISPATCH_RUNS)))
+    worker_over = median_of(w, "dispatch_more_than_s")
+    if va is not None and vw is None and worker_over is not None:
+        # The worker never started all of them: its time is at least how long it was waited
+        # for, so agent.py's ratio is at least that over its own time.
+        figure, agent_text, worker_text = rows.pop()[:3]
+        rows.append((figure, agent_text, "%s after %.0f s" % (worker_text, worker_over),
+                     "> %.1fx" % (worker_over / va), "5x faster",
+                     verdict(True) if va * 5 <= worker_over else "-"))
+    elif va is None and vw is not None:
+        rows[-1] = rows[-1][:5] + (verdict(False),)
     va, vw = both("dispatch_first_s")
     row("dispatch: poll to first child started (s)", va, vw, "%.3f", "-", None)
     va, vw = both("punct_median_s")
@@ -1439,7 +1453,9 @@ HOW_MEASURED = """\
 - idle cost: CPU time of the agent process's threads (schedstat, ns) over {idle} s idle, after
   the RSS sample.
 - dispatch: 200 runs waiting in a paused queue are released (unpaused); time from the poll
-  that returned them to the 200th child's start.
+  that returned them to the 200th child's start. An agent that never starts all 200 (it gave
+  runs up, or stalled) is shown with the time it was waited for, a lower bound of its time,
+  and the ratio as "> N".
 - punctuality: 20 runs scheduled {ahead:.0f} s ahead, 0.5 s apart; child start minus
   scheduled time (negative: started before its scheduled time).
 - scale: {scale_runs} long `sleep` runs released at once; RSS growth = highest RSS over {window:.0f} s
