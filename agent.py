@@ -1525,10 +1525,12 @@ class ControlChannel:
     CANCEL, ACK = b"c", b"a"
     ACK_SECONDS = 1.0  # Prefect's runner waits as long for the acknowledgement
     LOGIN_SECONDS = 5.0
+    ACCEPT_PAUSE_SECONDS = 1.0
 
     def __init__(self):
         self._lock = threading.Lock()
         self._listener = None
+        self._accept_paused_until = 0.0
         self._tokens = {}  # token -> run id, until the engine logs in with it
         self._logins = {}  # socket -> (bytes so far, deadline) of connections not yet logged in
         self._engines = {}  # run id -> [socket, bytes not yet parsed]
@@ -1558,7 +1560,8 @@ class ControlChannel:
 
     def sockets(self):
         with self._lock:
-            listening = [self._listener] if self._listener is not None else []
+            accepting = self._listener is not None and time.monotonic() >= self._accept_paused_until
+            listening = [self._listener] if accepting else []
             return listening + list(self._logins) + [entry[0] for entry in self._engines.values()]
 
     def tell_cancel(self, run_id):
@@ -1608,13 +1611,21 @@ class ControlChannel:
             entry[0].close()
 
     def _accept(self):
-        try:
-            sock, _ = self._listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        with self._lock:
-            self._logins[sock] = (b"", time.monotonic() + self.LOGIN_SECONDS)
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # Out of descriptors, say: the engine waits in the backlog and, failing
+                # that, gets SIGTERM without notice. Listening on would spin the supervisor.
+                log.warning("cannot accept a flow-run engine's connection: %s; not accepting "
+                            "for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
+                self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
+                return
+            sock.setblocking(False)
+            with self._lock:
+                self._logins[sock] = (b"", time.monotonic() + self.LOGIN_SECONDS)
 
     def _drop_login(self, sock):
         with self._lock:
@@ -1756,8 +1767,8 @@ class Supervisor(threading.Thread):
             # output, an exit, a wake-up or a pending SIGKILL restores the pace.
             with self._lock:
                 idle = not self._children and not self._helpers and not self._reap_orphans
-            readable = select.select([self._wake_r] + self.channel.sockets(), [], [],
-                                     None if idle else interval)[0]
+            readable = _wait_readable([self._wake_r] + self.channel.sockets(),
+                                      None if idle else interval)
             woken = self._wake_r in readable
             if woken:
                 _drain_fd(self._wake_r)
@@ -1897,6 +1908,17 @@ class Supervisor(threading.Thread):
             self._on_exit(child)
         except Exception:  # a reporting bug must never stop supervision of the rest
             log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
+
+
+def _wait_readable(items, timeout):
+    """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
+    seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
+    select's limit of 1024."""
+    poller = select.poll()
+    for item in items:
+        poller.register(item, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+    return [item for item in items if (item if isinstance(item, int) else item.fileno()) in ready]
 
 
 def _drain_fd(fd):

@@ -2522,6 +2522,25 @@ class CancellationTests(AgentTestCase):
         self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "CANCELLED"])
         self.assertIn("agent.py terminated", self.fake.run(run)["state"]["message"])
 
+    def test_the_channel_works_with_descriptors_past_1024(self):
+        """Hundreds of runs take a socket and an output file each: descriptor numbers pass
+        1024, where select() fails. The supervisor must go on watching and cancelling."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 1200 + 100
+        if soft < wanted:
+            if hard != resource.RLIM_INFINITY and hard < wanted:
+                self.fail("this test needs RLIMIT_NOFILE >= %d; the hard limit is %d" % (wanted, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        fillers = []
+        self.addCleanup(lambda: [os.close(fd) for fd in fillers])
+        while not fillers or fillers[-1] < 1200:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        run = self.cancel_engine_run("")
+        self.assertEqual(self.child_notes()[1:], ["answer 0050460100", "intent c", "SIGTERM"])
+        self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "CANCELLED"])
+
     def test_runs_of_other_agents_are_not_touched(self):
         dep = self.deployment(command=marker_command(self.markers))
         theirs = self.fake.add_run(dep, pool="pool")
