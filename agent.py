@@ -1767,15 +1767,26 @@ class Supervisor(threading.Thread):
             # output, an exit, a wake-up or a pending SIGKILL restores the pace.
             with self._lock:
                 idle = not self._children and not self._helpers and not self._reap_orphans
-            readable = _wait_readable([self._wake_r] + self.channel.sockets(),
-                                      None if idle else interval)
-            woken = self._wake_r in readable
-            if woken:
-                _drain_fd(self._wake_r)
-            acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
+            woken, acknowledged = self._wait(None if idle else interval)
             busy = self.tick(acknowledged)
             interval = self.TICK_SECONDS if busy or woken else min(interval * 2, self.QUIET_TICK_SECONDS)
         self.channel.close()
+
+    def _wait(self, timeout):
+        """Wait for a wake-up, an engine on the control channel, or the timeout; returns
+        (woken, runs whose engine acknowledged a cancellation notice)."""
+        try:
+            readable = _wait_readable([self._wake_r] + self.channel.sockets(), timeout)
+            acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
+        except Exception:  # a bug in the channel must not stop supervision
+            log.exception("the flow-run control channel failed; it is closed, and cancelled "
+                          "runs get SIGTERM without notice until the next run starts")
+            self.channel.close()
+            return True, set()
+        woken = self._wake_r in readable
+        if woken:
+            _drain_fd(self._wake_r)
+        return woken, acknowledged
 
     def tick(self, acknowledged=()):
         """One look at every child; True if anything happened or is about to.

@@ -2541,6 +2541,24 @@ class CancellationTests(AgentTestCase):
         self.assertEqual(self.child_notes()[1:], ["answer 0050460100", "intent c", "SIGTERM"])
         self.assertEqual(self.fake.history(run)[-2:], ["CANCELLING", "CANCELLED"])
 
+    def test_a_failing_control_channel_does_not_stop_supervision(self):
+        """A bug in the channel is logged, the channel closed, and cancellation falls back to
+        SIGTERM: the run still ends Cancelled and its processes are gone."""
+        calls = []
+
+        def broken_service(channel, readable):
+            calls.append(readable)
+            raise RuntimeError("boom")
+        run = self.long_run()
+        with mock.patch.object(agent.ControlChannel, "service", broken_service):
+            with RunningAgent(self.fake, "--cancel-grace-seconds", "5"):
+                wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
+                         what="child running")
+                self.fake.set_run_state(run, "CANCELLING")
+                wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+        self.assertTrue(calls)
+        self.assertFalse(pid_alive(self.child_pids()[0]))
+
     def test_runs_of_other_agents_are_not_touched(self):
         dep = self.deployment(command=marker_command(self.markers))
         theirs = self.fake.add_run(dep, pool="pool")
