@@ -1596,7 +1596,7 @@ class ControlChannel:
 
     def close(self):
         with self._lock:
-            sockets = ([self._listener] if self._listener else []) + list(self._logins)
+            sockets = ([self._listener] if self._listener is not None else []) + list(self._logins)
             sockets += [entry[0] for entry in self._engines.values()]
             self._listener, self._tokens, self._logins, self._engines = None, {}, {}, {}
         for sock in sockets:
