@@ -1546,12 +1546,15 @@ class ControlChannel:
         return {"PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token}
 
     def _listen(self):
+        listener = None
         try:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("127.0.0.1", 0))
             listener.listen(128)
             listener.setblocking(False)
         except OSError as exc:
+            if listener is not None:
+                listener.close()
             log.warning("cannot listen on loopback for flow-run engines (%s): cancelled runs "
                         "will get SIGTERM without notice, and may report Crashed first", exc)
             return False

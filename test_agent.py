@@ -2559,6 +2559,19 @@ class CancellationTests(AgentTestCase):
         self.assertTrue(calls)
         self.assertFalse(pid_alive(self.child_pids()[0]))
 
+    def test_without_a_loopback_listener_cancellation_falls_back_to_sigterm(self):
+        run = self.long_run()
+        refused = OSError(99, "Cannot assign requested address")
+        with mock.patch.object(agent.socket.socket, "bind", side_effect=refused), \
+                self.assertLogs("agent", "WARNING") as logs:
+            with RunningAgent(self.fake, "--cancel-grace-seconds", "5"):
+                wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
+                         what="child running")
+                self.fake.set_run_state(run, "CANCELLING")
+                wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+        self.assertIn("cannot listen on loopback", "\n".join(logs.output))
+        self.assertFalse(pid_alive(self.child_pids()[0]))
+
     def test_runs_of_other_agents_are_not_touched(self):
         dep = self.deployment(command=marker_command(self.markers))
         theirs = self.fake.add_run(dep, pool="pool")
