@@ -2527,7 +2527,7 @@ class CancellationTests(AgentTestCase):
         1024, where select() fails. The supervisor must go on watching and cancelling."""
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = 1200 + 100
+        wanted = 1100
         if soft < wanted:
             if hard != resource.RLIM_INFINITY and hard < wanted:
                 self.fail("this test needs RLIMIT_NOFILE >= %d; the hard limit is %d" % (wanted, hard))
@@ -2535,7 +2535,7 @@ class CancellationTests(AgentTestCase):
             self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         fillers = []
         self.addCleanup(lambda: [os.close(fd) for fd in fillers])
-        while not fillers or fillers[-1] < 1200:
+        while not fillers or fillers[-1] < 1030:
             fillers.append(os.open(os.devnull, os.O_RDONLY))
         run = self.cancel_engine_run("")
         self.assertEqual(self.child_notes()[1:], ["answer 0050460100", "intent c", "SIGTERM"])
