@@ -1785,6 +1785,7 @@ class Supervisor(threading.Thread):
             log.exception("the flow-run control channel failed; it is closed, and cancelled "
                           "runs get SIGTERM without notice until the next run starts")
             self.channel.close()
+            time.sleep(self.TICK_SECONDS)  # should the failure not be the channel's: no spin
             return True, set()
         woken = self._wake_r in readable
         if woken:
