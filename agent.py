@@ -366,8 +366,9 @@ class HTTPConnection:
 
     def _read_body(self, method, status, headers):
         """(body, whether the connection can carry another request)."""
-        keep_alive = headers.get("connection", "").lower() != "close" and (
-            self._version != "HTTP/1.0" or headers.get("connection", "").lower() == "keep-alive")
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" and (
+            self._version != "HTTP/1.0" or connection == "keep-alive")
         if method == "HEAD" or status in (204, 304):
             return b"", keep_alive
         if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -649,16 +650,11 @@ class PrefectAPI:
             parts = urllib.parse.urlsplit(self.url)
             tls = parts.scheme == "https"
             port = parts.port or (443 if tls else 80)
-            if self._proxy and tls:
-                connection = HTTPConnection(self._proxy[0], self._proxy[1], tls_host=parts.hostname,
-                                            tunnel=(parts.hostname, port, self._proxy[2]),
-                                            timeout=REQUEST_TIMEOUT_SECONDS)
-            elif self._proxy:
-                connection = HTTPConnection(self._proxy[0], self._proxy[1],
-                                            timeout=REQUEST_TIMEOUT_SECONDS)
-            else:
-                connection = HTTPConnection(parts.hostname, port, tls_host=parts.hostname if tls else None,
-                                            timeout=REQUEST_TIMEOUT_SECONDS)
+            # Through a proxy, plain http goes to the proxy as is; https tunnels through it.
+            address = self._proxy[:2] if self._proxy else (parts.hostname, port)
+            tunnel = (parts.hostname, port, self._proxy[2]) if self._proxy and tls else None
+            connection = HTTPConnection(*address, tls_host=parts.hostname if tls else None,
+                                        tunnel=tunnel, timeout=REQUEST_TIMEOUT_SECONDS)
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)

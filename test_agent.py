@@ -1624,6 +1624,35 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(seen, [("http://prefect.invalid:4200/api/work_pools/pool",
                                  "Basic " + base64.b64encode(b"u:p@ss").decode())])
 
+    def test_an_https_api_is_reached_through_a_connect_tunnel(self):
+        """The proxy is asked to CONNECT to the API's host and port, with the proxy's
+        credentials; a refused tunnel is an error that names the proxy's answer."""
+        seen = []
+
+        class TunnelProxy(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_CONNECT(self):
+                seen.append((self.path, self.headers.get("Proxy-Authorization")))
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        proxy = ThreadingHTTPServer(("127.0.0.1", 0), TunnelProxy)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        environ = {"HTTPS_PROXY": "http://u:pw@127.0.0.1:%d" % proxy.server_address[1]}
+        with mock.patch.dict(os.environ, environ, clear=True):
+            api = agent.PrefectAPI("https://prefect.invalid:4443/api", max_retries=0)
+        with self.assertRaises(agent.APIUnreachable) as caught:
+            api.read_pool("pool")
+        api.close()
+        self.assertIn("refused to open a tunnel to prefect.invalid:4443 (403)", str(caught.exception))
+        self.assertEqual(seen, [("prefect.invalid:4443",
+                                 "Basic " + base64.b64encode(b"u:pw").decode())])
+
     def test_no_proxy_rules(self):
         proxied = {"https_proxy": "proxy.corp:3128"}
         url = "https://api.prefect.cloud/api/accounts/a"
