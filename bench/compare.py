@@ -50,6 +50,8 @@ import urllib.parse
 import uuid
 import zlib
 
+from procfs import ZombieWatch, all_pids, proc_cmdline, proc_stat, proc_status_kib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_PY = os.path.join(REPO, "agent.py")
 RESULTS_MD = os.path.join(REPO, "bench", "RESULTS.md")
@@ -78,8 +80,6 @@ MEM_RUNS, DISPATCH_RUNS, PUNCT_RUNS = 100, 200, 20
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 MEM_SLEEP = 3
 PUNCT_AHEAD, PUNCT_STEP = 25.0, 0.5
-ZOMBIE_SAMPLE, ZOMBIE_MIN_AGE = 0.2, 1.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024.0 * 1024.0
 
 
@@ -103,16 +103,6 @@ def epoch_iso(epoch):
 
 # -- /proc ------------------------------------------------------------------------------------
 
-def proc_stat(pid):
-    """(state, ppid, cpu seconds utime+stime) of a process, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), (int(fields[11]) + int(fields[12])) / float(CLK_TCK)
-
-
 def proc_cpu_seconds(pid):
     """CPU time of a process's live threads, from schedstat in nanoseconds: /proc/PID/stat
     counts whole 10 ms ticks, too coarse for an idle agent's minute. None if it is gone."""
@@ -126,36 +116,12 @@ def proc_cpu_seconds(pid):
     return total / 1e9
 
 
-def proc_status_kib(pid, key):
-    """VmRSS, VmHWM, ... of a process in KiB, or None if it is gone."""
-    try:
-        with open("/proc/%d/status" % pid) as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def proc_environ_has(pid, needle):
     try:
         with open("/proc/%d/environ" % pid, "rb") as handle:
             return needle in handle.read().split(b"\0")
     except OSError:
         return False
-
-
-def proc_cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return handle.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
-
-
-def all_pids():
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
 def kill_tagged(tag):
@@ -561,40 +527,6 @@ def stop_group(proc, grace):
 
 # -- measuring an agent process ----------------------------------------------------------------
 
-class ZombieWatch(threading.Thread):
-    """Samples the agent's children every 0.2 s. A child is Z for a moment between its exit and
-    its reaping; it counts as a zombie seen when it is Z in samples at least 1 s apart."""
-
-    def __init__(self, pid):
-        threading.Thread.__init__(self, name="zombies", daemon=True)
-        self.pid = pid
-        self.stop_event = threading.Event()
-        self.first_z = {}
-        self.seen = set()
-        self.max_at_once = 0
-
-    def run(self):
-        while not self.stop_event.wait(ZOMBIE_SAMPLE):
-            now = time.monotonic()
-            zombies = set()
-            for pid in all_pids():
-                stat = proc_stat(pid)
-                if stat and stat[0] == "Z" and stat[1] == self.pid:
-                    zombies.add(pid)
-            self.max_at_once = max(self.max_at_once, len(zombies))
-            for pid in zombies:
-                if now - self.first_z.setdefault(pid, now) >= ZOMBIE_MIN_AGE:
-                    self.seen.add(pid)
-            for pid in list(self.first_z):
-                if pid not in zombies:
-                    del self.first_z[pid]
-
-    def stop(self):
-        self.stop_event.set()
-        self.join(5)
-        return len(self.seen)
-
-
 class Markers:
     """The marker file the runs' commands append to: run id -> [(monotonic start, pid), ...]."""
 
@@ -924,6 +856,16 @@ class Bench:
             time.sleep(0.2)
         return False
 
+    def end_round(self, agent, watch, record, markers, pool, deployments):
+        """What closes every round, also one that failed: the zombies seen, the agent
+        finished, the pool dropped."""
+        if watch is not None:
+            watch.stop()
+            record["zombies"] = len(watch.counted)
+            record["zombies_max_at_once"] = watch.max_at_once
+        self.finish_agent(agent, record, markers)
+        self.drop_pool(pool, deployments)
+
     def finish_agent(self, agent, record, markers):
         code, clean = agent.stop()
         self.live_agent = None
@@ -979,11 +921,7 @@ class Bench:
             record["runs_started"] = len(markers.refresh())
             record["started_twice"] = markers.twice()
         finally:
-            if watch is not None:
-                record["zombies"] = watch.stop()
-                record["zombies_max_at_once"] = watch.max_at_once
-            self.finish_agent(agent, record, markers)
-            self.drop_pool(pool, deployments)
+            self.end_round(agent, watch, record, markers, pool, deployments)
         log("round %d, %s: done (%s)" % (index, kind, short_summary(record)))
         return record
 
@@ -1104,11 +1042,7 @@ class Bench:
             record["requests"] = len(self.proxy.recorder.since(agent.t0))
             record["poll_sizes"] = [p[4] for p in self.proxy.recorder.polls(pool, released) if p[4]]
         finally:
-            if watch is not None:
-                record["zombies"] = watch.stop()
-                record["zombies_max_at_once"] = watch.max_at_once
-            self.finish_agent(agent, record, markers)
-            self.drop_pool(pool, deployments)
+            self.end_round(agent, watch, record, markers, pool, deployments)
         log("scale %d, %s: done (%s)" % (index, kind, short_summary(record)))
         return record
 

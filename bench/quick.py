@@ -46,6 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from test_agent import FakePrefect, PROCESS_POOL_TEMPLATE, UTC  # noqa: E402
+from procfs import (ZOMBIE_MIN_AGE, ZOMBIE_SAMPLE_SECONDS, ZombieWatch,  # noqa: E402
+                    proc_status_kib)
 
 AGENT_PY = os.path.join(REPO, "agent.py")
 POOL = "quick-pool"
@@ -56,8 +58,6 @@ DISPATCH_RUNS = 200          # the fake answers at most 200 runs per poll (MAX_L
 PUNCTUAL_RUNS = 20
 PUNCTUAL_LEAD = 3.0          # first punctual run is due this far ahead (< PREFETCH_SECONDS)
 PUNCTUAL_STEP = 0.2
-ZOMBIE_SAMPLE_SECONDS = 0.2
-ZOMBIE_MIN_AGE = 1.0         # a reaper ticking every 0.25 s leaves shorter ones; those are normal
 
 # Bounds on waiting, so a broken agent fails the run in well under 2 minutes instead of hanging.
 STARTUP_WAIT = 15.0
@@ -101,72 +101,6 @@ class TimedFake(FakePrefect):
     def polls_copy(self):
         with self._polls_lock:
             return list(self.polls)
-
-
-# -- /proc helpers -------------------------------------------------------------------------
-
-def proc_status_kib(pid, key):
-    """A 'kB' field of /proc/PID/status (VmRSS, VmHWM), or None if the process is gone."""
-    try:
-        with open("/proc/%d/status" % pid) as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def zombie_children(parent):
-    """{(pid, start time in ticks)} of `parent`'s children in state Z. The start time tells
-    a reused pid from the zombie that had it before."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone between listdir and open
-        if fields[0] == "Z" and int(fields[1]) == parent:
-            found.add((int(entry), int(fields[19])))
-    return found
-
-
-class ZombieWatch(threading.Thread):
-    """Samples the agent's zombie children every ZOMBIE_SAMPLE_SECONDS. A child is counted
-    once it has been seen Z in two samples at least ZOMBIE_MIN_AGE apart: a child that
-    exited a moment ago and waits for the agent's next reap is not a leak."""
-
-    def __init__(self, pid):
-        threading.Thread.__init__(self, name="zombie-watch", daemon=True)
-        self.pid = pid
-        self.first_seen = {}  # (pid, start) -> monotonic of the first sample that saw it Z
-        self.counted = set()
-        self.max_at_once = 0
-        self.samples = 0
-        self._stop_event = threading.Event()
-
-    def run(self):
-        while not self._stop_event.wait(ZOMBIE_SAMPLE_SECONDS):
-            self.sample()
-
-    def sample(self):
-        now = time.monotonic()
-        found = zombie_children(self.pid)
-        self.samples += 1
-        self.max_at_once = max(self.max_at_once, len(found))
-        for key in found:
-            if now - self.first_seen.setdefault(key, now) >= ZOMBIE_MIN_AGE:
-                self.counted.add(key)
-        for key in list(self.first_seen):
-            if key not in found:
-                del self.first_seen[key]
-
-    def stop(self):
-        self._stop_event.set()
-        self.join(5)
 
 
 def read_markers(path):

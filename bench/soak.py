@@ -40,6 +40,7 @@ sys.path.insert(0, REPO)
 
 from test_agent import (FakePrefect, PROCESS_POOL_TEMPLATE, TERMINAL, _response,  # noqa: E402
                         parse_time)
+from procfs import proc_cmdline, proc_stat, proc_status_kib, zombie_children  # noqa: E402
 
 AGENT_PY = os.path.join(REPO, "agent.py")
 POOL = "soak-pool"
@@ -156,47 +157,6 @@ class FaultyFake(FakePrefect):
         return answer
 
 
-# -- /proc helpers -------------------------------------------------------------------------
-
-def proc_stat(pid):
-    """(state, ppid, pgid) of a process, or None if it is gone."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def proc_cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return handle.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
-
-
-def zombies_of(parent):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = proc_stat(int(entry))
-            if stat and stat[0] == "Z" and stat[1] == parent:
-                found.append(int(entry))
-    return found
-
-
-def rss_kib(pid):
-    try:
-        with open("/proc/%d/status" % pid) as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def read_lines(path):
     try:
         with open(path) as handle:
@@ -265,7 +225,7 @@ class Soak:
                 raise SystemExit("agent.py did not poll within %.0f s; log:\n%s"
                                  % (STARTUP_SECONDS, self.log_tail(20)))
         time.sleep(0.5)
-        self.rss_start = rss_kib(self.agent.pid)
+        self.rss_start = proc_status_kib(self.agent.pid, "VmRSS")
 
     def log_tail(self, n):
         try:
@@ -316,7 +276,7 @@ class Soak:
                 info["cancelled_at"] = now
 
     def sample_zombies(self, now):
-        found = zombies_of(self.agent.pid)
+        found = [pid for pid, _ in zombie_children(self.agent.pid)]
         self.zombie_max = max(self.zombie_max, len(found))
         for pid in found:
             first = self.zombie_first_seen.setdefault(pid, now)
@@ -372,7 +332,7 @@ class Soak:
         time.sleep(2.0)  # let the last exits be reaped before counting zombies at the end
         now = time.monotonic()
         self.zombie_end = len(self.sample_zombies(now))
-        self.rss_end = rss_kib(self.agent.pid)
+        self.rss_end = proc_status_kib(self.agent.pid, "VmRSS")
 
     def progress(self, elapsed):
         final = len(self.runs) - len(self.not_final())
