@@ -1506,6 +1506,14 @@ class ClientTests(unittest.TestCase):
         self.addCleanup(self.fake.stop)
         self.fake.add_pool("pool")
 
+    def serve(self, handler):
+        """Serve `handler` on a loopback port, in a thread, until the test ends; the port."""
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server.server_address[1]
+
     def test_retries_503_and_honours_retry_after(self):
         self.fake.fail_next(2, status=503, path_contains="/work_pools/pool", retry_after="0.3")
         api = agent.PrefectAPI(self.fake.url)
@@ -1547,11 +1555,8 @@ class ClientTests(unittest.TestCase):
                 self.wfile.write(data)
                 self.close_connection = True
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), ClosesAfterEachAnswer)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        api = agent.PrefectAPI("http://127.0.0.1:%d/api" % server.server_address[1], max_retries=0)
+        port = self.serve(ClosesAfterEachAnswer)
+        api = agent.PrefectAPI("http://127.0.0.1:%d/api" % port, max_retries=0)
         self.addCleanup(api.close)
         for _ in range(3):
             time.sleep(0.1)  # let the server's close arrive first
@@ -1611,11 +1616,7 @@ class ClientTests(unittest.TestCase):
                 self.end_headers()
                 self.wfile.write(data)
 
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), ForwardProxy)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        self.addCleanup(proxy.server_close)
-        self.addCleanup(proxy.shutdown)
-        environ = {"HTTP_PROXY": "http://u:p%%40ss@127.0.0.1:%d" % proxy.server_address[1],
+        environ = {"HTTP_PROXY": "http://u:p%%40ss@127.0.0.1:%d" % self.serve(ForwardProxy),
                    "NO_PROXY": "other.example"}
         with mock.patch.dict(os.environ, environ, clear=True):
             api = agent.PrefectAPI("http://prefect.invalid:4200/api", max_retries=0)
@@ -1639,11 +1640,7 @@ class ClientTests(unittest.TestCase):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        proxy = ThreadingHTTPServer(("127.0.0.1", 0), TunnelProxy)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        self.addCleanup(proxy.server_close)
-        self.addCleanup(proxy.shutdown)
-        environ = {"HTTPS_PROXY": "http://u:pw@127.0.0.1:%d" % proxy.server_address[1]}
+        environ = {"HTTPS_PROXY": "http://u:pw@127.0.0.1:%d" % self.serve(TunnelProxy)}
         with mock.patch.dict(os.environ, environ, clear=True):
             api = agent.PrefectAPI("https://prefect.invalid:4443/api", max_retries=0)
         with self.assertRaises(agent.APIUnreachable) as caught:
