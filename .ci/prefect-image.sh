@@ -10,7 +10,8 @@
 # Environment (all optional):
 #   DOCKER_HOST, CONTAINER_TEST_IMAGE  if both set, used as is; otherwise this script runs
 #                          `bash $CONTAINER_RUNTIME_SCRIPT` (idempotent "up") and evals its exports
-#   CONTAINER_RUNTIME_SCRIPT  default: shared/tools/container_runtime.sh beside the clone
+#   CONTAINER_RUNTIME_SCRIPT  default: .ci/container_runtime.sh, a copy of the workplace's
+#                          shared/tools/container_runtime.sh, so that a bare clone runs CI
 #   PREFECT_VERSION        default 3.8.8
 #   FASTAPI_PIN            default 0.128.0 (installed over prefect's own fastapi; empty = skip).
 #                          prefect 3.8.8 declares fastapi>=0.139.0, but newer FastAPI breaks the
@@ -25,7 +26,7 @@ set -euo pipefail
 PREFECT_VERSION="${PREFECT_VERSION:-3.8.8}"
 FASTAPI_PIN="${FASTAPI_PIN-0.128.0}"
 TAG="${PREFECT_TEST_IMAGE:-local/bookworm-prefect:$PREFECT_VERSION}"
-RUNTIME="${CONTAINER_RUNTIME_SCRIPT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/tools/container_runtime.sh}"
+RUNTIME="${CONTAINER_RUNTIME_SCRIPT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/container_runtime.sh}"
 STATE_DIR="${CONTAINER_STATE_DIR:-/var/lib/container-runtime-bench}"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
 
