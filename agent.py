@@ -236,8 +236,10 @@ RETRY_STATUSES = (408, 429, 502, 503, 504)
 #: A response larger than this is refused rather than parsed.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 REQUEST_TIMEOUT_SECONDS = 60
-#: A connection idle longer than this is reopened rather than reused (uvicorn closes at 5 s).
-KEEPALIVE_IDLE_SECONDS = 4.0
+#: A connection idle longer than this is reopened rather than reused: Prefect Cloud's load
+#: balancer drops connections idle for 30 s, and may not say so. Before that, a connection is
+#: reused unless the server has closed it (uvicorn does at 5 s), which costs one poll().
+KEEPALIVE_IDLE_SECONDS = 25.0
 #: A server's Retry-After is honoured up to this; beyond it is a broken or hostile answer.
 MAX_RETRY_AFTER_SECONDS = 300.0
 
@@ -302,6 +304,15 @@ class HTTPConnection:
         if not reusable:
             self.close()
         return status, answer_headers, data
+
+    def dropped(self):
+        """Whether the server closed this idle connection (or sent on it unasked, which
+        leaves it as unusable)."""
+        if self.sock is None:
+            return False
+        poller = select.poll()  # not select(): descriptors past 1024 are common here
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self):
         for closable in (self._file, self.sock):
@@ -658,9 +669,9 @@ class PrefectAPI:
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
-        elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS:
-            # Servers drop idle connections (uvicorn after 5 s); one dropped mid-request would
-            # look like a failure, so an old one is closed first and reopened on use.
+        elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS or connection.dropped():
+            # Reopened now rather than found dead mid-request. A server may still close it in
+            # the instant before our request lands: _exchange then sends it again, once.
             connection.close()
         return connection
 

@@ -1563,6 +1563,28 @@ class ClientTests(unittest.TestCase):
             self.assertEqual(api.read_pool("pool")["name"], "pool")
         self.assertEqual(len(served), 3)
 
+    def test_an_idle_connection_is_reused_until_the_server_closes_it(self):
+        api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
+        api.read_pool("pool")
+        connection = api._local.connection
+        first = connection.sock
+        time.sleep(0.3)
+        self.assertFalse(connection.dropped())
+        api.read_pool("pool")
+        self.assertIs(connection.sock, first, "a live idle connection was reopened")
+        connection.sock.shutdown(socket.SHUT_WR)  # the server closes its side in answer
+        wait_for(connection.dropped, timeout=5, what="the server's close seen")
+        served = len(self.fake.requests)
+        api.read_pool("pool")
+        self.assertIsNot(connection.sock, first)
+        self.assertEqual(len(self.fake.requests), served + 1)
+        with mock.patch.object(agent, "KEEPALIVE_IDLE_SECONDS", 0.1):
+            second = connection.sock
+            time.sleep(0.2)
+            api.read_pool("pool")
+            self.assertIsNot(connection.sock, second, "reused past KEEPALIVE_IDLE_SECONDS")
+
     def test_reads_chunked_interim_and_unsized_answers(self):
         answers = [
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
