@@ -50,6 +50,10 @@ DEFAULT_POLL_SECONDS = 15.0
 DEFAULT_PREFETCH_SECONDS = 15.0
 #: How often the worker heartbeat, pool re-read and --match re-resolution run.
 SYNC_SECONDS = 30.0
+#: A sync that falls due between polls waits up to this for the next poll, to share its
+#: wake-up and connection: an idle agent's cost is mostly its wake-ups. Heartbeats stay well
+#: inside the three intervals after which the server marks a worker offline.
+SYNC_WAITS_FOR_POLL_SECONDS = 15.0
 #: Missed polls after which the health check reports the agent unhealthy.
 UNHEALTHY_AFTER_POLLS = 3
 #: Default seconds between SIGTERM and SIGKILL for a cancelled run (Prefect's too).
@@ -2161,6 +2165,28 @@ class Reporter(threading.Thread):
 ###############################################################################
 
 
+class Wakeup:
+    """A sleep that another thread, or a signal handler, can cut short.
+
+    threading.Event would do, but its wait runs Python code on every wake-up (a seventh of an
+    idle agent's CPU), and its set() takes a lock that a signal handler may interrupt the same
+    thread holding: a deadlock. Here a wake is one lock release, which never blocks."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wake(self):
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # a wake is already pending
+
+    def sleep(self, seconds):
+        """Sleep until woken or `seconds` pass; a wake since the last sleep ends it at once."""
+        self._lock.acquire(timeout=min(max(0.0, seconds), threading.TIMEOUT_MAX))
+
+
 class Agent:
     """Polls the pool, claims runs, starts them and reports how they ended."""
 
@@ -2178,9 +2204,10 @@ class Agent:
         self._queues_to_create = list(config.queues)
         self._in_flight = set()
         self._in_flight_lock = threading.Lock()
-        self._stop = threading.Event()  # stop claiming; wait for running flows
-        self._force = threading.Event()  # stop now: terminate running flows
-        self._wake = threading.Event()
+        # Plain flags, not Events: a signal handler sets them, and must never wait on a lock.
+        self._stopping = False  # stop claiming; wait for running flows
+        self._forced = False  # stop now: terminate running flows
+        self._wakeup = Wakeup()
         self._recovered = False
         self._next_sync = 0.0
         self._outage_since = None
@@ -2202,14 +2229,14 @@ class Agent:
         next_poll = 0.0
         drain_until = None
         while True:
-            if self._stop.is_set():
-                if self._force.is_set() or not self.config.run_once:
+            if self._stopping:
+                if self._forced or not self.config.run_once:
                     self._hand_back_held_runs()
                 if drain_until is None:
                     drain_until = time.monotonic() + (self.config.drain_timeout or float("inf"))
                 if not self.in_flight_count():
                     break
-                if self._force.is_set() or time.monotonic() >= drain_until:
+                if self._forced or time.monotonic() >= drain_until:
                     self._terminate_all()
                     break
             syncing = time.monotonic() >= self._next_sync
@@ -2218,13 +2245,19 @@ class Agent:
                     self._sync()
                 if not self._recovered and self.pool is not None:
                     self._recover()
+                # The server records a poll after answering it, and on SQLite a write right
+                # behind it meets the lock (503): the heartbeat goes first, except on the first
+                # pass, where the runs waiting come first.
+                beat_first = syncing and self.last_poll is not None
+                if beat_first:
+                    self._heartbeat()
                 if time.monotonic() >= next_poll:
-                    if not self._stop.is_set():
+                    if not self._stopping:
                         self._poll()
                     self._check_cancellations()
                     next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
-                if syncing:
-                    self._heartbeat()  # after the poll: a write, and runs waiting come first
+                if syncing and not beat_first:
+                    self._heartbeat()
                 self.last_contact = time.monotonic()
                 self._api_recovered()
             except (AuthRefused, UsageError):
@@ -2240,9 +2273,9 @@ class Agent:
                 if syncing or self.pool is None:
                     self._next_sync = retry_at
             if self.config.run_once and self.last_poll is not None:
-                self._stop.set()
-            self._wake.wait(max(0.0, min(next_poll, self._next_sync) - time.monotonic()))
-            self._wake.clear()
+                self._stopping = True
+            sync_at = self._next_sync + (SYNC_WAITS_FOR_POLL_SECONDS if self.pool else 0.0)
+            self._wakeup.sleep(min(next_poll, sync_at) - time.monotonic())
         delivered = self.reporter.flush(timeout=REPORT_FLUSH_SECONDS)
         undelivered = self.reporter.stop(timeout=5)
         if not delivered:
@@ -2253,21 +2286,20 @@ class Agent:
         self.supervisor.stop()
         self.journal.close()
         self.api.close()
-        return 1 if self._force.is_set() else 0
+        return 1 if self._forced else 0
 
     def stop(self):
         """Stop claiming; keep supervising until running flows finish (or the drain timeout)."""
-        self._stop.set()
-        self._wake.set()
+        self._stopping = True
+        self._wakeup.wake()
 
     def force_stop(self):
         """Stop now: terminate running flows and report them crashed."""
-        self._stop.set()
-        self._force.set()
-        self._wake.set()
+        self._stopping = self._forced = True
+        self._wakeup.wake()
 
     def _terminate_all(self):
-        self._force.set()
+        self._forced = True
         children = self.supervisor.children()
         log.warning("stopping now: terminating %d running flow run(s)", len(children))
         for child in children:
@@ -2370,7 +2402,7 @@ class Agent:
 
     def _claim_all(self, runs):
         for run in runs:
-            if self._stop.is_set():
+            if self._stopping:
                 break
             if not self._reserve_slot(run["id"]):
                 if self.config.limit and self.in_flight_count() >= self.config.limit:
@@ -2385,8 +2417,7 @@ class Agent:
                 log.exception("run %s: submitting failed unexpectedly", run["id"])
 
     def in_flight_count(self):
-        with self._in_flight_lock:
-            return len(self._in_flight)
+        return len(self._in_flight)  # no lock: a signal handler asks, and len() is atomic
 
     def _reserve_slot(self, run_id, ignore_limit=False):
         with self._in_flight_lock:
@@ -2400,7 +2431,7 @@ class Agent:
     def _release_slot(self, run_id):
         with self._in_flight_lock:
             self._in_flight.discard(run_id)
-        self._wake.set()
+        self._wakeup.wake()
 
     def _submit(self, run):
         """Read what the run needs, claim it, and start it only if the server says it is ours.

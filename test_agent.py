@@ -1765,6 +1765,43 @@ class ClientTests(unittest.TestCase):
 # -- 3. pool and queues; 7. health --------------------------------------------------
 
 
+class WakeupTests(unittest.TestCase):
+    def test_sleep_ends_at_its_time_without_a_wake(self):
+        start = time.monotonic()
+        agent.Wakeup().sleep(0.2)
+        self.assertGreaterEqual(time.monotonic() - start, 0.19)
+
+    def test_a_wake_before_the_sleep_ends_it_at_once_and_is_used_up(self):
+        wakeup = agent.Wakeup()
+        wakeup.wake()
+        wakeup.wake()  # two wakes are one
+        start = time.monotonic()
+        wakeup.sleep(5)
+        self.assertLess(time.monotonic() - start, 1)
+        start = time.monotonic()
+        wakeup.sleep(0.2)
+        self.assertGreaterEqual(time.monotonic() - start, 0.19)
+
+    def test_a_wake_from_another_thread_or_a_signal_handler_ends_the_sleep(self):
+        wakeup = agent.Wakeup()
+        threading.Timer(0.1, wakeup.wake).start()
+        start = time.monotonic()
+        wakeup.sleep(10)
+        self.assertLess(time.monotonic() - start, 5)
+        previous = signal.signal(signal.SIGALRM, lambda signum, frame: wakeup.wake())
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        start = time.monotonic()
+        wakeup.sleep(10)
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_a_negative_or_huge_sleep_is_clamped(self):
+        wakeup = agent.Wakeup()
+        wakeup.sleep(-3)
+        wakeup.wake()
+        wakeup.sleep(1e300)
+
+
 class PoolTests(AgentTestCase):
     def test_missing_pool_is_created_as_a_process_pool_with_the_standard_template(self):
         with RunningAgent(self.fake) as running:
@@ -1790,6 +1827,22 @@ class PoolTests(AgentTestCase):
         self.assertEqual(workers[0]["name"], "test-agent")
         self.assertEqual(workers[0]["status"], "ONLINE")
         self.assertEqual(self.fake.pool("pool")["status"], "READY")
+
+    def test_the_sync_rides_a_polls_wake_up(self):
+        # Syncs fall due every 0.3 s, polls every 1 s: each sync must wait for a poll and go
+        # out with it (pool read, heartbeat, poll), rather than wake the agent (and open a
+        # connection) on its own. The first pass polls before its heartbeat.
+        self.fake.add_pool("pool")
+        with mock.patch.object(agent, "SYNC_SECONDS", 0.3):
+            with RunningAgent(self.fake, "--poll-interval", "1"):
+                wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3, what="3 syncs")
+        paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests]
+        beats = [i for i, path in enumerate(paths) if path == "heartbeat"]
+        self.assertEqual(paths[beats[0] - 2:beats[0] + 1],
+                         ["pool", "get_scheduled_flow_runs", "heartbeat"])
+        for i in beats[1:]:
+            self.assertEqual(paths[i - 1:i + 2], ["pool", "heartbeat", "get_scheduled_flow_runs"])
+        self.assertLessEqual(len(beats), paths.count("get_scheduled_flow_runs"))
 
     def test_match_picks_up_queues_created_while_running(self):
         dep = self.deployment(command=marker_command(self.markers))
