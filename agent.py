@@ -2340,7 +2340,11 @@ class Agent:
         self._resolve_queues()
 
     def _heartbeat(self):
-        self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
+        try:
+            self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
+        except APIError as exc:  # answered, but refused: the poll that follows must still go
+            log.warning("the worker heartbeat was refused (the pool may show this agent "
+                        "offline); polling goes on: %s", exc)
         self._next_sync = time.monotonic() + SYNC_SECONDS * random.uniform(0.9, 1.1)
 
     def _create_pool(self):

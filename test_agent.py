@@ -1844,6 +1844,15 @@ class PoolTests(AgentTestCase):
             self.assertEqual(paths[i - 1:i + 2], ["pool", "heartbeat", "get_scheduled_flow_runs"])
         self.assertLessEqual(len(beats), paths.count("get_scheduled_flow_runs"))
 
+    def test_a_refused_heartbeat_does_not_hold_up_polling(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        self.fake.fail_next(1000, status=500, path_contains="/heartbeat")
+        with mock.patch.object(agent, "SYNC_SECONDS", 0.3):
+            with RunningAgent(self.fake):
+                time.sleep(1)  # several syncs, each with its heartbeat before the poll
+                run = self.fake.add_run(dep, pool="pool")
+                wait_for(lambda: run in self.started_ids(), what="run started")
+
     def test_match_picks_up_queues_created_while_running(self):
         dep = self.deployment(command=marker_command(self.markers))
         self.fake.add_queue("pool", "etl-a")
