@@ -14,7 +14,7 @@ supervision, reporting, the agent loop, health server, command line.
 """
 
 import argparse
-import base64
+import binascii
 import collections
 import copy
 import datetime
@@ -29,7 +29,6 @@ import select
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -444,8 +443,14 @@ def _proxy_for(url, environ):
     if found.username is not None:
         userinfo = "%s:%s" % (urllib.parse.unquote(found.username),
                               urllib.parse.unquote(found.password or ""))
-        auth = "Basic " + base64.b64encode(userinfo.encode()).decode()
+        auth = basic_auth(userinfo)
     return found.hostname, found.port or 8080, auth
+
+
+def basic_auth(userinfo):
+    """The Authorization value for "user:password" (binascii: the base64 module's imports
+    cost start-up time, see random_uuid)."""
+    return "Basic " + binascii.b2a_base64(userinfo.encode(), newline=False).decode("ascii")
 
 
 def _error_detail(body):
@@ -542,7 +547,7 @@ class PrefectAPI:
         self.max_retries = max_retries
         self._auth = None
         if auth_string:  # Prefect's client prefers the auth string when both are set
-            self._auth = "Basic " + base64.b64encode(auth_string.encode()).decode()
+            self._auth = basic_auth(auth_string)
         elif api_key:
             self._auth = "Bearer " + api_key
         self._csrf_client = random_uuid()
@@ -1198,6 +1203,7 @@ def _as_strings(value, field):
 
 def _docker_answer(*args):
     """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
+    import subprocess  # here, not at the top: start-up time (see random_uuid)
     try:
         answer = subprocess.run(["docker"] + list(args), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
@@ -1292,6 +1298,7 @@ class Child:
     def _signal_container(self, signum):
         # The attached `docker run` would only forward SIGTERM, not SIGKILL: ask the daemon.
         name = "KILL" if signum == signal.SIGKILL else signal.Signals(signum).name[3:]
+        import subprocess  # here, not at the top: start-up time (see random_uuid)
         try:
             self.helpers.append(subprocess.Popen(
                 ["docker", "kill", "--signal", name, self.container], stdin=subprocess.DEVNULL,
@@ -1339,6 +1346,7 @@ def start_process(run_id, run_name, job, output_path):
         temp_dir = cwd = tempfile.mkdtemp(prefix="agentpy-", suffix="-prefect")
     elif not os.path.isdir(cwd):
         raise LaunchError("working directory %r does not exist" % cwd)
+    import subprocess  # here, not at the top: start-up time (see random_uuid)
     try:
         with open(output_path, "ab") as output:
             process = subprocess.Popen(
