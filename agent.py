@@ -2249,6 +2249,7 @@ class Agent:
                     break
             syncing = time.monotonic() >= self._next_sync
             try:
+                polled = self._first_poll() if self.last_poll is None else None
                 if syncing:
                     self._sync()
                 if not self._recovered and self.pool is not None:
@@ -2261,7 +2262,7 @@ class Agent:
                     self._heartbeat()
                 if time.monotonic() >= next_poll:
                     if not self._stopping:
-                        self._poll()
+                        self._poll(polled)
                     self._check_cancellations()
                     next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
                 if syncing and not beat_first:
@@ -2393,7 +2394,25 @@ class Agent:
 
     # -- poll, claim, launch ----------------------------------------------------
 
-    def _poll(self):
+    def _first_poll(self):
+        """Start-up asks for the waiting runs before it reads the pool: they are acted on
+        after the pool read and the recovery of the journal, as any poll's answer would be,
+        but they are asked for one round trip sooner. None when the pool does not exist yet,
+        or queues must be created or matched first: the usual poll follows the sync."""
+        if self._stopping or self.config.queues or self.config.match:
+            return None
+        try:
+            return self.api.scheduled_runs(self.config.pool, [], self._horizon())
+        except APIError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _horizon(self):
+        return utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
+
+    def _poll(self, polled=None):
+        """Poll (or take the answer `polled` already holds) and claim what it returns."""
         if self.pool is None:
             return
         if self.config.match and not self.queues:
@@ -2402,8 +2421,9 @@ class Agent:
                 self.last_poll = time.monotonic()  # polling [] would mean "every queue"
                 return
         self._settle_unanswered_claims()
-        before = utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
-        runs = self.api.scheduled_runs(self.config.pool, self.queues, before)
+        runs = polled
+        if runs is None:
+            runs = self.api.scheduled_runs(self.config.pool, self.queues, self._horizon())
         self.last_poll = time.monotonic()
         if runs:
             self.reporter.pause()

@@ -1575,10 +1575,13 @@ class ClientTests(unittest.TestCase):
         self.assertIs(connection.sock, first, "a live idle connection was reopened")
         connection.sock.shutdown(socket.SHUT_WR)  # the server closes its side in answer
         wait_for(connection.dropped, timeout=5, what="the server's close seen")
-        served = len(self.fake.requests)
-        api.read_pool("pool")
+        sent = []
+        original = agent.HTTPConnection.request
+        with mock.patch.object(agent.HTTPConnection, "request",
+                               lambda *args: sent.append(args[0].sock) or original(*args)):
+            api.read_pool("pool")
+        self.assertEqual(len(sent), 1, "the request was first sent on the closed connection")
         self.assertIsNot(connection.sock, first)
-        self.assertEqual(len(self.fake.requests), served + 1)
         with mock.patch.object(agent, "KEEPALIVE_IDLE_SECONDS", 0.1):
             second = connection.sock
             time.sleep(0.2)
@@ -1831,7 +1834,7 @@ class PoolTests(AgentTestCase):
     def test_the_sync_rides_a_polls_wake_up(self):
         # Syncs fall due every 0.3 s, polls every 1 s: each sync must wait for a poll and go
         # out with it (pool read, heartbeat, poll), rather than wake the agent (and open a
-        # connection) on its own. The first pass polls before its heartbeat.
+        # connection) on its own. The first pass polls first, heartbeat last.
         self.fake.add_pool("pool")
         with mock.patch.object(agent, "SYNC_SECONDS", 0.3):
             with RunningAgent(self.fake, "--poll-interval", "1"):
@@ -1839,10 +1842,31 @@ class PoolTests(AgentTestCase):
         paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests]
         beats = [i for i, path in enumerate(paths) if path == "heartbeat"]
         self.assertEqual(paths[beats[0] - 2:beats[0] + 1],
-                         ["pool", "get_scheduled_flow_runs", "heartbeat"])
+                         ["get_scheduled_flow_runs", "pool", "heartbeat"])
         for i in beats[1:]:
             self.assertEqual(paths[i - 1:i + 2], ["pool", "heartbeat", "get_scheduled_flow_runs"])
         self.assertLessEqual(len(beats), paths.count("get_scheduled_flow_runs"))
+
+    def test_start_up_asks_for_runs_before_it_reads_the_pool(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake):
+            wait_for(lambda: run in self.started_ids(), what="the waiting run started")
+        paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests]
+        self.assertEqual(paths[:2], ["get_scheduled_flow_runs", "pool"])
+        claim = paths.index("set_state")
+        self.assertLess(paths.index("pool"), claim, "claimed before the pool (its template) was read")
+
+    def test_start_up_reads_the_pool_first_when_it_must_create_it_or_queues(self):
+        with RunningAgent(self.fake) as running:  # no pool: the early poll's 404 is no outage
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+            self.assertIsNone(running.agent._outage_since)
+        self.assertIsNotNone(self.fake.pool("pool"))
+        seen = len(self.fake.requests)
+        with RunningAgent(self.fake, "-q", "fast") as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests[seen:]]
+        self.assertEqual(paths[0], "pool")
 
     def test_a_refused_heartbeat_does_not_hold_up_polling(self):
         dep = self.deployment(command=marker_command(self.markers))
