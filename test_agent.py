@@ -1578,7 +1578,7 @@ class ClientTests(unittest.TestCase):
         sent = []
         original = agent.HTTPConnection.request
         with mock.patch.object(agent.HTTPConnection, "request",
-                               lambda *args: sent.append(args[0].sock) or original(*args)):
+                               lambda *args: sent.append(args[1:3]) or original(*args)):
             api.read_pool("pool")
         self.assertEqual(len(sent), 1, "the request was first sent on the closed connection")
         self.assertIsNot(connection.sock, first)
