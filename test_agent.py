@@ -229,14 +229,18 @@ class _BadJSON(object):
         self.raw = raw
 
 
-class _Handler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that does not print a line per request into the test output."""
+
+    def log_message(self, *args):
+        pass
+
+
+class _Handler(QuietHandler):
     protocol_version = "HTTP/1.1"  # keep-alive like uvicorn, so drop_next closes explicitly
     # Headers and body in one write, as uvicorn sends them: two small writes on a kept-alive
     # connection meet Nagle and delayed ACK, 40 ms a request that no real server costs.
     wbufsize = -1
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         fake = self.server.fake
@@ -1539,11 +1543,8 @@ class ClientTests(unittest.TestCase):
     def test_reopens_a_connection_the_server_closed_while_idle(self):
         served = []
 
-        class ClosesAfterEachAnswer(BaseHTTPRequestHandler):
+        class ClosesAfterEachAnswer(QuietHandler):
             protocol_version = "HTTP/1.1"  # promises keep-alive, then closes: uvicorn's idle timeout
-
-            def log_message(self, *args):
-                pass
 
             def do_GET(self):
                 served.append(self.client_address)
@@ -1629,10 +1630,7 @@ class ClientTests(unittest.TestCase):
     def test_goes_through_the_proxy_the_environment_names(self):
         seen = []
 
-        class ForwardProxy(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class ForwardProxy(QuietHandler):
             def do_GET(self):
                 seen.append((self.path, self.headers.get("Proxy-Authorization")))
                 data = b'{"name": "pool"}'
@@ -1655,10 +1653,7 @@ class ClientTests(unittest.TestCase):
         credentials; a refused tunnel is an error that names the proxy's answer."""
         seen = []
 
-        class TunnelProxy(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class TunnelProxy(QuietHandler):
             def do_CONNECT(self):
                 seen.append((self.path, self.headers.get("Proxy-Authorization")))
                 self.send_response(403)
@@ -3688,7 +3683,7 @@ class _HostileServer:
         self.requests = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.0"  # one request per connection, closed after
 
             def answer(self):
@@ -3712,9 +3707,6 @@ class _HostileServer:
                 self.wfile.write(reply.body)
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = answer
-
-            def log_message(self, *args):
-                pass
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
@@ -4507,10 +4499,7 @@ class InterceptingProxy(object):
         self.hook = hook
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else None
