@@ -277,6 +277,17 @@ class AnswerTooLarge(ProtocolError):
         self.status = status
 
 
+def _wait_readable(items, timeout):
+    """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
+    seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
+    select's limit of 1024."""
+    poller = select.poll()
+    for item in items:
+        poller.register(item, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+    return [item for item in items if (item if isinstance(item, int) else item.fileno()) in ready]
+
+
 class HTTPConnection:
     """One kept-alive HTTP/1.1 connection: the little of the protocol a Prefect API needs.
     http.client would do, but it imports the email package for its header parser, which
@@ -311,11 +322,7 @@ class HTTPConnection:
     def dropped(self):
         """Whether the server closed this idle connection (or sent on it unasked, which
         leaves it as unusable)."""
-        if self.sock is None:
-            return False
-        poller = select.poll()  # not select(): descriptors past 1024 are common here
-        poller.register(self.sock, select.POLLIN)
-        return bool(poller.poll(0))
+        return self.sock is not None and bool(_wait_readable([self.sock], 0))
 
     def close(self):
         for closable in (self._file, self.sock):
@@ -1942,17 +1949,6 @@ class Supervisor(threading.Thread):
             self._on_exit(child)
         except Exception:  # a reporting bug must never stop supervision of the rest
             log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
-
-
-def _wait_readable(items, timeout):
-    """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
-    seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
-    select's limit of 1024."""
-    poller = select.poll()
-    for item in items:
-        poller.register(item, select.POLLIN)
-    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
-    return [item for item in items if (item if isinstance(item, int) else item.fileno()) in ready]
 
 
 def _drain_fd(fd):
