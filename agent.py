@@ -21,7 +21,6 @@ import datetime
 import fcntl
 import heapq
 import json
-import logging
 import os
 import random
 import re
@@ -37,7 +36,66 @@ import urllib.parse
 __version__ = "0.1.0"
 __license__ = "Apache-2.0"
 
-log = logging.getLogger("agent")
+#: Log levels: the logging module's numbers, which Prefect's run logs take too.
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+
+
+class Log:
+    """The agent's own log: one line per event on stderr, `HH:MM:SS.mmm | LEVEL | agent | text`.
+
+    Not the logging module: it and the traceback module it imports are 4 ms of a start-up
+    that the benchmark holds to a twentieth of Prefect's worker's, and a script's log needs
+    none of its configuration. Until start_agent() lowers the level to INFO, only warnings
+    and errors are written, as logging's last-resort handler did."""
+
+    NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
+
+    def __init__(self):
+        self.level = WARNING
+        self._lock = threading.RLock()  # reentrant: a signal handler may log mid-line
+
+    def debug(self, message, *args):
+        self.log(DEBUG, message, *args)
+
+    def info(self, message, *args):
+        self.log(INFO, message, *args)
+
+    def warning(self, message, *args):
+        self.log(WARNING, message, *args)
+
+    def error(self, message, *args):
+        self.log(ERROR, message, *args)
+
+    def exception(self, message, *args):
+        """An error, with the traceback of the exception being handled."""
+        self.log(ERROR, message, *args, with_traceback=True)
+
+    def log(self, level, message, *args, with_traceback=False):
+        if level < self.level:
+            return
+        try:
+            text = message % args if args else message
+        except (TypeError, ValueError):  # a bad format must not cost the line
+            text = "%s %r" % (message, args)
+        if with_traceback:
+            import traceback  # here: only an unexpected error needs it
+            text += "\n" + traceback.format_exc().rstrip()
+        self.emit(level, text)
+
+    def emit(self, level, text):
+        now = time.time()
+        line = "%s.%03d | %-7s | agent | %s\n" % (
+            time.strftime("%H:%M:%S", time.localtime(now)), now % 1 * 1000,
+            self.NAMES.get(level, level), text)
+        with self._lock:
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):  # stderr closed or None: carry on
+                pass
+
+
+log = Log()
 
 ###############################################################################
 # Configuration ###############################################################
@@ -116,11 +174,14 @@ def redact_url(url):
 
 
 def build_arg_parser():
+    # add_argument checks every flag with a fresh help formatter, and argparse's own finds the
+    # terminal's width through shutil, an import of 2 ms; help, when asked for, still does.
     parser = argparse.ArgumentParser(
         prog="agent.py",
         description="Run Prefect flow runs from a work pool as local processes.",
         epilog="Commands: 'start' (default) runs the agent; 'install' prints a supervisord "
-        "program section for the same flags.")
+        "program section for the same flags.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=80))
     add = parser.add_argument
     add("--api", help="Prefect API URL (default: $PREFECT_API_URL or %s)" % DEFAULT_API_URL)
     add("--key", help="Prefect API key, sent as a Bearer token (default: $PREFECT_API_KEY); "
@@ -156,6 +217,7 @@ def build_arg_parser():
         "runs of a docker pool start as containers through the docker CLI")
     add("--state-dir", metavar="PATH", help="where the agent keeps its journal of runs, for "
         "restart recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)")
+    parser.formatter_class = argparse.HelpFormatter
     return parser
 
 
@@ -334,7 +396,10 @@ class HTTPConnection:
         self.sock = self._file = None
 
     def _connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+        # A str host makes socket look it up through the idna codec, whose import is 1.5 ms
+        # of start-up; an ASCII name as bytes resolves the same without it.
+        host = self.host.encode("ascii") if self.host.isascii() else self.host
+        sock = socket.create_connection((host, self.port), self.timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock, self._file = sock, sock.makefile("rb")
@@ -2052,7 +2117,7 @@ class Reporter(threading.Thread):
             self._paused = False
             self._ready.notify_all()
 
-    def log(self, run_id, message, level=logging.INFO):
+    def log(self, run_id, message, level=INFO):
         """A line for the run's logs in the Prefect UI (and the agent's own log)."""
         log.log(level, "run %s: %s", run_id, message)
         self._put(("log", {"name": self.LOGGER_NAME, "level": level, "message": message,
@@ -2707,7 +2772,7 @@ class Agent:
 
     def _crash_unstarted(self, run_id, exc):
         message = "Failed to start flow run: %s" % exc
-        self.reporter.log(run_id, message, logging.ERROR)
+        self.reporter.log(run_id, message, ERROR)
         self._owe(run_id, {"kind": "crash", "message": message})
         self._release_slot(run_id)
 
@@ -2726,7 +2791,7 @@ class Agent:
                               "exit code is unknown" % child.pid)
         else:
             self.reporter.log(child.run_id, "Process %d exited with status code: %d"
-                              % (child.pid, code), logging.INFO if code == 0 else logging.WARNING)
+                              % (child.pid, code), INFO if code == 0 else WARNING)
         self._owe(child.run_id, self._owed_for(child))
         self._release_slot(child.run_id)
 
@@ -3083,14 +3148,6 @@ def supervisord_section(argv, config, executable, script):
     return "\n".join(lines) + "\n"
 
 
-def configure_logging():
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s.%(msecs)03d | %(levelname)-7s | agent | %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def install_signal_handlers(agent):
     """First SIGTERM/SIGINT: stop claiming and let running flows finish. A second one: stop
     now. SIGHUP/SIGUSR1/SIGUSR2 are logged and ignored (their default would kill the agent and
@@ -3144,7 +3201,7 @@ def start_agent(argv=None):
         sys.stdout.write(supervisord_section(argv, config, sys.executable,
                                              os.path.abspath(__file__)))
         return None
-    configure_logging()
+    log.level = INFO
     try:
         agent = Agent(config)
     except UsageError as exc:

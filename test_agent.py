@@ -2,13 +2,13 @@
 
 import atexit
 import base64
+import contextlib
 import copy
 import datetime
 import email.utils
 import http.client
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -1301,6 +1301,16 @@ def read(path):
         return handle.read()
 
 
+@contextlib.contextmanager
+def agent_log(level):
+    """The text of agent.py's log lines at `level` ("INFO", "WARNING", ...) and above, as they
+    are logged (a traceback included), kept off the test output."""
+    lines = []
+    with mock.patch.object(agent.log, "level", getattr(agent, level)), \
+            mock.patch.object(agent.log, "emit", lambda level, text: lines.append(text)):
+        yield lines
+
+
 def wait_for(predicate, timeout=15.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1763,6 +1773,45 @@ class ClientTests(unittest.TestCase):
 # -- 3. pool and queues; 7. health --------------------------------------------------
 
 
+class LogTests(unittest.TestCase):
+    def logged(self, call, level=agent.INFO):
+        err = io.StringIO()
+        with mock.patch.object(agent.log, "level", level), mock.patch("sys.stderr", err):
+            call()
+        return err.getvalue()
+
+    def test_a_line_carries_the_time_the_level_and_the_text(self):
+        text = self.logged(lambda: agent.log.warning("run %s: %d left", "abc", 3))
+        self.assertRegex(text, r"^\d\d:\d\d:\d\d\.\d{3} \| WARNING \| agent \| run abc: 3 left\n$")
+
+    def test_lines_below_the_level_are_not_written(self):
+        self.assertEqual(self.logged(lambda: agent.log.info("quiet"), level=agent.WARNING), "")
+        self.assertIn("| ERROR   |", self.logged(lambda: agent.log.error("loud"), agent.WARNING))
+
+    def test_a_message_without_arguments_is_not_formatted(self):
+        self.assertIn("| 100% done\n", self.logged(lambda: agent.log.info("100% done")))
+
+    def test_a_bad_format_still_writes_its_line(self):
+        self.assertIn("%d runs ('many',)", self.logged(lambda: agent.log.info("%d runs", "many")))
+
+    def test_exception_adds_the_traceback(self):
+        def fail():
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                agent.log.exception("run %s: %s", "r1", "failed")
+        text = self.logged(fail)
+        self.assertIn("| run r1: failed\nTraceback (most recent call last):\n", text)
+        self.assertTrue(text.endswith("ZeroDivisionError: division by zero\n"), text)
+
+    def test_a_closed_stderr_does_not_reach_the_caller(self):
+        closed = io.StringIO()
+        closed.close()
+        for stderr in (closed, None):
+            with mock.patch("sys.stderr", stderr):
+                agent.log.error("lost")
+
+
 class WakeupTests(unittest.TestCase):
     def test_sleep_ends_at_its_time_without_a_wake(self):
         start = time.monotonic()
@@ -1925,7 +1974,7 @@ class PoolTests(AgentTestCase):
 
     def test_an_unexpected_error_in_the_loop_is_logged_and_the_agent_carries_on(self):
         dep = self.deployment(command=marker_command(self.markers))
-        with self.assertLogs("agent", "ERROR") as logs:
+        with agent_log("ERROR") as logs:
             with RunningAgent(self.fake) as running:
                 wait_for(lambda: running.agent.last_poll, what="first poll")
                 real_check = running.agent._check_cancellations
@@ -1935,20 +1984,20 @@ class PoolTests(AgentTestCase):
                 running.agent._check_cancellations = real_check
                 run = self.fake.add_run(dep, pool="pool")
                 wait_for(lambda: run in self.started_ids(), timeout=30, what="a run after the error")
-        self.assertIn("ZeroDivisionError", "\n".join(logs.output))
+        self.assertIn("ZeroDivisionError", "\n".join(logs))
 
     def test_an_outage_logs_one_line_when_it_starts_and_one_when_it_ends(self):
         self.fake.add_pool("pool")
-        with self.assertLogs("agent", "INFO") as logs:
+        with agent_log("INFO") as logs:
             with RunningAgent(self.fake, api_retries=0) as running:
                 wait_for(lambda: running.agent.last_poll, what="first poll")
                 self.fake.fail_next(10 ** 6, status=503)
                 wait_for(lambda: running.agent._outage_failures >= 3, timeout=60, what="3 failures")
                 self.fake.clear_faults()
                 wait_for(lambda: running.agent._outage_since is None, timeout=60, what="recovery")
-        failing = [r for r in logs.records if "is failing" in r.getMessage()]
-        recovered = [r for r in logs.records if "reachable again" in r.getMessage()]
-        self.assertEqual((len(failing), len(recovered)), (1, 1), [r.getMessage() for r in logs.records])
+        failing = [line for line in logs if "is failing" in line]
+        recovered = [line for line in logs if "reachable again" in line]
+        self.assertEqual((len(failing), len(recovered)), (1, 1), logs)
 
     def test_health_endpoint_over_http_binds_only_the_address_given(self):
         self.fake.add_pool("pool")
@@ -2692,13 +2741,13 @@ class CancellationTests(AgentTestCase):
         run = self.long_run()
         refused = OSError(99, "Cannot assign requested address")
         with mock.patch.object(agent.socket.socket, "bind", side_effect=refused), \
-                self.assertLogs("agent", "WARNING") as logs:
+                agent_log("WARNING") as logs:
             with RunningAgent(self.fake, "--cancel-grace-seconds", "5"):
                 wait_for(lambda: self.child_pids() and final_type(self.fake, run) == "RUNNING",
                          what="child running")
                 self.fake.set_run_state(run, "CANCELLING")
                 wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
-        self.assertIn("cannot listen on loopback", "\n".join(logs.output))
+        self.assertIn("cannot listen on loopback", "\n".join(logs))
         self.assertFalse(pid_alive(self.child_pids()[0]))
 
     def test_runs_of_other_agents_are_not_touched(self):
@@ -2956,10 +3005,10 @@ class RecoveryTests(AgentTestCase):
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             handle.write('{"truncated": ')
         self.fake.add_pool("pool")
-        with self.assertLogs("agent", "ERROR") as logs:
+        with agent_log("ERROR") as logs:
             with RunningAgent(self.fake, "--state-dir", state_dir) as running:
                 wait_for(lambda: running.agent.last_poll, what="first poll")
-        self.assertIn("unreadable", logs.output[0])
+        self.assertIn("unreadable", logs[0])
         self.assertTrue([f for f in os.listdir(state_dir) if ".unreadable-" in f])
 
     def test_two_agents_on_one_host_take_separate_journal_slots(self):
@@ -3461,27 +3510,13 @@ def fuzz_settings(examples=60):
 
 
 class FuzzTestCase(unittest.TestCase):
-    """Keeps agent.py's log lines (warnings about junk answers) off the test output; the
-    records are in self.records for tests that check them."""
+    """Keeps agent.py's log lines (warnings about junk answers) off the test output; their
+    text is in self.logged for tests that check it."""
 
     def setUp(self):
-        records = self.records = []
-
-        class Keep(logging.Handler):
-            def emit(self, record):
-                records.append(record)
-
-        logger = agent.log
-        saved = (logger.handlers[:], logger.propagate, logger.level)
-        logger.handlers[:] = [Keep(logging.INFO)]
-        logger.propagate = False
-        logger.setLevel(logging.INFO)
-
-        def restore():
-            logger.handlers[:], logger.propagate = saved[0], saved[1]
-            logger.setLevel(saved[2])
-
-        self.addCleanup(restore)
+        capture = agent_log("INFO")
+        self.logged = capture.__enter__()
+        self.addCleanup(capture.__exit__, None, None, None)
 
 
 def assert_one_line(test, exc):
@@ -4141,7 +4176,7 @@ class AgentFuzzTest(FuzzTestCase):
         self.agent._flows.clear()
         self.agent._in_flight.clear()
         self.agent.reporter._queue.clear()
-        del self.records[:]
+        del self.logged[:]
 
     def queued_calls(self):
         return [payload for kind, payload in list(self.agent.reporter._queue) if kind == "call"]
@@ -4156,9 +4191,8 @@ class AgentFuzzTest(FuzzTestCase):
                 assert_one_line(self, exc)
 
     def assert_clean_log(self):
-        for record in self.records:
-            self.assertIsNone(record.exc_info, "a traceback in the log: %s" % record.getMessage())
-            self.assertNotIn("\n", record.getMessage())
+        for line in self.logged:
+            self.assertNotIn("\n", line, "a traceback or a second line in the log")
 
     # regression: AttributeError when the answer's state / state_details / details is not an object
     @fuzz_settings(examples=100)
