@@ -13,16 +13,13 @@ Sections, in the order data flows: configuration, API client, job configuration,
 supervision, reporting, the agent loop, health server, command line.
 """
 
-import argparse
 import binascii
 import collections
-import copy
 import datetime
 import fcntl
 import heapq
 import json
 import os
-import random
 import re
 import select
 import shlex
@@ -173,52 +170,109 @@ def redact_url(url):
     return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
 
 
-def build_arg_parser():
-    # add_argument checks every flag with a fresh help formatter, and argparse's own finds the
-    # terminal's width through shutil, an import of 2 ms; help, when asked for, still does.
-    parser = argparse.ArgumentParser(
-        prog="agent.py",
-        description="Run Prefect flow runs from a work pool as local processes.",
-        epilog="Commands: 'start' (default) runs the agent; 'install' prints a supervisord "
-        "program section for the same flags.",
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=80))
-    add = parser.add_argument
-    add("--api", help="Prefect API URL (default: $PREFECT_API_URL or %s)" % DEFAULT_API_URL)
-    add("--key", help="Prefect API key, sent as a Bearer token (default: $PREFECT_API_KEY); "
-        "prefer --key-file or the variable, which ps cannot show")
-    add("--key-file", metavar="PATH", help="read the API key from this file")
-    add("-p", "--pool", help="work pool to take runs from (required)")
-    add("-q", "--work-queue", action="append", default=[], metavar="QUEUE",
-        help="only this queue of the pool (repeatable; created when missing)")
-    add("-m", "--match", action="append", default=[], metavar="PREFIX",
-        help="queues whose name starts with PREFIX (repeatable; re-resolved while running)")
-    add("-l", "--limit", help="most flow runs in flight at once (default: no limit)")
-    add("--prefetch-seconds", help="claim runs scheduled up to this far ahead "
-        "(default: $PREFECT_AGENT_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS)
-    add("--poll-interval", help="seconds between polls "
-        "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS)
-    add("--run-once", action="store_true", help="poll once, wait for those runs, exit")
-    add("--hide-welcome", action="store_true", help="do not print the start-up banner")
-    add("-e", "--env", action="append", default=[], metavar="KEY=VALUE",
-        help="environment variable set on every flow run (repeatable)")
-    add("-n", "--name", help="worker name shown in the Prefect UI (default: unique per process)")
-    add("--python", metavar="PATH",
-        help="Python that runs flows with the default command (default: this one)")
-    add("--show-flow-logs", action="store_true",
-        help="stream every run's output here, even where the job says stream_output: false")
-    add("--agent-address", metavar="http://HOST:PORT", help="serve GET /api/health here "
-        "(default: $PREFECT__CLOUD__AGENT__AGENT_ADDRESS)")
-    add("--cancel-grace-seconds", help="after SIGTERM, seconds a cancelled run gets before "
-        "SIGKILL (default: %g)" % DEFAULT_CANCEL_GRACE_SECONDS)
-    add("--drain-timeout", help="on SIGTERM/SIGINT, seconds to wait for running flows before "
-        "terminating them (default: no limit)")
-    add("--type", dest="pool_type", choices=sorted(BASE_JOB_TEMPLATES), default="process",
-        help="type of the work pool to create when it does not exist (default: process); "
-        "runs of a docker pool start as containers through the docker CLI")
-    add("--state-dir", metavar="PATH", help="where the agent keeps its journal of runs, for "
-        "restart recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)")
-    parser.formatter_class = argparse.HelpFormatter
-    return parser
+#: The command-line flags: (names, metavar, repeatable, help); a flag without a metavar is a
+#: switch. Its field in parse_flags' answer is its long name with "-" as "_".
+FLAGS = (
+    (("--api",), "URL", False,
+     "Prefect API URL (default: $PREFECT_API_URL or %s)" % DEFAULT_API_URL),
+    (("--key",), "KEY", False, "Prefect API key, sent as a Bearer token (default: "
+     "$PREFECT_API_KEY); prefer --key-file or the variable, which ps cannot show"),
+    (("--key-file",), "PATH", False, "read the API key from this file"),
+    (("-p", "--pool"), "POOL", False, "work pool to take runs from (required)"),
+    (("-q", "--work-queue"), "QUEUE", True,
+     "only this queue of the pool (repeatable; created when missing)"),
+    (("-m", "--match"), "PREFIX", True,
+     "queues whose name starts with PREFIX (repeatable; re-resolved while running)"),
+    (("-l", "--limit"), "N", False, "most flow runs in flight at once (default: no limit)"),
+    (("--prefetch-seconds",), "SECONDS", False, "claim runs scheduled up to this far ahead "
+     "(default: $PREFECT_AGENT_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS),
+    (("--poll-interval",), "SECONDS", False, "seconds between polls "
+     "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS),
+    (("--run-once",), None, False, "poll once, wait for those runs, exit"),
+    (("--hide-welcome",), None, False, "do not print the start-up banner"),
+    (("-e", "--env"), "KEY=VALUE", True,
+     "environment variable set on every flow run (repeatable)"),
+    (("-n", "--name"), "NAME", False,
+     "worker name shown in the Prefect UI (default: unique per process)"),
+    (("--python",), "PATH", False,
+     "Python that runs flows with the default command (default: this one)"),
+    (("--show-flow-logs",), None, False,
+     "stream every run's output here, even where the job says stream_output: false"),
+    (("--agent-address",), "http://HOST:PORT", False,
+     "serve GET /api/health here (default: $PREFECT__CLOUD__AGENT__AGENT_ADDRESS)"),
+    (("--cancel-grace-seconds",), "SECONDS", False, "after SIGTERM, seconds a cancelled run "
+     "gets before SIGKILL (default: %g)" % DEFAULT_CANCEL_GRACE_SECONDS),
+    (("--drain-timeout",), "SECONDS", False, "on SIGTERM/SIGINT, seconds to wait for running "
+     "flows before terminating them (default: no limit)"),
+    (("--type",), "TYPE", False, "type of the work pool to create when it does not exist: "
+     "process (the default) or docker, whose runs start as containers through the docker CLI"),
+    (("--state-dir",), "PATH", False, "where the agent keeps its journal of runs, for restart "
+     "recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)"),
+    (("-h", "--help"), None, False, "show this help and exit"),
+)
+USAGE = "usage: agent.py [start | install] --pool POOL [flags]"
+HELP_INTRO = """Run Prefect flow runs from a work pool as local processes.
+
+Commands: 'start' (the default) runs the agent; 'install' prints a supervisord
+program section for the same flags."""
+
+
+def parse_flags(argv):
+    """The flags in argv (the command word taken off) as a namespace, or UsageError naming
+    the one that is wrong. Not argparse: its import, and the gettext, locale and copy modules
+    it brings, are 5 ms of a start-up that the benchmark holds to a twentieth of Prefect's
+    worker's. Long flags take `--flag VALUE` or `--flag=VALUE`, short ones `-f VALUE` or
+    `-fVALUE`; a flag given twice keeps its last value, unless it is repeatable."""
+    by_name = {name: flag for flag in FLAGS for name in flag[0]}
+    values = {_flag_field(flag): [] if flag[2] else (None if flag[1] else False)
+              for flag in FLAGS}
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, value = arg, None
+        if arg.startswith("--") and "=" in arg:
+            name, _, value = arg.partition("=")
+        elif arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            name, value = arg[:2], arg[2:]
+        flag = by_name.get(name)
+        if flag is None:
+            if arg.startswith("-"):
+                raise UsageError("unknown flag %s (agent.py --help lists them)" % name)
+            raise UsageError("unexpected argument %r: the command (start, install) comes first "
+                             "and every other value follows its flag" % arg)
+        field, metavar = _flag_field(flag), flag[1]
+        if metavar is None:
+            if value is not None:
+                raise UsageError("%s takes no value" % name)
+            values[field] = True
+            continue
+        if value is None:
+            if not rest:
+                raise UsageError("%s needs a value (%s)" % (name, metavar))
+            value = rest.pop(0)
+        if flag[2]:
+            values[field].append(value)
+        else:
+            values[field] = value
+    return Config(**values)
+
+
+def _flag_field(flag):
+    return flag[0][-1].lstrip("-").replace("-", "_")
+
+
+def help_text():
+    import textwrap  # here, not at the top: only --help needs it
+    lines = [USAGE, "", HELP_INTRO, "", "flags:"]
+    for names, metavar, _, text in FLAGS:
+        head = "  " + ", ".join(names) + (" " + metavar if metavar else "")
+        body = textwrap.wrap(text, 80 - 26, break_on_hyphens=False)
+        if len(head) > 24:
+            lines.append(head)
+            head = ""
+        lines.append(head.ljust(26) + body[0])
+        lines.extend(" " * 26 + more for more in body[1:])
+    return "\n".join(lines) + "\n"
 
 
 def parse_config(args, environ):
@@ -266,6 +320,10 @@ def parse_config(args, environ):
         environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
         "agent.py")
     python = args.python or sys.executable
+    pool_type = args.type or "process"
+    if pool_type not in BASE_JOB_TEMPLATES:
+        raise UsageError("--type must be one of %s, got %r"
+                         % (", ".join(sorted(BASE_JOB_TEMPLATES)), pool_type))
     if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError("--python %r is not an executable file" % python)
     return Config(
@@ -286,7 +344,7 @@ def parse_config(args, environ):
         show_flow_logs=args.show_flow_logs,
         health_address=health,
         cancel_grace_seconds=grace,
-        pool_type=args.pool_type,
+        pool_type=pool_type,
         drain_timeout=drain,
         state_dir=state_dir,
     )
@@ -564,8 +622,14 @@ def backoff_seconds(attempt, retry_after=None, cap=30.0):
     """Delay before retry number `attempt` (1-based): Retry-After if given, else doubling from
     half a second; jittered so agents that failed together do not retry together."""
     if retry_after is not None:
-        return retry_after * random.uniform(1.0, 1.2)
-    return min(cap, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+        return retry_after * jitter(1.0, 1.2)
+    return min(cap, 0.5 * 2 ** (attempt - 1)) * jitter(0.8, 1.2)
+
+
+def jitter(low, high):
+    """A random number between low and high, for spreading retries and polls. The random
+    module would do, but seeding its generator at import is 1 ms of start-up."""
+    return low + (high - low) * int.from_bytes(os.urandom(7), "big") / 2.0 ** 56
 
 
 def random_uuid():
@@ -1054,6 +1118,7 @@ def _resolve_job_configuration(base_job_template, values, lookup_prefect, enviro
     properties = _obj(template.get("variables")).get("properties") or {}
     if not isinstance(properties, dict):
         raise JobConfigError("the pool's base job template variables.properties is not an object")
+    import copy  # here, not at the top: start-up time (see random_uuid)
     config = copy.deepcopy(template["job_configuration"])
     defaults = {key: spec["default"] for key, spec in properties.items()
                 if isinstance(spec, dict) and spec.get("default") is not None}
@@ -1552,6 +1617,7 @@ class Journal:
             return {}, []
 
     def entries(self):
+        import copy  # here, not at the top: start-up time (see random_uuid)
         with self._mutex:
             return copy.deepcopy(self._entries)
 
@@ -1561,6 +1627,7 @@ class Journal:
             self._write()
 
     def get(self, run_id):
+        import copy  # here, not at the top: start-up time (see random_uuid)
         with self._mutex:
             return copy.deepcopy(self._entries.get(run_id) or {})
 
@@ -2325,7 +2392,7 @@ class Agent:
                     if not self._stopping:
                         self._poll(polled)
                     self._check_cancellations()
-                    next_poll = time.monotonic() + self.config.poll_seconds * random.uniform(0.9, 1.1)
+                    next_poll = time.monotonic() + self.config.poll_seconds * jitter(0.9, 1.1)
                 if syncing and not beat_first:
                     self._heartbeat()
                 self.last_contact = time.monotonic()
@@ -2415,7 +2482,7 @@ class Agent:
         except APIError as exc:  # answered, but refused: the poll that follows must still go
             log.warning("the worker heartbeat was refused (the pool may show this agent "
                         "offline); polling goes on: %s", exc)
-        self._next_sync = time.monotonic() + SYNC_SECONDS * random.uniform(0.9, 1.1)
+        self._next_sync = time.monotonic() + SYNC_SECONDS * jitter(0.9, 1.1)
 
     def _create_pool(self):
         pool_type = self.config.pool_type
@@ -3191,12 +3258,14 @@ def start_agent(argv=None):
     command = "start"
     if argv and argv[0] in ("start", "install"):
         command = argv.pop(0)
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)  # exits 2 with a one-line reason on a malformed flag
     try:
+        args = parse_flags(argv)
+        if args.help:
+            sys.stdout.write(help_text())
+            return None
         config = parse_config(args, os.environ)
     except UsageError as exc:
-        parser.exit(2, "agent.py: error: %s\n" % exc)
+        usage_exit(exc)
     if command == "install":
         sys.stdout.write(supervisord_section(argv, config, sys.executable,
                                              os.path.abspath(__file__)))
@@ -3205,19 +3274,25 @@ def start_agent(argv=None):
     try:
         agent = Agent(config)
     except UsageError as exc:
-        parser.exit(2, "agent.py: error: %s\n" % exc)
+        usage_exit(exc)
     if config.health_address:
         host, port = config.health_address
         try:
             start_health_server(agent, host, port)
         except OSError as exc:
-            parser.exit(2, "agent.py: error: cannot serve health checks on %s:%d: %s\n"
-                        % (host, port, exc.strerror or exc))
+            usage_exit("cannot serve health checks on %s:%d: %s"
+                       % (host, port, exc.strerror or exc))
     install_signal_handlers(agent)
     if not config.hide_welcome:
         print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name))
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
     return agent
+
+
+def usage_exit(reason):
+    """Exit 2 with one line that says what was wrong with the flags or environment."""
+    sys.stderr.write("agent.py: error: %s\n" % reason)
+    sys.exit(2)
 
 
 def run_agent(agent):

@@ -1353,7 +1353,7 @@ def config_for(fake, *flags, env=None):
         argv += ["--state-dir", tempfile.mkdtemp(dir=STATE_ROOT)]
     if "--pool" not in argv and "-p" not in argv:
         argv += ["--pool", "pool"]
-    return agent.parse_config(agent.build_arg_parser().parse_args(argv), env or {})
+    return agent.parse_config(agent.parse_flags(argv), env or {})
 
 
 class Console(io.StringIO):
@@ -1426,7 +1426,7 @@ class AgentTestCase(unittest.TestCase):
 
 class ConfigurationTests(unittest.TestCase):
     def parse(self, argv, env=None):
-        return agent.parse_config(agent.build_arg_parser().parse_args(argv), env or {})
+        return agent.parse_config(agent.parse_flags(argv), env or {})
 
     def test_defaults_come_from_prefect_environment_variables(self):
         env = {"PREFECT_API_URL": "http://h:1/api/", "PREFECT_API_KEY": "k",
@@ -1496,6 +1496,39 @@ class ConfigurationTests(unittest.TestCase):
                 with self.assertRaises(agent.UsageError) as caught:
                     self.parse(argv, env)
                 self.assertIn(expected, str(caught.exception))
+
+    def test_flags_take_their_values_in_every_usual_form(self):
+        config = self.parse(["--pool=p", "-q", "a", "-qb", "--work-queue=c", "-l2", "--limit", "3",
+                             "--run-once", "--env", "A=-1", "--type", "docker"])
+        self.assertEqual((config.pool, config.queues, config.limit), ("p", ["a", "b", "c"], 3))
+        self.assertTrue(config.run_once)
+        self.assertFalse(config.show_flow_logs)
+        self.assertEqual((config.extra_env, config.pool_type), ({"A": "-1"}, "docker"))
+
+    def test_malformed_flags_are_refused_with_a_reason_and_no_value_echoed(self):
+        cases = [
+            (["-p", "p", "--kee=secret"], "unknown flag --kee"),
+            (["-p", "p", "-x"], "unknown flag -x"),
+            (["-p", "p", "--key"], "--key needs a value"),
+            (["-p", "p", "--run-once=yes"], "--run-once takes no value"),
+            (["-p", "p", "start"], "unexpected argument 'start'"),
+            (["-p", "p", "--type", "k8s"], "--type must be one of docker, process"),
+        ]
+        for argv, expected in cases:
+            with self.subTest(argv=argv):
+                with self.assertRaises(agent.UsageError) as caught:
+                    self.parse(argv)
+                self.assertIn(expected, str(caught.exception))
+                self.assertNotIn("secret", str(caught.exception))
+
+    def test_help_lists_every_flag_and_exits_0(self):
+        proc = subprocess.run([PY, AGENT_PY, "--help"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        self.assertTrue(proc.stdout.startswith("usage: agent.py"), proc.stdout)
+        for names, metavar, _, _ in agent.FLAGS:
+            self.assertIn(", ".join(names) + (" " + metavar if metavar else ""), proc.stdout)
+        self.assertLessEqual(max(len(line) for line in proc.stdout.splitlines()), 80)
 
     def test_cli_exits_2_with_one_line_on_bad_input(self):
         for argv in (["--limit", "0", "-p", "p"], ["--no-such-flag"], []):
@@ -1771,6 +1804,20 @@ class ClientTests(unittest.TestCase):
 
 
 # -- 3. pool and queues; 7. health --------------------------------------------------
+
+
+class HelperTests(unittest.TestCase):
+    def test_jitter_spreads_values_over_its_whole_range(self):
+        values = [agent.jitter(0.8, 1.2) for _ in range(2000)]
+        self.assertTrue(all(0.8 <= v < 1.2 for v in values))
+        self.assertLess(min(values), 0.82)
+        self.assertGreater(max(values), 1.18)
+        self.assertAlmostEqual(sum(values) / len(values), 1.0, delta=0.02)
+
+    def test_random_uuid_is_a_version_4_uuid(self):
+        text = agent.random_uuid()
+        self.assertRegex(text, r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+        self.assertNotEqual(text, agent.random_uuid())
 
 
 class LogTests(unittest.TestCase):
@@ -4140,7 +4187,7 @@ class AgentFuzzTest(FuzzTestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="agentpy-fuzz-")
         environ = {"HOME": cls.tmp, "XDG_STATE_HOME": cls.tmp}
-        args = agent.build_arg_parser().parse_args(
+        args = agent.parse_flags(
             ["--api", "http://127.0.0.1:9/api", "--pool", "pool", "--name", "fuzz-agent",
              "--hide-welcome"])
         cls.agent = agent.Agent(agent.parse_config(args, environ))
