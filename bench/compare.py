@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: agent.py against Prefect's own `prefect worker start --type process`.
 
-    python bench/compare.py [--repeat 3] [--agent PATH] [--server URL] [--skip-scale]
-                            [--scale-runs 500] [--json PATH] [--write]
+    python bench/compare.py [--repeat 3] [--startup-samples 5] [--agent PATH] [--server URL]
+                            [--skip-scale] [--scale-runs 500] [--json PATH] [--write]
 
 Both agents run on one real Prefect 3.8.8 server, in alternation (agent.py, worker, agent.py,
 ...), each round on a fresh work pool with identical deployments, and talk to the server
@@ -10,8 +10,9 @@ through a recording reverse proxy in this script, which times their requests. Ev
 is a trivial bash command that appends "RUN_ID EPOCHREALTIME PID" to a marker file, so the
 moment each child process started is known without any help from either agent.
 
-A round: start-up (process start to first poll), idle RSS and CPU, peak RSS over 100 short
-runs, dispatch of 200 runs released at once, punctuality of 20 runs scheduled 25 s ahead.
+A round: start-up (process start to first poll; --startup-samples starts, each once the
+machine is quiet), idle RSS and CPU, peak RSS over 100 short runs, dispatch of 200 runs
+released at once, punctuality of 20 runs scheduled 25 s ahead.
 A scale round per agent: 500 concurrent `sleep` runs, RSS growth and CPU while supervising
 them, then all ended at once. Zombie children of the agent are watched in every round.
 
@@ -50,7 +51,7 @@ import urllib.parse
 import uuid
 import zlib
 
-from procfs import ZombieWatch, all_pids, proc_cmdline, proc_stat, proc_status_kib
+from procfs import ZombieWatch, all_pids, proc_cmdline, proc_stat, proc_status_kib, stat_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_PY = os.path.join(REPO, "agent.py")
@@ -78,6 +79,11 @@ QUIET_SECONDS = 3.0          # "the agent has gone quiet": no request for this l
 QUIET_TIMEOUT = 90.0
 MEM_RUNS, DISPATCH_RUNS, PUNCT_RUNS = 100, 200, 20
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+# Each start-up is launched once the whole machine has been busy for less than SETTLE_BUSY of
+# one core over SETTLE_WINDOW s (waiting at most SETTLE_TIMEOUT s): what the server still
+# does for the round before (events of hundreds of runs, deletions) is not the next agent's
+# start-up. The figure is the median of all of an agent's start-ups.
+SETTLE_BUSY, SETTLE_WINDOW, SETTLE_TIMEOUT = 0.10, 0.5, 60.0
 MEM_SLEEP = 3
 PUNCT_AHEAD, PUNCT_STEP = 25.0, 0.5
 MIB = 1024.0 * 1024.0
@@ -114,6 +120,39 @@ def proc_cpu_seconds(pid):
     except (OSError, ValueError, IndexError):
         return None
     return total / 1e9
+
+
+def session_cpu_seconds(sid):
+    """CPU time of every live process in session `sid` (the server and its workers)."""
+    total = 0.0
+    for pid in all_pids():
+        fields = stat_fields(pid)
+        if fields and int(fields[3]) == sid:
+            total += proc_cpu_seconds(pid) or 0.0
+    return total
+
+
+def machine_busy_ticks():
+    """(busy, all) clock ticks of all CPUs together since boot, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        ticks = [int(v) for v in handle.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def wait_machine_quiet():
+    """Until the machine was busy for less than SETTLE_BUSY of one core over SETTLE_WINDOW s,
+    or SETTLE_TIMEOUT s have passed: (seconds waited, busy share of one core in the last
+    window)."""
+    cpus = os.cpu_count() or 1
+    start = time.monotonic()
+    while True:
+        busy0, all0 = machine_busy_ticks()
+        time.sleep(SETTLE_WINDOW)
+        busy1, all1 = machine_busy_ticks()
+        share = (busy1 - busy0) * cpus / float(max(all1 - all0, 1))
+        waited = time.monotonic() - start
+        if share < SETTLE_BUSY or waited >= SETTLE_TIMEOUT:
+            return waited, share
 
 
 def proc_environ_has(pid, needle):
@@ -212,7 +251,7 @@ class Recorder:
     def __init__(self):
         self.lock = threading.Lock()
         self.entries = []
-        self.first_polls = {}  # pool -> arrival of its first poll
+        self.poll_times = {}  # pool -> arrivals of its polls
         self.polled = threading.Condition(self.lock)
 
     def add(self, entry):
@@ -220,15 +259,17 @@ class Recorder:
             self.entries.append(entry)
             if entry[1] == "POST" and entry[2].split("?")[0].endswith(POLL_PATH):
                 pool = urllib.parse.unquote(entry[2].split("/work_pools/", 1)[-1].split("/")[0])
-                if pool not in self.first_polls:
-                    self.first_polls[pool] = entry[0]
-                    self.polled.notify_all()
+                self.poll_times.setdefault(pool, []).append(entry[0])
+                self.polled.notify_all()
 
-    def wait_first_poll(self, pool, timeout):
-        """Arrival time of the pool's first poll, waiting up to `timeout`; None if none yet."""
+    def wait_poll(self, pool, since, timeout):
+        """Arrival of the pool's first poll at or after `since`, waiting up to `timeout`;
+        None if none yet."""
+        def first():
+            return next((t for t in self.poll_times.get(pool, ()) if t >= since), None)
         with self.lock:
-            self.polled.wait_for(lambda: pool in self.first_polls, timeout)
-            return self.first_polls.get(pool)
+            self.polled.wait_for(lambda: first() is not None, timeout)
+            return first()
 
     def since(self, start, end=None):
         with self.lock:
@@ -830,14 +871,24 @@ class Bench:
                        PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
         return AgentProcess(kind, argv, env, os.path.join(workdir, "agent.log"), workdir)
 
-    def launch(self, agent, pool):
-        """Start the agent; returns its start-up time (process start to first poll)."""
+    def launch(self, agent, pool, record):
+        """Start the agent once the machine is quiet; wait for its first poll. Appends its
+        start-up (process start to first poll) and the conditions to the record's lists."""
+        settled_after, busy = wait_machine_quiet()
+        server_cpu = session_cpu_seconds(self.server.pid) if self.server else None
         t0 = agent.start()
         self.live_agent = agent
         deadline = t0 + FIRST_POLL_TIMEOUT
         while True:
-            first = self.proxy.recorder.wait_first_poll(pool, 0.5)
+            first = self.proxy.recorder.wait_poll(pool, t0, 0.5)
             if first is not None:
+                if server_cpu is not None:
+                    server_cpu = session_cpu_seconds(self.server.pid) - server_cpu
+                for key, value in (("startup_samples_s", first - t0),
+                                   ("startup_settle_s", settled_after),
+                                   ("startup_busy_before", busy),
+                                   ("startup_server_cpu_s", server_cpu)):
+                    record.setdefault(key, []).append(value)
                 return first - t0
             if not agent.alive():
                 raise BenchError("%s exited with %s before its first poll; log %s:\n%s" % (
@@ -845,6 +896,19 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError("%s did not poll within %.0f s; log %s" % (
                     agent.kind, FIRST_POLL_TIMEOUT, agent.log_path))
+
+    def sample_startups(self, kind, pool, workdir, record):
+        """All but the last of the round's start-ups: the agent started in a directory of its
+        own and stopped after its first poll (the round's queues are paused: nothing to claim)."""
+        for number in range(1, self.args.startup_samples):
+            sample_dir = os.path.join(workdir, "startup-%d" % number)
+            os.makedirs(sample_dir)
+            sample = self.agent_process(kind, pool, sample_dir)
+            try:
+                self.launch(sample, pool, record)
+            finally:
+                sample.stop()
+                self.live_agent = None
 
     def wait_quiet(self, since, timeout=QUIET_TIMEOUT):
         """Until the agent made no request for QUIET_SECONDS (its runs are all reported)."""
@@ -900,13 +964,16 @@ class Bench:
         agent = self.agent_process(kind, pool, workdir)
         watch = None
         try:
-            record["startup_s"] = self.launch(agent, pool)
+            self.sample_startups(kind, pool, workdir, record)
+            self.launch(agent, pool, record)
+            record["startup_s"] = statistics.median(record["startup_samples_s"])
             t0 = agent.t0
             record["pid_cmdline"] = proc_cmdline(agent.pid)[:3]
             watch = ZombieWatch(agent.pid)
             watch.start()
-            log("round %d, %s: first poll after %.3f s; idle for %.0f s" % (
-                index, kind, record["startup_s"], args.idle_rss_after + args.idle_seconds))
+            log("round %d, %s: first poll after %s s (median %.3f); idle for %.0f s" % (
+                index, kind, " ".join("%.3f" % v for v in record["startup_samples_s"]),
+                record["startup_s"], args.idle_rss_after + args.idle_seconds))
             sleep_until(t0 + args.idle_rss_after)
             record["idle_rss_kib"] = agent.rss_kib()
             cpu_start = agent.cpu()
@@ -996,7 +1063,7 @@ class Bench:
         agent = self.agent_process(kind, pool, workdir)
         watch = None
         try:
-            record["startup_s"] = self.launch(agent, pool)
+            record["startup_s"] = self.launch(agent, pool, record)
             watch = ZombieWatch(agent.pid)
             watch.start()
             sleep_until(agent.t0 + args.idle_rss_after)
@@ -1247,6 +1314,16 @@ def median_of(records, key):
     return statistics.median(values) if values else None
 
 
+def pooled(records, key):
+    """Every value of a per-round list, all rounds together."""
+    return [v for r in records for v in r.get(key) or () if v is not None]
+
+
+def pooled_median(records, key):
+    values = pooled(records, key)
+    return statistics.median(values) if values else None
+
+
 def by_kind(records, kind):
     return [r for r in records if r["kind"] == kind and "failed" not in r]
 
@@ -1287,7 +1364,7 @@ def build_rows(bench, install):
     def known(*values):
         return all(v is not None for v in values)
 
-    va, vw = both("startup_s")
+    va, vw = pooled_median(a, "startup_samples_s"), pooled_median(w, "startup_samples_s")
     row("start-up: process start to first poll (s)", va, vw, "%.3f",
         "20x faster and < 0.2 s",
         (va * 20 <= vw and va < 0.2) if known(va, vw) else None)
@@ -1380,7 +1457,10 @@ HOW_MEASURED = """\
   deployments. Figures are medians over the rounds; ratio = Prefect worker / agent.py.
 - Every run's command is `bash -c 'echo "$PREFECT__FLOW_RUN_ID $EPOCHREALTIME $$" >> FILE'`
   (`; exec sleep N` for long runs): the child's own start time, independent of either agent.
-- start-up: process start to the proxy receiving its first `get_scheduled_flow_runs`.
+- start-up: process start to the proxy receiving its first `get_scheduled_flow_runs`; the
+  median of all start-ups, {samples} per round (all but the round's own stopped after their
+  first poll), each launched once the machine had been under {settle_busy:.0%} of one core
+  busy for {settle_window} s, so that the server's work for the round before is not counted.
 - memory: VmRSS of the agent process {idle_after} s after start; peak = VmHWM after 100 runs
   (`sleep {mem_sleep}`) released at once have ended. MB = 2^20 bytes.
 - install: agent.py's size; for the worker, the files of prefect and its dependency closure.
@@ -1424,7 +1504,27 @@ def header_lines(bench, install):
             fmt_num(args.poll_interval), fmt_num(args.prefetch), fmt_num(args.idle_rss_after),
             fmt_num(args.idle_seconds)),
     ]
+    for kind in KINDS:
+        rounds = by_kind(bench.rounds, kind)
+        samples = pooled(rounds, "startup_samples_s")
+        if samples:
+            lines.append(startup_line(kind, rounds, samples))
     return lines
+
+
+def startup_line(kind, rounds, samples):
+    """How one agent's start-ups went, and how busy the machine and server were around them:
+    the figures that tell a slow start-up from a busy machine."""
+    def median_text(key, fmt, scale=1.0):
+        values = pooled(rounds, key)
+        return fmt % (statistics.median(values) * scale) if values else "-"
+    return ("start-up: %s %d samples, %.3f-%.3f s; machine settled in %s s (busy %s of a core "
+            "before launch); server CPU from launch to answering the first poll %s ms "
+            "(medians)" % (
+                kind, len(samples), min(samples), max(samples),
+                median_text("startup_settle_s", "%.1f"),
+                median_text("startup_busy_before", "%.2f"),
+                median_text("startup_server_cpu_s", "%.0f", 1000.0)))
 
 
 def write_results(bench, install, rows, argv):
@@ -1434,7 +1534,8 @@ def write_results(bench, install, rows, argv):
                               prefetch=fmt_num(args.prefetch), idle_after=fmt_num(args.idle_rss_after),
                               mem_sleep=MEM_SLEEP, idle=fmt_num(args.idle_seconds),
                               ahead=PUNCT_AHEAD, scale_runs=args.scale_runs,
-                              window=args.scale_window)
+                              window=args.scale_window, samples=args.startup_samples,
+                              settle_busy=SETTLE_BUSY, settle_window=fmt_num(SETTLE_WINDOW))
     text = "\n".join([
         "# agent.py against Prefect's process worker",
         "",
@@ -1509,6 +1610,8 @@ def main(argv=None):
                                "the worker runs on)")
     add("--server", metavar="URL", help="use this Prefect API instead of starting a server")
     add("--repeat", type=int, default=3, help="rounds per agent (default 3)")
+    add("--startup-samples", type=int, default=5,
+        help="start-ups measured per round, the round's own included (default 5)")
     add("--poll-interval", type=float, default=10.0, help="both agents' poll interval (s)")
     add("--prefetch", type=float, default=20.0, help="both agents' prefetch (s)")
     add("--idle-rss-after", type=float, default=30.0, help="idle RSS sample after start (s)")
@@ -1535,8 +1638,9 @@ def main(argv=None):
     args.prefect_venv = os.path.abspath(args.prefect_venv)
     if args.agent_python is None:
         args.agent_python = os.path.join(args.prefect_venv, "bin", "python")
-    if args.repeat < 1 or args.scale_repeat < 1 or args.scale_runs < 1:
-        parser.error("--repeat, --scale-repeat and --scale-runs must be at least 1")
+    if min(args.repeat, args.scale_repeat, args.scale_runs, args.startup_samples) < 1:
+        parser.error("--repeat, --scale-repeat, --scale-runs and --startup-samples must be "
+                     "at least 1")
     if not os.path.isfile(args.agent):
         parser.error("--agent %s: no such file" % args.agent)
 
