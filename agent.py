@@ -1967,17 +1967,19 @@ class Supervisor(threading.Thread):
             busy = busy or child.kill_at is not None or child.term_at is not None
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
         exited = self._collect_exits(children)
+        gone = set(exited)
+        running = [child for child in children if child not in gone]
         now = time.monotonic()
-        for child in children:
-            if child not in exited and child.term_at is not None:
+        for child in running:
+            if child.term_at is not None:
                 self._send_sigterm_when_due(child, now, child.run_id in acknowledged)
-            if child not in exited and child.kill_at is not None and now >= child.kill_at:
+            if child.kill_at is not None and now >= child.kill_at:
                 log.warning("run %s: still running after SIGTERM and the %s grace period; "
                             "sending SIGKILL", child.run_id,
                             "cancellation" if child.stop_reason == "cancelled" else "stop")
                 child.kill_at = None
                 child.signal_group(signal.SIGKILL)
-        self._finish_all(exited, [child for child in children if child not in exited])
+        self._finish_all(exited, running)
         return busy or bool(exited)
 
     def _finish_all(self, exited, running):
@@ -1990,7 +1992,8 @@ class Supervisor(threading.Thread):
             if running and time.monotonic() >= reap_at:
                 more = self._collect_exits(running)
                 exited += more
-                running = [child for child in running if child not in more]
+                gone = set(more)
+                running = [child for child in running if child not in gone]
                 reap_at = time.monotonic() + self.REAP_SECONDS
 
     def _send_sigterm_when_due(self, child, now, acknowledged):

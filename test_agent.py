@@ -2489,28 +2489,29 @@ class WatchingTests(AgentTestCase):
         dep = self.deployment(command="sh -c %s" % shlex.quote("echo $$ >> %s; exec sleep 60" % pids))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(40)]
         real_write = agent.Journal._write
+        exiting = threading.Event()
 
         def slow_write(journal):
-            time.sleep(0.05 if self.exiting.is_set() else 0)
+            time.sleep(0.05 if exiting.is_set() else 0)
             real_write(journal)
 
-        self.exiting = threading.Event()
-        oldest = {}  # zombie pid -> when it was first seen
+        first_seen = {}  # zombie pid -> when it was first seen a zombie
+
+        def oldest_zombie_age():
+            now, zombies = time.monotonic(), zombie_children()
+            return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
+
         with mock.patch.object(agent.Journal, "_write", slow_write), RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
-            self.exiting.set()
+            exiting.set()
             for pid in [int(p) for p in read(pids).split()]:
                 os.kill(pid, signal.SIGTERM)
-                for zombie in zombie_children():
-                    oldest.setdefault(zombie, time.monotonic())
+                oldest_zombie_age()
                 time.sleep(0.02)
             deadline = time.monotonic() + 30
             while running.agent.in_flight_count() and time.monotonic() < deadline:
-                for zombie in zombie_children():
-                    oldest.setdefault(zombie, time.monotonic())
-                ages = [time.monotonic() - t for z, t in oldest.items() if z in zombie_children()]
-                self.assertLess(max(ages or [0]), 0.6, "a child left a zombie while exits were handled")
+                self.assertLess(oldest_zombie_age(), 0.6, "a child left a zombie while exits were handled")
                 time.sleep(0.02)
             self.assertFalse(running.agent.in_flight_count())
 
