@@ -16,6 +16,7 @@ supervision, reporting, the agent loop, health server, command line.
 import binascii
 import collections
 import datetime
+import errno
 import fcntl
 import heapq
 import json
@@ -208,6 +209,8 @@ FLAGS = (
      "process (the default) or docker, whose runs start as containers through the docker CLI"),
     (("--state-dir",), "PATH", False, "where the agent keeps its journal of runs, for restart "
      "recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)"),
+    (("--keep-leftover-processes",), None, False, "when a run ends, leave running the "
+     "processes it started in the background (default: stop them)"),
     (("-h", "--help"), None, False, "show this help and exit"),
 )
 USAGE = "usage: agent.py [start | install] --pool POOL [flags]"
@@ -347,6 +350,7 @@ def parse_config(args, environ):
         pool_type=pool_type,
         drain_timeout=drain,
         state_dir=state_dir,
+        keep_leftover_processes=args.keep_leftover_processes,
     )
 
 
@@ -701,6 +705,7 @@ class PrefectAPI:
         self._connections_lock = threading.Lock()
         self._reached = False
         self.last_success = None
+        self.failing_since = None  # the first failed attempt since the last success
 
     # -- transport ------------------------------------------------------------
 
@@ -720,17 +725,23 @@ class PrefectAPI:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 if attempt > retries or (refused and not self._reached and attempt > 1):
                     raise APIUnreachable("%s %s failed: %s" % (method, path, _describe(exc)))
-                time.sleep(backoff_seconds(attempt))
+                self._pause(backoff_seconds(attempt), method, path)
                 continue
+            if status in RETRY_STATUSES and self.failing_since is None:
+                self.failing_since = time.monotonic()
             if status in RETRY_STATUSES and attempt <= retries:
-                time.sleep(backoff_seconds(attempt, _retry_after_seconds(headers.get("retry-after"))))
+                self._pause(backoff_seconds(attempt, _retry_after_seconds(headers.get("retry-after"))),
+                            method, path)
                 continue
             if status in RETRY_STATUSES:
                 raise APIUnreachable("%s %s answered %s after %d tries: %s"
                                      % (method, path, status, attempt, _error_detail(raw)))
             self._reached = True
+            self.failing_since = None
             if status == 403 and b"CSRF" in raw and not csrf_retried:
                 csrf_retried = True
                 self._refresh_csrf_token()
@@ -743,12 +754,29 @@ class PrefectAPI:
             if not 200 <= status < 300:
                 raise APIError(method, path, status, _error_detail(raw))
             self.last_success = time.monotonic()
+            self.failing_since = None
             if not raw.strip():
                 return None
             try:
                 return json.loads(raw.decode("utf-8"))
             except (ValueError, RecursionError):
                 raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
+
+    def give_up_retries_when(self, stopping, wakeup):
+        """From now on, this thread's retries end as soon as stopping() is true: `wakeup`
+        (a Wakeup) is woken when it turns true, and cuts the wait before a retry short."""
+        self._local.stopping, self._local.wakeup = stopping, wakeup
+
+    def _pause(self, seconds, method, path):
+        stopping = getattr(self._local, "stopping", None)
+        if stopping is None:
+            time.sleep(seconds)
+            return
+        if not stopping():
+            self._local.wakeup.sleep(seconds)
+        if stopping():
+            raise APIUnreachable("%s %s failed, and is not retried: the agent is stopping"
+                                 % (method, path))
 
     def _send(self, method, path, body, redirects=1):
         headers = {"Accept": "application/json", "User-Agent": self.USER_AGENT}
@@ -1399,6 +1427,7 @@ class Child:
         self.output = None
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
         self.partial = b""
+        self.behind = False  # output is waiting that the last look left for the next
         self.returncode = None
         self.stop_reason = None  # "cancelled" or "stopped" once the agent signals it
         self.grace = None  # seconds from SIGTERM to SIGKILL
@@ -1407,6 +1436,8 @@ class Child:
         self.kill_at = None
 
     def open_output(self, from_end=False):
+        """Open the output file to follow it; from_end (an adopted child): skip what an
+        earlier agent passed on, keeping only its last lines for a crash message."""
         try:
             # Unbuffered: the supervisor reads in big chunks anyway, and a buffer per child
             # would cost 8 KB of memory for each of hundreds of running flows.
@@ -1415,7 +1446,10 @@ class Child:
             self.output = None
             return
         if from_end:
-            self.output.seek(0, os.SEEK_END)
+            size = os.fstat(self.output.fileno()).st_size
+            self.output.seek(max(0, size - 8192))
+            lines = self.output.read(8192).decode("utf-8", "replace").splitlines()
+            self.tail.extend(line[:500] for line in lines[1:])  # the first may be cut
 
     def signal_group(self, signum):
         """Signal the run's whole session (it leads its own), or its container; False when it
@@ -1472,17 +1506,31 @@ def process_is(pid, start_time):
     return current == start_time
 
 
-def start_process(run_id, run_name, job, output_path):
+def temp_dir_for(run_id):
+    """A fresh path for a run's temporary working directory, named before it is made, so
+    that the journal can hold it first and a restart can remove it."""
+    import tempfile  # here, not at the top: start-up time (see random_uuid)
+    return os.path.join(tempfile.gettempdir(), "agentpy-%s-%s" % (run_id[:8], os.urandom(6).hex()))
+
+
+def start_process(run_id, run_name, job, output_path, temp_dir=None):
     """Start `job` in its own session (so its whole tree can be signalled) with its output
     appended to `output_path`, a file, so the run outlives the agent without a broken pipe.
-    Raises LaunchError with a reason a user can act on."""
-    temp_dir = None
+    Without a working directory it runs in `temp_dir`, made here (0700; mkdir fails rather
+    than follow anything planted at that path). Raises LaunchError with a reason a user can
+    act on."""
     cwd = job.working_dir
     if cwd is None:
-        import tempfile  # here, not at the top: start-up time (see random_uuid)
-        temp_dir = cwd = tempfile.mkdtemp(prefix="agentpy-", suffix="-prefect")
+        try:
+            os.mkdir(temp_dir, 0o700)
+        except OSError as exc:
+            raise LaunchError("cannot make a temporary working directory %r: %s"
+                              % (temp_dir, exc.strerror or exc))
+        cwd = temp_dir
     elif not os.path.isdir(cwd):
         raise LaunchError("working directory %r does not exist" % cwd)
+    else:
+        temp_dir = None
     import subprocess  # here, not at the top: start-up time (see random_uuid)
     try:
         with open(output_path, "ab") as output:
@@ -1504,6 +1552,59 @@ def start_process(run_id, run_name, job, output_path):
         return child
     _remove(temp_dir)
     raise LaunchError(reason)
+
+
+def run_processes(sessions):
+    """{run id: [(pid, start time, session id)]} of the live processes of runs: those whose
+    environment carries the run's PREFECT__FLOW_RUN_ID (every process a run starts inherits
+    it, daemons included, as GitHub's runner finds a job's processes by a variable of its
+    own), and those still in the session its process led. `sessions` maps run ids to that
+    session, or to None where a pid may since have been reused. Linux (/proc) only."""
+    by_env = {("PREFECT__FLOW_RUN_ID=%s" % run_id).encode(): run_id for run_id in sessions}
+    by_session = {sid: run_id for run_id, sid in sessions.items() if sid}
+    found = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    me = os.getpid()
+    for name in names:
+        if not name.isdigit() or int(name) in (me, 1):
+            continue
+        pid = int(name)
+        stat = _proc_stat(pid)
+        if stat is None:
+            continue
+        start_time, sid = stat
+        run_id = by_session.get(sid) or by_env.get(_run_id_variable(pid))
+        if run_id is not None:
+            found.setdefault(run_id, []).append((pid, start_time, sid))
+    return found
+
+
+def _proc_stat(pid):
+    """(start time, session id) of a live process, or None (gone, or a zombie)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else (int(fields[19]), int(fields[3]))
+
+
+def _run_id_variable(pid):
+    """The PREFECT__FLOW_RUN_ID=... entry of a process's environment, or None."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            environ = handle.read()
+    except OSError:
+        return None
+    environ = b"\0" + environ
+    at = environ.find(b"\0PREFECT__FLOW_RUN_ID=")
+    if at < 0:
+        return None
+    end = environ.find(b"\0", at + 1)
+    return environ[at + 1:] if end < 0 else environ[at + 1:end]
 
 
 def _argv_text(argv, limit=300):
@@ -1563,107 +1664,6 @@ def _exit_code(status):
 ###############################################################################
 # Supervision #################################################################
 ###############################################################################
-
-
-class Journal:
-    """What this agent has claimed and started, kept on disk so that a restart, even after
-    kill -9, finishes every run's story: the claim is written before it is proposed, so no run
-    can be left Pending by an agent that died between the two.
-
-    Several agents on one host share a state directory: each holds an exclusive lock on one
-    journal slot, and a restarted agent takes over the slot a dead one left."""
-
-    SLOTS = 64
-
-    def __init__(self, directory, pool):
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise UsageError("cannot create --state-dir %r: %s" % (directory, exc.strerror))
-        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", pool)[:100]
-        self.output_dir = os.path.join(directory, "output")
-        os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
-        for slot in range(self.SLOTS):
-            self.path = os.path.join(directory, "journal-%s-%d.json" % (slug, slot))
-            self._lock = open(self.path + ".lock", "a")
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                self._lock.close()
-        else:
-            raise UsageError("all %d journal slots in %r are held by running agents"
-                             % (self.SLOTS, directory))
-        self._mutex = threading.Lock()
-        self._entries, self._logs = self._load()
-
-    def _load(self):
-        """(runs by id, run log lines still owed to the API) from the journal file."""
-        try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-                raise ValueError("not a journal")
-            runs = {k: v for k, v in data["runs"].items() if isinstance(v, dict)}
-            logs = [e for e in data.get("logs") or [] if isinstance(e, dict)]
-            return runs, logs
-        except FileNotFoundError:
-            return {}, []
-        except (OSError, ValueError, RecursionError) as exc:
-            aside = "%s.unreadable-%d" % (self.path, time.time())
-            log.error("journal %s is unreadable (%s); moved it to %s and starting empty",
-                      self.path, exc, aside)
-            os.replace(self.path, aside)
-            return {}, []
-
-    def entries(self):
-        import copy  # here, not at the top: start-up time (see random_uuid)
-        with self._mutex:
-            return copy.deepcopy(self._entries)
-
-    def update(self, run_id, **fields):
-        with self._mutex:
-            self._entries.setdefault(run_id, {}).update(fields)
-            self._write()
-
-    def get(self, run_id):
-        import copy  # here, not at the top: start-up time (see random_uuid)
-        with self._mutex:
-            return copy.deepcopy(self._entries.get(run_id) or {})
-
-    def forget(self, run_id):
-        with self._mutex:
-            if self._entries.pop(run_id, None) is not None:
-                self._write()
-
-    def keep_logs(self, entries):
-        """Run log lines the API could not take before the agent exits, for the next start."""
-        with self._mutex:
-            self._logs.extend(entries)
-            self._write()
-
-    def take_logs(self):
-        with self._mutex:
-            logs, self._logs = self._logs, []
-            if logs:
-                self._write()
-            return logs
-
-    def _write(self):
-        # Write aside, flush to disk, then rename over: a crash leaves the old or the new file.
-        temporary = self.path + ".tmp"
-        with open(temporary, "w") as handle:
-            json.dump({"runs": self._entries, "logs": self._logs}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.path)
-
-    def close(self):
-        """Release this journal's slot (whatever is still in it waits for the next start)."""
-        self._lock.close()
-
-    def output_path(self, run_id):
-        return os.path.join(self.output_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) + ".log")
 
 
 class ControlChannel:
@@ -1864,20 +1864,36 @@ class Supervisor(threading.Thread):
 
     A child is reaped on the tick after it exits (SIGCHLD makes that tick come at once), so
     hundreds of runs never leave zombies. As PID 1 it also reaps orphaned grandchildren, which
-    a container without an init would otherwise accumulate."""
+    a container without an init would otherwise accumulate. A tick reads at most
+    READ_BYTES_PER_TICK of each child's output, so a child that prints without pause cannot
+    hold up the reaping, cancellation or output of the others. When a run ends, the
+    processes it left behind are stopped (unless the agent was told to leave them)."""
 
     TICK_SECONDS = 0.25
     QUIET_TICK_SECONDS = 1.0
+    #: The tick after one that left output unread comes this soon.
+    BEHIND_TICK_SECONDS = 0.05
     #: While a tick handles exits, it reaps again at least this often: each exit is journaled
-    #: (with an fsync) and reported, and in a burst of hundreds the children that exit
-    #: meanwhile would otherwise stay zombies for seconds.
+    #: and reported, and in a burst of hundreds the children that exit meanwhile would
+    #: otherwise stay zombies for seconds.
     REAP_SECONDS = 0.1
+    READ_BYTES_PER_TICK = 256 * 1024
+    #: Unread output beyond this is skipped: the child prints faster than it can be shown.
+    MAX_BACKLOG_BYTES = 16 * 1024 * 1024
+    #: Once this much of an output file has been read, the file is cut back to nothing (the
+    #: child appends, so it writes on from the start): a run's output never fills the disk.
+    CUT_OUTPUT_BYTES = 16 * 1024 * 1024
+    #: SIGTERM to SIGKILL for the processes a run left behind.
+    LEFTOVER_GRACE_SECONDS = 5.0
 
-    def __init__(self, on_exit, console=None, reap_orphans=False, on_container=None):
+    def __init__(self, on_exit, on_exits_handled=None, console=None, reap_orphans=False,
+                 on_container=None, on_leftovers=None):
         super().__init__(name="supervisor", daemon=True)
         self._on_exit = on_exit
+        self._on_exits_handled = on_exits_handled  # after a tick's last on_exit
         self._on_container = on_container
-        self._console = console or sys.stdout
+        self._on_leftovers = on_leftovers  # None: leave what a run leaves behind alone
+        self.printer = ConsolePrinter(console or sys.stdout)
         self._reap_orphans = reap_orphans
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
@@ -1885,6 +1901,7 @@ class Supervisor(threading.Thread):
         self._lock = threading.Lock()
         self._children = {}
         self._helpers = []  # helper processes of children that have ended
+        self._leftovers = []  # (pid, start time, when to SIGKILL) of what ended runs left
         self._stopping = False
         self.channel = ControlChannel()
 
@@ -1931,10 +1948,16 @@ class Supervisor(threading.Thread):
             # often, down to once a second, so hundreds of sleeping runs cost next to nothing;
             # output, an exit, a wake-up or a pending SIGKILL restores the pace.
             with self._lock:
-                idle = not self._children and not self._helpers and not self._reap_orphans
+                idle = not (self._children or self._helpers or self._leftovers
+                            or self._reap_orphans)
             woken, acknowledged = self._wait(None if idle else interval)
-            busy = self.tick(acknowledged)
-            interval = self.TICK_SECONDS if busy or woken else min(interval * 2, self.QUIET_TICK_SECONDS)
+            busy, behind = self.tick(acknowledged)
+            if behind:
+                interval = self.BEHIND_TICK_SECONDS
+            elif busy or woken:
+                interval = self.TICK_SECONDS
+            else:
+                interval = min(interval * 2, self.QUIET_TICK_SECONDS)
         self.channel.close()
 
     def _wait(self, timeout):
@@ -1955,8 +1978,8 @@ class Supervisor(threading.Thread):
         return woken, acknowledged
 
     def tick(self, acknowledged=()):
-        """One look at every child; True if anything happened or is about to.
-        `acknowledged`: runs whose engine has just acknowledged a cancellation notice."""
+        """One look at every child: (anything happened or is about to, output was left
+        unread). `acknowledged`: runs whose engine has just acknowledged a cancellation."""
         children = self.children()
         busy = False
         for child in children:
@@ -1965,6 +1988,7 @@ class Supervisor(threading.Thread):
             if child.cidfile and child.container_id is None:
                 self._note_container_id(child)
             busy = busy or child.kill_at is not None or child.term_at is not None
+        behind = any(child.behind for child in children)
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
         exited = self._collect_exits(children)
         gone = set(exited)
@@ -1979,22 +2003,32 @@ class Supervisor(threading.Thread):
                             "cancellation" if child.stop_reason == "cancelled" else "stop")
                 child.kill_at = None
                 child.signal_group(signal.SIGKILL)
+        self._kill_leftovers_when_due(now)
         self._finish_all(exited, running)
-        return busy or bool(exited)
+        return busy or bool(exited) or bool(self._leftovers), behind
 
     def _finish_all(self, exited, running):
-        """Handle every exit, reaping the children that exit meanwhile as it goes."""
+        """Handle every exit, reaping the children that exit meanwhile as it goes; then stop
+        what the ended runs left behind (one look through /proc for all of them)."""
+        if not exited:
+            return
         reap_at = time.monotonic() + self.REAP_SECONDS
         index = 0
-        while index < len(exited):  # grows as children exit meanwhile
-            self._finish(exited[index])
-            index += 1
-            if running and time.monotonic() >= reap_at:
-                more = self._collect_exits(running)
-                exited += more
-                gone = set(more)
-                running = [child for child in running if child not in gone]
-                reap_at = time.monotonic() + self.REAP_SECONDS
+        try:
+            while index < len(exited):  # grows as children exit meanwhile
+                self._finish(exited[index])
+                index += 1
+                if running and time.monotonic() >= reap_at:
+                    more = self._collect_exits(running)
+                    exited += more
+                    gone = set(more)
+                    running = [child for child in running if child not in gone]
+                    reap_at = time.monotonic() + self.REAP_SECONDS
+        finally:
+            if self._on_exits_handled is not None:
+                self._on_exits_handled()
+        if self._on_leftovers is not None:
+            self._stop_leftovers(exited)
 
     def _send_sigterm_when_due(self, child, now, acknowledged):
         if child.stop_reason == "cancelled" and not child.notified:
@@ -2053,42 +2087,93 @@ class Supervisor(threading.Thread):
         exited += [c for c in children if c.process is None and not process_is(c.pid, c.start_time)]
         return exited
 
-    def _read(self, child):
-        """Pass on what the child wrote since the last look; True if it wrote anything."""
+    # -- output -----------------------------------------------------------------------
+
+    def _read(self, child, limit=None):
+        """Pass on up to `limit` bytes the child wrote since the last look; True if it wrote
+        anything. Sets child.behind when more is waiting."""
         if child.output is None:
             return False
-        got = False
-        while True:
-            try:
-                chunk = child.output.read(65536)
-            except OSError:
-                return got
-            if not chunk:
-                return got
-            got = True
-            lines = (child.partial + chunk).split(b"\n")
-            child.partial = lines.pop()
-            if len(child.partial) > 65536:  # a runaway line without newline: show it in pieces
-                lines.append(child.partial)
-                child.partial = b""
-            for line in lines:
-                self._line(child, line)
+        limit = self.READ_BYTES_PER_TICK if limit is None else limit
+        got = 0
+        try:
+            while got < limit:
+                chunk = child.output.read(min(65536, limit - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+                self._take(child, chunk)
+            child.behind = got >= limit
+            if child.behind:
+                self._skip_if_far_behind(child)
+            elif child.output.tell() >= self.CUT_OUTPUT_BYTES:
+                self._cut(child)
+        except OSError as exc:
+            log.warning("run %s: cannot read its output file %s: %s", child.run_id,
+                        child.output_path, exc)
+            child.output.close()
+            child.output, child.behind = None, False
+        return got > 0
 
-    def _line(self, child, raw):
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        child.tail.append(text[:500])
+    def _take(self, child, chunk):
+        """Split what the child wrote into lines: the last ones kept for a crash message,
+        all of them passed to the console when the run streams its output."""
+        data = child.partial + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0 and len(data) <= 65536:
+            child.partial = data
+            return
+        if cut < 0:  # a runaway line without newline: show it in pieces
+            data, child.partial = data + b"\n", b""
+        else:
+            data, child.partial = data[:cut + 1], data[cut + 1:]
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n")[:-1]
+        child.tail.extend(line[:500] for line in text.rsplit("\n", Child.TAIL_LINES)[-Child.TAIL_LINES:])
         if child.stream_output:
-            try:
-                self._console.write("[%s] %s\n" % (child.run_name, text))
-                self._console.flush()
-            except (OSError, ValueError):
-                pass  # a closed console must not stop supervision
+            prefix = "[%s] " % child.run_name
+            self.printer.put(prefix + text.replace("\n", "\n" + prefix) + "\n")
+
+    def _skip_if_far_behind(self, child):
+        size = os.fstat(child.output.fileno()).st_size
+        skipped = size - child.output.tell()
+        if skipped <= self.MAX_BACKLOG_BYTES:
+            return
+        self._cut(child)
+        child.partial = b""
+        note = "[agent.py skipped %d bytes of this run's output: it prints faster than " \
+               "they can be shown]" % skipped
+        child.tail.append(note)
+        if child.stream_output:
+            self.printer.put("[%s] %s\n" % (child.run_name, note))
+
+    def _skip_to_last_lines(self, child):
+        """An ended child left more output than one look reads: the last lines are what a
+        crash message needs."""
+        size = os.fstat(child.output.fileno()).st_size
+        skipped = size - 8192 - child.output.tell()
+        if skipped > 0:
+            child.output.seek(size - 8192)
+            child.partial = b""
+            note = "[agent.py skipped %d bytes of this run's output]" % skipped
+            if child.stream_output:
+                self.printer.put("[%s] %s\n" % (child.run_name, note))
+        self._read(child)
+
+    def _cut(self, child):
+        """Empty the output file and follow it from its new start. What the child writes
+        in the instant between the last read and the cut is lost."""
+        os.truncate(child.output_path, 0)
+        child.output.seek(0)
+
+    # -- exits --------------------------------------------------------------------------
 
     def _finish(self, child):
-        self._read(child)  # what the child wrote just before exiting
+        self._read(child)  # what it wrote just before exiting
+        if child.behind:
+            self._skip_to_last_lines(child)
         if child.partial:
-            self._line(child, child.partial)
-            child.partial = b""
+            partial, child.partial = child.partial, b""
+            self._take(child, partial + b"\n")
         if child.output is not None:
             child.output.close()
         with self._lock:
@@ -2100,6 +2185,124 @@ class Supervisor(threading.Thread):
             self._on_exit(child)
         except Exception:  # a reporting bug must never stop supervision of the rest
             log.exception("run %s: handling the exit of pid %d failed", child.run_id, child.pid)
+
+    def _stop_leftovers(self, children):
+        """SIGTERM what the ended runs left running (SIGKILL follows), and say so on each run."""
+        sessions = {c.run_id: None if c.container else c.pid for c in children}
+        for run_id, found in run_processes(sessions).items():
+            self._on_leftovers(run_id, found)
+            self.kill_leftovers_later(
+                stop_leftovers(found, time.monotonic() + self.LEFTOVER_GRACE_SECONDS))
+
+    def kill_leftovers_later(self, leftovers):
+        """(pid, start time, when) to SIGKILL, from another thread."""
+        with self._lock:
+            self._leftovers += leftovers
+        self.wake()
+
+    def _kill_leftovers_when_due(self, now):
+        if not self._leftovers:
+            return
+        with self._lock:
+            due = [item for item in self._leftovers if now >= item[2]]
+            self._leftovers = [item for item in self._leftovers if now < item[2]]
+        for pid, start_time, _ in due:
+            if process_is(pid, start_time):
+                _signal_quietly(pid, signal.SIGKILL)
+
+
+def stop_leftovers(found, kill_at):
+    """SIGTERM each of `found` (pid, start time, session) and its process group; the
+    (pid, start time, kill_at) to SIGKILL later if still there."""
+    own_group = os.getpgrp()
+    for pid, _, _ in found:
+        _signal_quietly(pid, signal.SIGTERM)
+        try:
+            group = os.getpgid(pid)
+        except OSError:
+            continue
+        if group not in (own_group, 0, 1):
+            try:
+                os.killpg(group, signal.SIGTERM)
+            except OSError:
+                pass
+    return [(pid, start_time, kill_at) for pid, start_time, _ in found]
+
+
+def _process_text(pid):
+    """`pid (command name)` for a log line, the name escaped."""
+    try:
+        with open("/proc/%d/comm" % pid, "rb") as handle:
+            name = handle.read().strip().decode("utf-8", "replace")
+    except OSError:
+        return str(pid)
+    return "%d (%s)" % (pid, name.encode("unicode_escape").decode("ascii"))
+
+
+def _signal_quietly(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # gone already, or not ours to signal
+
+
+class ConsolePrinter(threading.Thread):
+    """Writes flow output to the console from its own thread, so that a console that blocks
+    (a full pipe, a paused terminal) never holds up supervision. Past MAX_WAITING_BYTES
+    waiting, output is dropped and the drop is said. Started with the first output."""
+
+    MAX_WAITING_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, console):
+        super().__init__(name="console", daemon=True)
+        self._console = console
+        self._ready = threading.Condition()
+        self._waiting = []
+        self._waiting_bytes = self._dropped = 0
+        self._writing = self._launched = self._closing = False
+
+    def put(self, text):
+        with self._ready:
+            if not self._launched:
+                self._launched = True
+                self.start()
+            if self._waiting_bytes + len(text) > self.MAX_WAITING_BYTES:
+                self._dropped += len(text)
+                return
+            self._waiting.append(text)
+            self._waiting_bytes += len(text)
+            self._ready.notify()
+
+    def close(self, timeout):
+        """Write what is waiting (for up to timeout), then end the thread."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+            while (self._waiting or self._writing) and time.monotonic() < deadline:
+                self._ready.wait(0.05)
+
+    def run(self):
+        while True:
+            with self._ready:
+                while not self._waiting and not self._dropped:
+                    if self._closing:
+                        return
+                    self._ready.wait()
+                text = "".join(self._waiting)
+                if self._dropped:
+                    text += "[agent.py dropped %d characters of flow output: the console " \
+                            "could not take them as fast]\n" % self._dropped
+                self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
+                self._writing = True
+            try:
+                self._console.write(text)
+                self._console.flush()
+            except (OSError, ValueError):
+                pass  # a closed console must not stop anything
+            with self._ready:
+                self._writing = False
+                self._ready.notify_all()
 
 
 def _drain_fd(fd):
@@ -2168,28 +2371,315 @@ class Timetable(threading.Thread):
 
 
 ###############################################################################
-# Reporting ###################################################################
+# Journal and reporting #######################################################
 ###############################################################################
 
 
-class Reporter(threading.Thread):
-    """Delivers what the agent owes the API about runs (logs, pids, final states) in order,
-    off the poll loop, so a slow API never stalls claiming or supervision. While the API is
-    unreachable it retries the head of the queue until it goes through; what is still queued
-    when the agent exits is in the journal and is delivered by the next start."""
+class JournalError(Exception):
+    """The journal could not be written, so a step that must be on disk first cannot be taken."""
+
+
+class Journal:
+    """What this agent has claimed and started, kept on disk so that a restart, even after
+    kill -9, finishes every run's story. Every thread calls it; one mutex orders the writes.
+
+    The file is a snapshot line followed by one line per change, each appended and fsynced,
+    so a write costs the same however many runs the journal holds; it is compacted into a
+    new snapshot when the changes outnumber twice the runs. A kill mid-append leaves at most
+    a torn last line, which is ignored: the step it recorded was never taken.
+
+    When a write fails (a full disk, say) the journal keeps going in memory, says so in
+    `failure`, and rewrites itself every RETRY_SECONDS until it works again. Steps that must
+    be on disk before they are taken (a claim, a start) raise JournalError meanwhile.
+
+    Several agents on one host share a state directory: each holds an exclusive lock on one
+    journal slot, and a restarted agent takes over the slot a dead one left."""
+
+    SLOTS = 64
+    COMPACT_MIN_CHANGES = 1000
+    RETRY_SECONDS = 5.0
+
+    def __init__(self, directory, pool):
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            self.output_dir = os.path.join(directory, "output")
+            os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+            self._lock = self._take_slot(directory, pool)
+        except OSError as exc:
+            raise UsageError("cannot use --state-dir %r: %s" % (directory, exc.strerror or exc))
+        self.directory = directory
+        self._mutex = threading.Lock()
+        self._entries, self._logs = self._load()
+        self._fd = None
+        self._size = self._changes = 0
+        self._batching = self._unsynced = False
+        self.failure = None  # why the journal cannot be written, while it cannot
+        self._retry_at = 0.0
+        try:
+            self._snapshot()
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                self._lock.close()
+                raise UsageError("cannot write the journal in --state-dir %r: %s"
+                                 % (directory, exc.strerror or exc))
+            self._failed(exc)  # a full disk may pass: run on, claiming nothing until it does
+
+    def _take_slot(self, directory, pool):
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", pool)[:100]
+        for slot in range(self.SLOTS):
+            self.path = os.path.join(directory, "journal-%s-%d.json" % (slug, slot))
+            lock = open(self.path + ".lock", "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except BlockingIOError:
+                lock.close()
+        raise UsageError("all %d journal slots in %r are held by running agents"
+                         % (self.SLOTS, directory))
+
+    # -- reading --------------------------------------------------------------------
+
+    def _load(self):
+        """(runs by id, run log lines still owed to the API) from the journal file."""
+        try:
+            with open(self.path, "rb") as handle:
+                lines = handle.read().split(b"\n")
+        except FileNotFoundError:
+            return {}, []
+        except OSError as exc:
+            raise UsageError("cannot read the journal %r: %s" % (self.path, exc.strerror or exc))
+        try:
+            data = json.loads(lines[0].decode("utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+                raise ValueError("not a journal")
+        except (ValueError, RecursionError) as exc:
+            aside = "%s.unreadable-%d" % (self.path, time.time())
+            log.error("journal %s is unreadable (%s); moved it to %s and starting empty",
+                      self.path, exc, aside)
+            os.replace(self.path, aside)
+            return {}, []
+        runs = {k: v for k, v in data["runs"].items() if isinstance(v, dict)}
+        logs = [e for e in data.get("logs") or [] if isinstance(e, dict)]
+        for number, line in enumerate(lines[1:], 2):
+            if not line:
+                continue
+            try:
+                self._apply(runs, logs, json.loads(line.decode("utf-8")))
+            except (ValueError, RecursionError, TypeError, AttributeError):
+                if number < len(lines):  # not the torn tail of a kill mid-append
+                    log.error("journal %s: line %d is damaged; it and what follows are "
+                              "ignored", self.path, number)
+                break
+        return runs, logs
+
+    @staticmethod
+    def _apply(runs, logs, change):
+        if "forget" in change:
+            runs.pop(change["forget"], None)
+        elif "run" in change:
+            runs.setdefault(change["run"], {}).update(change["set"])
+        elif "logs" in change:
+            logs[:] = change["logs"]
+        else:
+            raise ValueError("unknown change")
+
+    def entries(self):
+        import copy  # here, not at the top: start-up time (see random_uuid)
+        with self._mutex:
+            return copy.deepcopy(self._entries)
+
+    def get(self, run_id):
+        import copy  # here, not at the top: start-up time (see random_uuid)
+        with self._mutex:
+            return copy.deepcopy(self._entries.get(run_id) or {})
+
+    def output_path(self, run_id):
+        return os.path.join(self.output_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) + ".log")
+
+    # -- writing --------------------------------------------------------------------
+
+    def update(self, run_id, durable=False, **fields):
+        """Record fields of run_id's entry. With durable=True, raise JournalError unless they
+        are on disk: the caller must not take the step they record."""
+        with self._mutex:
+            self._entries.setdefault(run_id, {}).update(fields)
+            written = self._record({"run": run_id, "set": fields}, durable)
+        if durable and not written:
+            raise JournalError(self.failure)
+
+    def forget(self, run_id):
+        with self._mutex:
+            if self._entries.pop(run_id, None) is not None:
+                self._record({"forget": run_id})
+
+    def keep_logs(self, entries):
+        """Run log lines the API could not take before the agent exits, for the next start;
+        False if they could not be written."""
+        with self._mutex:
+            self._logs.extend(entries)
+            return self._record({"logs": self._logs})
+
+    def take_logs(self):
+        with self._mutex:
+            logs, self._logs = self._logs, []
+            if logs:
+                self._record({"logs": []})
+            return logs
+
+    def begin_batch(self):
+        """Changes until end_batch() share one fsync (a burst of exits, say)."""
+        with self._mutex:
+            self._batching = True
+
+    def end_batch(self):
+        with self._mutex:
+            self._batching = False
+            if self._unsynced and self.failure is None:
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    self._failed(exc)
+            self._unsynced = False
+
+    def retry(self):
+        """While writes fail, try to write the whole journal again (at most every
+        RETRY_SECONDS); True once the journal is writable."""
+        with self._mutex:
+            if self.failure is not None and time.monotonic() >= self._retry_at:
+                self._rewrite()
+            return self.failure is None
+
+    def close(self):
+        """Release this journal's slot (whatever is still in it waits for the next start)."""
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        self._lock.close()
+
+    def _record(self, change, durable=False):
+        """Append one change (the mutex held); False if it is not written. It is fsynced
+        too unless a batch defers that, which a durable change never does."""
+        if self.failure is not None:
+            if time.monotonic() >= self._retry_at:
+                self._rewrite()  # the rewrite holds this change too
+            return self.failure is None
+        line = (json.dumps(change, separators=(",", ":")) + "\n").encode()
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self._batching and not durable:
+                self._unsynced = True
+            else:
+                os.fsync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, self._size)  # no torn line before the next change
+            except OSError:
+                pass
+            self._failed(exc)
+            return False
+        self._size += len(line)
+        self._changes += 1
+        if self._changes > max(self.COMPACT_MIN_CHANGES, 2 * len(self._entries)):
+            self._rewrite()
+        return True
+
+    def _rewrite(self):
+        try:
+            self._snapshot()
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self.failure is not None:
+            log.info("journal %s can be written again; claiming runs again", self.path)
+            self.failure = None
+
+    def _snapshot(self):
+        """Write the whole journal aside, fsync it, rename it over: a crash leaves the old
+        file or the new one. Then append to the new one."""
+        temporary = self.path + ".tmp"
+        line = (json.dumps({"runs": self._entries, "logs": self._logs},
+                           separators=(",", ":")) + "\n").encode()
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except OSError:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        _fsync_directory(self.directory)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size, self._changes, self._unsynced = len(line), 0, False
+
+    def _failed(self, exc):
+        text = "cannot write the journal %s: %s" % (self.path, exc.strerror or exc)
+        if self.failure is None:
+            log.error("%s; claiming no new runs until it can be written (retrying every %g s); "
+                      "running runs are still watched and reported", text, self.RETRY_SECONDS)
+        self.failure = text
+        self._retry_at = time.monotonic() + self.RETRY_SECONDS
+
+
+def _fsync_directory(path):
+    """Make a rename in `path` survive a power cut, where the system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Reporter:
+    """Delivers what the agent owes the API about runs (logs, pids, final states) off the
+    poll loop, so a slow API never stalls claiming or supervision. Each run's calls go in
+    the order they were queued; different runs' calls do not wait for each other, so a call
+    that keeps failing holds up its own run only. WORKERS threads deliver; log lines of all
+    runs go in batches. While the API is unreachable a call is retried until it goes
+    through; what is still queued when the agent exits is in the journal and is delivered
+    by the next start. Any thread queues; the delivery threads are its own."""
 
     LOGGER_NAME = "prefect.flow_runs.worker"
     BATCH = 200
+    #: Delivery threads: enough that a few runs' failing calls do not hold up the rest,
+    #: few enough that a burst of reports does not crowd the server out for the claims.
+    WORKERS = 4
 
     def __init__(self, api):
-        super().__init__(name="reporter", daemon=True)
         self.api = api
-        self._queue = collections.deque()
         self._ready = threading.Condition()
-        self._busy = False
-        self._sending = []
+        self._calls = {}  # run id -> deque of (what, action), head first
+        self._runs_waiting = collections.deque()  # run ids whose head call no thread has
+        self._logs = collections.deque()
+        self._logs_taken = False  # a thread is delivering a batch of log lines
+        self._sending_logs = []
+        self._busy = 0
         self._stopping = threading.Event()
         self._paused = False
+        self._threads = [threading.Thread(target=self._deliver_forever, daemon=True,
+                                          name="reporter-%d" % number)
+                         for number in range(self.WORKERS)]
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
 
     def pause(self):
         """Leave the API to the agent loop while it claims a poll's runs: a server that takes
@@ -2206,95 +2696,113 @@ class Reporter(threading.Thread):
     def log(self, run_id, message, level=INFO):
         """A line for the run's logs in the Prefect UI (and the agent's own log)."""
         log.log(level, "run %s: %s", run_id, message)
-        self._put(("log", {"name": self.LOGGER_NAME, "level": level, "message": message,
-                           "timestamp": isoformat(utcnow()), "flow_run_id": run_id,
-                           "task_run_id": None}))
+        with self._ready:
+            self._logs.append({"name": self.LOGGER_NAME, "level": level, "message": message,
+                               "timestamp": isoformat(utcnow()), "flow_run_id": run_id,
+                               "task_run_id": None})
+            self._ready.notify()
 
     def resend_logs(self, entries):
         """Log lines a previous agent could not deliver, queued ahead of everything else."""
         with self._ready:
-            self._queue.extendleft(("log", entry) for entry in reversed(entries))
+            self._logs.extendleft(reversed(entries))
+            self._ready.notify()
+
+    def call(self, run_id, what, action):
+        """Run `action()` (an API call about run_id) after every call queued for run_id."""
+        with self._ready:
+            calls = self._calls.get(run_id)
+            if calls is None:
+                calls = self._calls[run_id] = collections.deque()
+                self._runs_waiting.append(run_id)
+            calls.append((what, action))
             self._ready.notify()
 
     def stop(self, timeout):
-        """Stop delivering: the batch in flight is abandoned (and requeued) at its next retry.
+        """Stop delivering: a call in flight is abandoned (and kept) at its next retry.
         Returns the log lines that were not delivered, for the journal."""
         self._stopping.set()
         with self._ready:
             self._ready.notify_all()
-        self.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
         with self._ready:
             # A batch still in flight after the timeout may yet land: keep it anyway, since a
             # line twice in the run's log is better than a line lost.
-            pending = list(self._sending) + list(self._queue) if self.is_alive() else list(self._queue)
-        return [payload for kind, payload in pending if kind == "log"]
-
-    def call(self, run_id, what, action):
-        """Run `action()` (an API call about run_id) in order with everything queued before."""
-        self._put(("call", (run_id, what, action)))
-
-    def _put(self, item):
-        with self._ready:
-            self._queue.append(item)
-            self._ready.notify()
+            return list(self._sending_logs) + list(self._logs)
 
     def flush(self, timeout):
         """Wait until everything queued so far was delivered or given up; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._ready:
-            while self._queue or self._busy:
+            while self._calls or self._logs or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._ready.wait(min(left, 0.1))
         return True
 
-    def run(self):
+    def _deliver_forever(self):
         while True:
             with self._ready:
-                while (not self._queue or self._paused) and not self._stopping.is_set():
+                work = self._take()
+                while work is None:
+                    if self._stopping.is_set():
+                        return
                     self._ready.wait()
-                if self._stopping.is_set():
-                    return
-                batch = self._take_batch()
-                self._busy = True
-                self._sending = batch
-            delivered = False
+                    work = self._take()
+                self._busy += 1
             try:
-                delivered = self._deliver(batch)
+                self._deliver(*work)
             finally:
                 with self._ready:
-                    if not delivered:
-                        self._queue.extendleft(reversed(batch))
-                    self._busy = False
-                    self._sending = []
+                    self._busy -= 1
                     self._ready.notify_all()
 
-    def _take_batch(self):
-        """The call at the head of the queue, or the log lines queued so far, up to BATCH of
-        them: lines may overtake calls (the UI orders them by timestamp), and one request for
-        many lines spares the server a write per line."""
-        if self._queue[0][0] == "call":
-            return [self._queue.popleft()]
-        batch, rest = [], collections.deque()
-        while self._queue:
-            item = self._queue.popleft()
-            (batch if item[0] == "log" and len(batch) < self.BATCH else rest).append(item)
-        self._queue = rest
-        return batch
+    def _take(self):
+        """The next work (the lock held): a batch of log lines, or the head call of the run
+        that has waited longest; None if there is none, or delivery is paused or stopped."""
+        if self._paused or self._stopping.is_set():
+            return None
+        if self._logs and not self._logs_taken:
+            self._logs_taken = True
+            count = min(self.BATCH, len(self._logs))
+            self._sending_logs = [self._logs.popleft() for _ in range(count)]
+            return ("logs", self._sending_logs)
+        if self._runs_waiting:
+            run_id = self._runs_waiting.popleft()
+            return ("call", run_id)
+        return None
 
-    def _deliver(self, batch):
-        """True once the batch is done with (delivered or refused); False if abandoned."""
-        if batch[0][0] == "log":
-            entries = [payload for _, payload in batch]
-            return self._attempt("writing %d log line(s)" % len(entries),
-                                 entries[0]["flow_run_id"], lambda: self.api.write_logs(entries))
-        run_id, what, action = batch[0][1]
-        return self._attempt(what, run_id, action)
+    def _deliver(self, kind, payload):
+        if kind == "logs":
+            delivered = self._attempt("writing %d log line(s)" % len(payload),
+                                      payload[0]["flow_run_id"],
+                                      lambda: self.api.write_logs(payload))
+            with self._ready:
+                if not delivered:
+                    self._logs.extendleft(reversed(payload))
+                self._sending_logs, self._logs_taken = [], False
+            return
+        run_id = payload
+        with self._ready:
+            what, action = self._calls[run_id][0]
+        delivered = self._attempt(what, run_id, action)
+        with self._ready:
+            calls = self._calls[run_id]
+            if delivered:
+                calls.popleft()
+            if calls:
+                self._runs_waiting.append(run_id)
+            else:
+                del self._calls[run_id]
 
     def _attempt(self, what, run_id, action):
         """Retry while the API is unreachable (the run's story must reach it); give up only
-        when the API answers that it will not take this (a 4xx such as a deleted run)."""
+        when the API answers that it will not take this (a 4xx such as a deleted run).
+        True once done with; False if abandoned because the reporter is stopping."""
         failures = 0
         while True:
             try:
@@ -2351,9 +2859,11 @@ class Agent:
         self.journal = Journal(config.state_dir, config.pool)
         self.reporter = Reporter(self.api)
         self.timetable = Timetable()
-        self.supervisor = Supervisor(self._child_exited, console=console,
-                                     reap_orphans=os.getpid() == 1,
-                                     on_container=self._container_created)
+        self.supervisor = Supervisor(
+            self._child_exited, self.journal.end_batch, console=console,
+            reap_orphans=os.getpid() == 1,
+            on_container=self._container_created,
+            on_leftovers=None if config.keep_leftover_processes else self._leftovers_stopped)
         self.pool = None
         self.queues = list(config.queues)
         self._queues_to_create = list(config.queues)
@@ -2363,6 +2873,10 @@ class Agent:
         self._stopping = False  # stop claiming; wait for running flows
         self._forced = False  # stop now: terminate running flows
         self._wakeup = Wakeup()
+        self._retry_wakeup = Wakeup()  # cuts the agent loop's API retries short on a stop
+        self._stop_signals = self._stop_signals_logged = 0
+        self._last_stop_signal = None
+        self._ignored_signals = {}  # signal number -> count, logged by the agent loop
         self._recovered = False
         self._next_sync = 0.0
         self._outage_since = None
@@ -2381,9 +2895,12 @@ class Agent:
         self.reporter.start()
         self.supervisor.start()
         self.timetable.start()
+        self.api.give_up_retries_when(lambda: self._stopping, self._retry_wakeup)
         next_poll = 0.0
         drain_until = None
         while True:
+            self._log_signals()
+            self.journal.retry()
             if self._stopping:
                 if self._forced or not self.config.run_once:
                     self._hand_back_held_runs()
@@ -2440,19 +2957,50 @@ class Agent:
                         "and will be delivered by the next start", self.journal.path)
         self.timetable.stop()
         self.supervisor.stop()
+        self.supervisor.printer.close(timeout=2)
         self.journal.close()
         self.api.close()
         return 1 if self._forced else 0
 
     def stop(self):
-        """Stop claiming; keep supervising until running flows finish (or the drain timeout)."""
+        """Stop claiming; keep supervising until running flows finish (or the drain timeout).
+        Safe in a signal handler: no lock is waited for, nothing is written."""
         self._stopping = True
         self._wakeup.wake()
+        self._retry_wakeup.wake()
 
     def force_stop(self):
-        """Stop now: terminate running flows and report them crashed."""
-        self._stopping = self._forced = True
-        self._wakeup.wake()
+        """Stop now: terminate running flows and report them crashed (signal-safe too)."""
+        self._forced = True
+        self.stop()
+
+    def on_signal(self, signum):
+        """The signal handlers' whole work: count and wake, nothing that can block or nest.
+        The agent loop logs what came (_log_signals). TERM and INT stop the agent, the
+        second one now; others are ignored."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop_signals += 1
+            self._last_stop_signal = signum
+            if self._stop_signals > 1:
+                self.force_stop()
+            else:
+                self.stop()
+        else:  # logged on the loop's next pass: waking it for each would flood the log
+            self._ignored_signals[signum] = self._ignored_signals.get(signum, 0) + 1
+
+    def _log_signals(self):
+        seen, self._stop_signals_logged = self._stop_signals_logged, self._stop_signals
+        if self._stop_signals and not seen:
+            log.info("Received %s: no new runs will be claimed; waiting for %d running flow "
+                     "run(s) to finish (send it again to stop them now)",
+                     _signal_name(self._last_stop_signal), self.in_flight_count())
+        if self._stop_signals > max(seen, 1):
+            log.warning("Received %s again: terminating running flow runs now",
+                        _signal_name(self._last_stop_signal))
+        for signum in list(self._ignored_signals):
+            count = self._ignored_signals.pop(signum)
+            log.warning("Received %s%s: ignored (SIGTERM or SIGINT stop the agent)",
+                        _signal_name(signum), " %d times" % count if count > 1 else "")
 
     def _terminate_all(self):
         self._forced = True
@@ -2467,7 +3015,7 @@ class Agent:
     def _api_failed(self, exc):
         self._outage_failures += 1
         if self._outage_since is None:
-            self._outage_since = time.monotonic()
+            self._outage_since = self.api.failing_since or time.monotonic()
             log.error("Prefect API at %s is failing, will keep retrying: %s",
                       redact_url(self.config.api_url), exc)
         else:
@@ -2581,7 +3129,7 @@ class Agent:
 
     def _claim_all(self, runs):
         for run in runs:
-            if self._stopping:
+            if self._stopping or self.journal.failure:
                 break
             if not self._reserve_slot(run["id"]):
                 if self.config.limit and self.in_flight_count() >= self.config.limit:
@@ -2631,6 +3179,9 @@ class Agent:
             self._release_slot(run_id)
             log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
             return
+        except JournalError:  # logged by the journal, once; claims wait until it is writable
+            self._release_slot(run_id)
+            return
         if claimed:
             self._launch(run, deployment, flow_name)
         else:
@@ -2642,8 +3193,8 @@ class Agent:
         transition_id = random_uuid()
         # On disk before it is proposed: an agent that dies right after the server accepts
         # the claim finds it here on restart and starts the run, instead of leaving it Pending.
-        self.journal.update(run_id, phase="claiming", transition_id=transition_id,
-                            run=_run_summary(run))
+        self.journal.update(run_id, durable=True, phase="claiming",
+                            transition_id=transition_id, run=_run_summary(run))
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
         except APIError:
@@ -2745,21 +3296,31 @@ class Agent:
         self.timetable.add(run_id, time.monotonic() + wait, lambda: self._start(run, job))
 
     def _start(self, run, job):
+        """Start the run's process, at most once: the start is on disk before the process
+        exists, so a restart that finds it unfinished looks for the process instead of
+        starting another one (_recover_start)."""
         run_id = run["id"]
+        run_name = run.get("name") or run_id
+        output = self.journal.output_path(run_id)
+        temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
+        try:
+            self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),
+                                output=output, temp_dir=temp_dir, run_name=run_name,
+                                stream_output=job.stream_output, argv=_argv_text(job.argv),
+                                container=job.container)
+        except JournalError:
+            self._hand_back(run_id, "its start could not be written to the journal, and "
+                                    "starting it unrecorded could run it twice")
+            return
         if not job.container:  # a container's engine cannot reach the host's loopback
             job.env = dict(job.env, **self.supervisor.channel.register(run_id))
         try:
-            child = start_process(run_id, run.get("name") or run_id, job,
-                                  self.journal.output_path(run_id))
+            child = start_process(run_id, run_name, job, output, temp_dir)
         except LaunchError as exc:
             self.supervisor.channel.forget(run_id)
             self._crash_unstarted(run_id, exc)
             return
-        self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time,
-                            host=socket.gethostname(), output=child.output_path,
-                            temp_dir=child.temp_dir, run_name=child.run_name,
-                            stream_output=child.stream_output, argv=child.argv_text,
-                            container=child.container)
+        self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time)
         self.supervisor.add(child)
         if not child.container:
             pid = "%s:%d" % (socket.gethostname(), child.pid)
@@ -2774,12 +3335,15 @@ class Agent:
         another agent, or this one after its restart) instead of waiting Pending for nobody."""
         for run_id in self.timetable.held():
             if self.timetable.take(run_id):
-                entry = self.journal.get(run_id)
-                log.info("run %s: claimed but not yet due when the agent was stopped; handing "
-                         "it back to the pool", run_id)
-                self._owe(run_id, {"kind": "release",
-                                   "scheduled_time": _obj(entry.get("run")).get("scheduled_time")})
-                self._release_slot(run_id)
+                self._hand_back(run_id, "agent.py was stopped before the run was due")
+
+    def _hand_back(self, run_id, reason):
+        """Give a claimed run that was not started back to the pool, as Scheduled."""
+        log.info("run %s: handing it back to the work pool: %s", run_id, reason)
+        scheduled_time = _obj(self.journal.get(run_id).get("run")).get("scheduled_time")
+        self._owe(run_id, {"kind": "release", "scheduled_time": scheduled_time,
+                           "message": "Handed back to the work pool: %s." % reason})
+        self._release_slot(run_id)
 
     def _job_for(self, run, deployment, flow_name):
         values = merge_job_variables(
@@ -2871,6 +3435,11 @@ class Agent:
         self.reporter.log(child.run_id, "Container %s created: %s" % (child.container, child.container_id))
 
     def _child_exited(self, child):
+        """What the child's end owes the API, journaled and queued for the reporter. The
+        exits of one supervisor tick share an fsync (journal.end_batch follows them): a kill
+        cannot lose what was written without it, only a power cut can, and then the restart
+        reports the run as ended while it was down."""
+        self.journal.begin_batch()
         code = child.returncode
         if code is None:
             self.reporter.log(child.run_id, "Process %d (adopted after a restart) has ended; its "
@@ -2880,6 +3449,12 @@ class Agent:
                               % (child.pid, code), INFO if code == 0 else WARNING)
         self._owe(child.run_id, self._owed_for(child))
         self._release_slot(child.run_id)
+
+    def _leftovers_stopped(self, run_id, found):
+        self.reporter.log(run_id, "Stopped %d process(es) the flow run left running: %s "
+                          "(SIGTERM, SIGKILL after %g s; --keep-leftover-processes leaves them)"
+                          % (len(found), ", ".join(_process_text(pid) for pid, _, _ in found[:10]),
+                             Supervisor.LEFTOVER_GRACE_SECONDS), WARNING)
 
     def _owed_for(self, child):
         """What the API must be told now that `child` has ended, as data for the journal."""
@@ -2910,6 +3485,7 @@ class Agent:
         self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
 
     def _forget(self, run_id):
+        _remove(self.journal.get(run_id).get("temp_dir"))
         self.journal.forget(run_id)
         for path in (self.journal.output_path(run_id), self.journal.output_path(run_id) + ".cid"):
             try:
@@ -2927,6 +3503,9 @@ class Agent:
             self._release_claim(run_id, state, owed)
         elif kind == "cancelled":
             self._finish_cancellation(run_id, state, owed.get("name") or run_id, owed.get("message"))
+        elif state.get("type") == "CANCELLING":  # cancelled while its process was ending
+            self._finish_cancellation(run_id, state, owed.get("name") or run_id,
+                                      "Flow run was cancelled; its process had already ended.")
         elif _still_ours(state, owed.get("claim")):
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
         else:
@@ -2940,8 +3519,7 @@ class Agent:
         if owed.get("scheduled_time"):
             details["scheduled_time"] = owed["scheduled_time"]
         self.api.set_state(run_id, "SCHEDULED", name="Scheduled", force=True, details=details,
-                           message="Handed back to the work pool: agent.py was stopped before "
-                                   "the run was due.")
+                           message=owed.get("message") or "Handed back to the work pool.")
 
     def _propose_crashed(self, run_id, message):
         result = self.api.set_state(run_id, "CRASHED", message=message)
@@ -3015,6 +3593,8 @@ class Agent:
         phase = entry.get("phase")
         if phase == "claiming":
             self._recover_claim(run_id, entry)
+        elif phase == "starting":
+            self._recover_start(run_id, entry)
         elif phase == "running" and entry.get("host") == socket.gethostname() and \
                 isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
             self._adopt(run_id, entry)
@@ -3027,8 +3607,39 @@ class Agent:
                     "Flow run process %s was gone when agent.py restarted: it ended while "
                     "the agent was down, so its exit code is unknown, and the run never "
                     "reported a final state." % entry.get("pid"))}
+            self._stop_leftovers_of(run_id)
             log.info("run %s: delivering what the previous agent owed the API", run_id)
             self._owe(run_id, owed)
+
+    def _recover_start(self, run_id, entry):
+        """The previous agent stopped between writing a start down and recording its
+        process. Find the process by the run id in its environment and adopt it, or report
+        that the run may have run: never start it again (at most once)."""
+        found = run_processes({run_id: None}).get(run_id, [])
+        leaders = [(pid, start_time) for pid, start_time, sid in found if pid == sid]
+        if leaders and entry.get("host") == socket.gethostname():
+            pid, start_time = leaders[0]
+            log.info("run %s: found its process %d, started just before a restart", run_id, pid)
+            self.journal.update(run_id, phase="running", pid=pid, start_time=start_time)
+            self._adopt(run_id, dict(entry, pid=pid, start_time=start_time))
+        elif isinstance(entry.get("container"), str):
+            self._recover_container(run_id, entry)
+        else:
+            self._stop_leftovers_of(run_id)
+            self._owe(run_id, {"kind": "check", "message": (
+                "agent.py was stopped while it was starting this flow run, and found no "
+                "process of the run when it restarted: the run may have started and ended, "
+                "or never started. So that it runs at most once, it is not started again.")})
+
+    def _stop_leftovers_of(self, run_id):
+        """Processes a run left running while no agent watched it, stopped as at its end."""
+        if self.config.keep_leftover_processes:
+            return
+        found = run_processes({run_id: None}).get(run_id)
+        if found:
+            self._leftovers_stopped(run_id, found)
+            kill_at = time.monotonic() + Supervisor.LEFTOVER_GRACE_SECONDS
+            self.supervisor.kill_leftovers_later(stop_leftovers(found, kill_at))
 
     def _recover_claim(self, run_id, entry):
         run = self.api.read_run(run_id)
@@ -3050,8 +3661,8 @@ class Agent:
         name = docker_container_for_run(run_id) or entry["container"]
         state, code = docker_container_state(name)
         if state in ("running", "created", "paused", "restarting"):
-            job = Job(["docker", "start", "--attach", name], dict(os.environ), None,
-                      bool(entry.get("stream_output")), container=name)
+            job = Job(["docker", "start", "--attach", name], dict(os.environ),
+                      self.journal.output_dir, bool(entry.get("stream_output")), container=name)
             try:
                 child = start_process(run_id, entry.get("run_name") or run_id, job,
                                       self.journal.output_path(run_id))
@@ -3138,6 +3749,11 @@ def health_report(agent, now=None):
         age = now - contact
         reason = "last successful poll was %.0f s ago" % age
     body["seconds_since_last_poll"] = round(age, 1) if contact is not None else None
+    failure = agent.journal.failure
+    if failure is not None:
+        body["status"] = "unhealthy"
+        body["reason"] = failure + "; no runs are claimed until it can"
+        return 503, body
     if contact is not None and age <= limit:
         body["status"] = "healthy"
         return 200, body
@@ -3237,30 +3853,24 @@ def supervisord_section(argv, config, executable, script):
 def install_signal_handlers(agent):
     """First SIGTERM/SIGINT: stop claiming and let running flows finish. A second one: stop
     now. SIGHUP/SIGUSR1/SIGUSR2 are logged and ignored (their default would kill the agent and
-    orphan every run). SIGCHLD wakes the supervisor so exits are reaped at once."""
-    received = []
+    orphan every run). SIGCHLD wakes the supervisor so exits are reaped at once.
 
-    def on_stop(signum, frame):
-        received.append(signum)
-        name = signal.Signals(signum).name
-        if len(received) == 1:
-            log.info("Received %s: no new runs will be claimed; waiting for %d running flow "
-                     "run(s) to finish (send it again to stop them now)", name,
-                     agent.in_flight_count())
-            agent.stop()
-        else:
-            log.warning("Received %s again: terminating running flow runs now", name)
-            agent.force_stop()
+    A handler runs between two bytecodes of the main thread, and the next signal can
+    interrupt it the same way: one that logs (a write, a lock) nests under a flood of
+    signals until RecursionError kills the agent. So each handler only counts and wakes."""
+    def on_signal(signum, frame):
+        agent.on_signal(signum)
 
-    def on_other(signum, frame):
-        log.warning("Received %s: ignored (SIGTERM or SIGINT stop the agent)",
-                    signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, on_other)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, on_signal)
     signal.signal(signal.SIGCHLD, lambda signum, frame: agent.supervisor.wake())
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
 
 
 def main(argv=None):

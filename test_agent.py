@@ -1414,6 +1414,14 @@ class AgentTestCase(unittest.TestCase):
         except FileNotFoundError:
             return []
 
+    def journal_with(self, entries):
+        """A state directory whose journal holds `entries` (runs by id)."""
+        state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(state_dir)
+        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
+            json.dump({"runs": entries, "logs": []}, handle)
+        return state_dir
+
     def deployment(self, pool="pool", **job_variables):
         if self.fake.pool(pool) is None:
             self.fake.add_pool(pool)
@@ -2488,12 +2496,12 @@ class WatchingTests(AgentTestCase):
         pids = os.path.join(self.tmp, "pids")
         dep = self.deployment(command="sh -c %s" % shlex.quote("echo $$ >> %s; exec sleep 60" % pids))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(40)]
-        real_write = agent.Journal._write
+        real_record = agent.Journal._record
         exiting = threading.Event()
 
-        def slow_write(journal):
+        def slow_record(journal, change, durable=False):
             time.sleep(0.05 if exiting.is_set() else 0)
-            real_write(journal)
+            return real_record(journal, change, durable)
 
         first_seen = {}  # zombie pid -> when it was first seen a zombie
 
@@ -2501,7 +2509,7 @@ class WatchingTests(AgentTestCase):
             now, zombies = time.monotonic(), zombie_children()
             return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
 
-        with mock.patch.object(agent.Journal, "_write", slow_write), RunningAgent(self.fake) as running:
+        with mock.patch.object(agent.Journal, "_record", slow_record), RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
             exiting.set()
@@ -2995,13 +3003,6 @@ class RecoveryTests(AgentTestCase):
         self.assertEqual(sorted(self.started_ids()), sorted(runs))
         self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
 
-    def journal_with(self, entries):
-        state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
-        with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
-            json.dump({"runs": entries, "logs": []}, handle)
-        return state_dir
-
     def claimed_before_a_restart(self, then=None):
         """(run, state dir) for a run claimed by an agent that died before starting it; `then`
         is a state an operator set while no agent was running."""
@@ -3098,6 +3099,409 @@ class RecoveryTests(AgentTestCase):
         with RunningAgent(self.fake, "--state-dir", state_dir) as one, \
                 RunningAgent(self.fake, "--state-dir", state_dir) as two:
             self.assertNotEqual(one.agent.journal.path, two.agent.journal.path)
+
+
+# agent.py itself, with one fault: it SIGKILLs itself the Nth time it reaches a step. Steps:
+# "fsync" (a journal write is on disk), "popen" (a run's process was just started), "send"
+# (a request is about to go out), "answer" (an answer came in, not yet acted on).
+KILL_AT_STEP = r'''
+import importlib.util, os, signal, subprocess, sys
+step, nth, script = sys.argv[1], int(sys.argv[2]), sys.argv[4]  # argv[3]: the Python
+spec = importlib.util.spec_from_file_location("agent", script)
+agent = importlib.util.module_from_spec(spec)
+sys.modules["agent"] = agent
+spec.loader.exec_module(agent)
+reached = {}
+def reach(name):
+    reached[name] = reached.get(name, 0) + 1
+    if name == step and reached[name] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+real_fsync, real_popen, real_request = os.fsync, subprocess.Popen.__init__, agent.HTTPConnection.request
+def fsync(fd):
+    real_fsync(fd)
+    reach("fsync")
+def popen(self, *args, **kwargs):
+    real_popen(self, *args, **kwargs)
+    reach("popen")
+def request(self, *args, **kwargs):
+    reach("send")
+    answer = real_request(self, *args, **kwargs)
+    reach("answer")
+    return answer
+os.fsync, subprocess.Popen.__init__, agent.HTTPConnection.request = fsync, popen, request
+sys.exit(agent.main(sys.argv[5:]))
+'''
+
+AT_MOST_ONCE = "it is not started again"
+
+
+class AtMostOnceTests(AgentTestCase):
+    """No run executes twice, wherever a kill -9 lands in claim -> start -> report."""
+
+    def test_a_kill_right_after_the_process_started_does_not_start_it_again(self):
+        # The issue's reproduction: the run's command kills the agent the first time.
+        once, starts = os.path.join(self.tmp, "once"), os.path.join(self.tmp, "starts")
+        script = "[ -e %s ] || { : > %s; kill -9 $PPID; }; echo $$ >> %s; sleep 2" % (
+            once, once, starts)
+        run = self.fake.add_run(self.deployment(command="sh -c %s" % shlex.quote(script)),
+                                pool="pool")
+        first = AgentProcess(self, self.fake)
+        self.assertEqual(first.wait(30), -signal.SIGKILL)
+        second = AgentProcess(self, self.fake, state_dir=first.state_dir)
+        wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30, what="final")
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        self.assertEqual(len(read(starts).split()), 1, "the run's command ran twice")
+        self.assertIn("adopted process", second.output())
+
+    def test_a_kill_at_every_step_of_claim_start_and_report_runs_each_run_at_most_once(self):
+        steps = [("fsync", n) for n in range(1, 7)] + [("popen", 1), ("popen", 2)] + \
+            [(kind, n) for kind in ("send", "answer") for n in range(1, 11)]
+        for step, nth in steps:
+            with self.subTest(step=step, nth=nth):
+                self.kill_at_then_restart(step, nth)
+
+    def kill_at_then_restart(self, step, nth):
+        completes = self.fake.add_run(self.deployment(command=marker_command(
+            self.markers, REPORT_STATES, "RUNNING", "COMPLETED")), pool="pool")
+        crashes = self.fake.add_run(self.deployment(command=marker_command(
+            self.markers, "sys.exit(3)")), pool="pool")
+        state_dir = os.path.join(self.tmp, "state-%s-%d" % (step, nth))
+        first = AgentProcess(self, self.fake, state_dir=state_dir,
+                             prefix=[PY, "-c", KILL_AT_STEP, step, str(nth)])
+        self.assertEqual(first.wait(30), -signal.SIGKILL, first.output())
+        second = AgentProcess(self, self.fake, state_dir=state_dir)
+        runs = (completes, crashes)
+        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
+                 timeout=30, what="both runs final after a kill at %s #%d" % (step, nth))
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        started = self.started_ids()
+        for run, expected in ((completes, "COMPLETED"), (crashes, "CRASHED")):
+            self.assertLessEqual(started.count(run), 1, "ran twice after a kill at %s #%d"
+                                 % (step, nth))
+            state = self.fake.run(run)["state"]
+            if run in started:
+                self.assertEqual(state["type"], expected, state)
+            else:
+                self.assertEqual(state["type"], "CRASHED", state)
+                self.assertIn(AT_MOST_ONCE, state["message"])
+
+    def test_a_start_that_was_written_down_but_left_no_process_is_crashed_not_started(self):
+        run = self.fake.add_run(self.deployment(command=marker_command(self.markers)), pool="pool")
+        transition = str(uuid.uuid4())
+        api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "PENDING", "state_details": {"transition_id": transition}}})
+        state_dir = self.journal_with({run: {
+            "phase": "starting", "transition_id": transition, "host": socket.gethostname(),
+            "run": agent._run_summary(self.fake.run(run))}})
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="final")
+        self.assertEqual(self.started_ids(), [])
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn(AT_MOST_ONCE, state["message"])
+
+
+class ChattyRunTests(AgentTestCase):
+    def test_a_run_that_prints_without_pause_holds_up_no_other_run(self):
+        chatty = self.fake.add_run(self.deployment(command="yes agent.py"), pool="pool")
+        exits = os.path.join(self.tmp, "exits")
+        short = self.deployment(stream_output=False, command=py_command(
+            "import os,sys,time; time.sleep(0.5)\n"
+            "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+            "os.write(fd, ('%s %f\\n' % (os.environ['PREFECT__FLOW_RUN_ID'], time.time())).encode())",
+            exits))
+        cancelled = self.fake.add_run(self.deployment(command="sleep 60"), pool="pool")
+        with RunningAgent(self.fake, "--cancel-grace-seconds", "1") as running:
+            wait_for(lambda: running.agent.in_flight_count() == 2, what="chatty run started")
+            runs = [self.fake.add_run(short, pool="pool") for _ in range(5)]
+            wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in runs),
+                     timeout=20, what="the short runs reported")
+            ended = {line.split()[0]: float(line.split()[1]) for line in read(exits).splitlines()}
+            reported = {r: agent.parse_timestamp(self.fake.run(r)["state"]["timestamp"]) for r in runs}
+            self.assertLess(max(reported[r] - ended[r] for r in runs), 5.0)
+            self.fake.set_run_state(cancelled, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, cancelled) == "CANCELLED", timeout=10,
+                     what="the cancellation")
+            sizes = [os.path.getsize(running.agent.journal.output_path(chatty))]
+            self.assertLess(max(sizes), 200 * 1024 * 1024)
+            self.assertIsNone(running.agent.supervisor.child(chatty).returncode)
+            self.fake.set_run_state(chatty, "CANCELLING")
+            wait_for(lambda: final_type(self.fake, chatty) == "CANCELLED", timeout=10,
+                     what="the chatty run cancelled")
+        self.assertIn("skipped", running.console.getvalue())
+
+    def test_an_adopted_run_keeps_its_last_lines_for_the_crash_message(self):
+        child = agent.Child("r", "r", os.getpid(), os.path.join(self.tmp, "out"), False)
+        with open(child.output_path, "w") as handle:
+            handle.write("x" * 20000 + "\n" + "".join("line %d\n" % n for n in range(30)))
+        child.open_output(from_end=True)
+        self.assertEqual(list(child.tail)[-1], "line 29")
+        self.assertEqual(len(child.tail), agent.Child.TAIL_LINES)
+        child.output.close()
+
+
+class FullDiskTests(AgentTestCase):
+    """The state directory on a small filesystem of its own (tmpfs: needs root)."""
+
+    def setUp(self):
+        super().setUp()
+        self.state_dir = os.path.join(self.tmp, "state")
+        os.makedirs(self.state_dir)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.state_dir],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        if not mounted:
+            require_real("root, to mount a small tmpfs for the state directory")
+        self.addCleanup(subprocess.run, ["umount", "-l", self.state_dir])
+
+    def fill(self):
+        filler = os.path.join(self.state_dir, "filler")
+        with open(filler, "wb", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+            except OSError:
+                pass
+        return filler
+
+    def test_a_full_disk_stops_claiming_says_why_keeps_reporting_and_recovers(self):
+        flag = os.path.join(self.tmp, "go")
+        dep = self.deployment(command=py_command(
+            "import os,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+            "sys.exit(3)", flag))
+        # Ten exits journal more than the page that the journal's last write left room in.
+        running_runs = [self.fake.add_run(dep, pool="pool") for _ in range(10)]
+        port = free_port()
+        agent_proc = AgentProcess(self, self.fake, "--agent-address",
+                                  "http://127.0.0.1:%d" % port, state_dir=self.state_dir)
+        wait_for(lambda: all(final_type(self.fake, r) == "RUNNING" or
+                             self.fake.run(r).get("infrastructure_pid") for r in running_runs),
+                 what="runs started")
+        filler = self.fill()
+        open(flag, "w").close()
+        wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in running_runs),
+                 timeout=30, what="runs that exited while the disk was full reported")
+        waiting = self.fake.add_run(dep, pool="pool")
+        status, body = wait_for(lambda: health_of(port)[0] == 503 and health_of(port),
+                                what="health 503")
+        self.assertIn("journal", body["reason"])
+        time.sleep(1.5)
+        self.assertEqual(final_type(self.fake, waiting), "SCHEDULED")
+        self.assertIsNone(agent_proc.proc.poll())
+        os.unlink(filler)
+        wait_for(lambda: health_of(port)[0] == 200, timeout=20, what="health 200 again")
+        wait_for(lambda: final_type(self.fake, waiting) == "CRASHED", timeout=20,
+                 what="the waiting run claimed and run")
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+        self.assertLessEqual(agent_proc.output().count("cannot write the journal"), 2,
+                             agent_proc.output())
+        self.assertNotIn("Traceback", agent_proc.output())
+
+    def test_a_read_only_state_directory_at_start_exits_2_with_one_line(self):
+        subprocess.run(["mount", "-o", "remount,ro", self.state_dir], check=True)
+        done = subprocess.run([PY, AGENT_PY, "--pool", "pool", "--api", self.fake.url,
+                               "--state-dir", self.state_dir], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertEqual(len(done.stderr.decode().strip().splitlines()), 1, done.stderr)
+        self.assertIn("state-dir", done.stderr.decode())
+
+
+def health_of(port):
+    """(status, body) of the agent's health check."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/api/health" % port, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return None, None
+
+
+class SignalFloodTests(AgentTestCase):
+    def test_a_flood_of_signals_neither_kills_the_agent_nor_stops_its_runs(self):
+        dep = self.deployment(command=marker_command(
+            self.markers, "import time; time.sleep(3)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
+        runs = [self.fake.add_run(dep, pool="pool") for _ in range(3)]
+        agent_proc = AgentProcess(self, self.fake)
+        wait_for(lambda: len(self.started_ids()) == 3, what="runs started")
+        for number in range(5000):
+            os.kill(agent_proc.proc.pid, (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)[number % 3])
+        time.sleep(0.5)
+        self.assertIsNone(agent_proc.proc.poll(), agent_proc.output())
+        wait_for(lambda: all(final_type(self.fake, r) == "COMPLETED" for r in runs),
+                 timeout=30, what="the runs completed")
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+        self.assertLess(agent_proc.output().count("ignored"), 100)
+
+    def test_a_stop_signal_during_api_retries_is_acted_on_at_once(self):
+        self.fake.add_pool("pool")
+        agent_proc = AgentProcess(self, self.fake)
+        wait_for(lambda: self.fake.workers("pool"), what="heartbeat")
+        self.fake.fail_next(10 ** 6, status=503)
+        time.sleep(1.5)  # well into the retries of a poll (0.5 + 1 + 2 + 4 + 8 s of backoff)
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(4), 0, agent_proc.output())
+
+
+class EndedWhileDownTests(AgentTestCase):
+    """Runs whose process ended while no agent was running."""
+
+    def ended_while_down(self, then="RUNNING"):
+        run = self.fake.add_run(self.deployment(), pool="pool")
+        for state in ("PENDING", "RUNNING"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {"type": state}})
+        if then != "RUNNING":
+            self.fake.set_run_state(run, then)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        self.temp_dir = tempfile.mkdtemp(prefix="agentpy-test-")
+        state_dir = self.journal_with({run: {
+            "phase": "running", "pid": gone.pid, "start_time": 1, "host": socket.gethostname(),
+            "run_name": "r", "temp_dir": self.temp_dir}})
+        return run, state_dir
+
+    def test_a_run_cancelled_while_the_agent_was_down_ends_cancelled(self):
+        run, state_dir = self.ended_while_down(then="CANCELLING")
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+
+    def test_the_temporary_working_directory_of_a_run_that_ended_meanwhile_is_removed(self):
+        run, state_dir = self.ended_while_down()
+        with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+            wait_for(lambda: final_type(self.fake, run) == "CRASHED", what="crashed")
+            wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
+        self.assertFalse(os.path.exists(self.temp_dir))
+
+
+# Leaves four kinds of processes behind, writes their pids to argv[1], and exits 0: a
+# background child in its process group, a nohup one, one in a new session, and a daemon
+# that forked twice.
+LEAVES_PROCESSES_BEHIND = (
+    "import os, subprocess, sys, time\n"
+    "pids = [subprocess.Popen(['sleep', '300']).pid,\n"
+    "        subprocess.Popen(['nohup', 'sleep', '301'], stdout=subprocess.DEVNULL).pid,\n"
+    "        subprocess.Popen(['setsid', 'sleep', '302']).pid]\n"
+    "reader, writer = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        os.write(writer, str(os.getpid()).encode()); os.close(writer)\n"
+    "        time.sleep(303)\n"
+    "    os._exit(0)\n"
+    "os.close(writer)\n"
+    "pids.append(int(os.read(reader, 20)))\n"
+    "time.sleep(0.2)  # setsid forks before it execs: let it become sleep\n"
+    "with open(sys.argv[1], 'w') as handle:\n"
+    "    handle.write(' '.join(map(str, pids)))\n")
+
+
+class LeftoverProcessTests(AgentTestCase):
+    def run_leaving_processes(self, *flags):
+        pids_path = os.path.join(self.tmp, "pids")
+        run = self.fake.add_run(self.deployment(command=py_command(
+            LEAVES_PROCESSES_BEHIND, pids_path)), pool="pool")
+        with RunningAgent(self.fake, *flags):
+            wait_for(lambda: final_type(self.fake, run) == "CRASHED", what="the run ended")
+            pids = [int(p) for p in read(pids_path).split()]
+            self.addCleanup(lambda: [os.kill(p, signal.SIGKILL) for p in pids if pid_alive(p)])
+            if "--keep-leftover-processes" not in flags:
+                wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10,
+                         what="every process the run left behind stopped")
+        return run, pids
+
+    def test_processes_a_run_leaves_behind_are_stopped_and_named_on_the_run(self):
+        run, pids = self.run_leaving_processes()
+        stopped = [m for m in self.fake.logs(run) if "left running" in m]
+        self.assertEqual(len(stopped), 1, self.fake.logs(run))
+        for pid in pids:
+            self.assertIn(str(pid), stopped[0])
+
+    def test_keep_leftover_processes_leaves_them_running(self):
+        run, pids = self.run_leaving_processes("--keep-leftover-processes")
+        time.sleep(1)
+        self.assertTrue(all(pid_alive(p) for p in pids))
+        self.assertFalse([m for m in self.fake.logs(run) if "left running" in m])
+
+
+class ReportOrderTests(AgentTestCase):
+    def test_a_report_the_api_keeps_refusing_holds_up_its_own_run_only(self):
+        flag = os.path.join(self.tmp, "go")
+        stuck = self.fake.add_run(self.deployment(command=py_command(
+            "import os,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+            "sys.exit(3)", flag)), pool="pool")
+        with RunningAgent(self.fake, api_retries=0) as running:
+            wait_for(lambda: self.fake.run(stuck).get("infrastructure_pid"), what="first run")
+            self.fake.fail_next(10 ** 6, status=503, path_contains="/flow_runs/%s/set_state" % stuck)
+            open(flag, "w").close()
+            wait_for(lambda: not running.agent.in_flight_count(), what="first run ended")
+            later = self.fake.add_run(self.deployment(command="false"), pool="pool")
+            wait_for(lambda: final_type(self.fake, later) == "CRASHED", timeout=10,
+                     what="the second run reported while the first one's report fails")
+            self.assertEqual(final_type(self.fake, stuck), "PENDING")
+            self.fake.clear_faults()
+            wait_for(lambda: final_type(self.fake, stuck) == "CRASHED", timeout=60,
+                     what="the first run reported once the API takes it")
+
+    def test_an_outage_is_timed_from_its_first_failed_request(self):
+        self.fake.add_pool("pool")
+        with agent_log("INFO") as logs:
+            with RunningAgent(self.fake) as running:
+                wait_for(lambda: running.agent.last_poll, what="first poll")
+                self.fake.fail_next(10 ** 6, status=503)
+                began = time.monotonic()
+                wait_for(lambda: running.agent._outage_since, timeout=60, what="outage noticed")
+                self.fake.clear_faults()
+                lasted = time.monotonic() - began
+                wait_for(lambda: running.agent._outage_since is None, timeout=60, what="recovery")
+        recovered = [line for line in logs if "reachable again" in line]
+        self.assertEqual(len(recovered), 1, logs)
+        logged = float(re.search(r"after (\d+) s", recovered[0]).group(1))
+        self.assertGreaterEqual(logged, math.floor(lasted - 1), recovered[0])
+
+
+class JournalTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="agentpy-journal-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def test_a_change_costs_one_line_however_many_runs_the_journal_holds(self):
+        journal = agent.Journal(self.tmp, "pool")
+        self.addCleanup(journal.close)
+        for number in range(800):
+            journal.update("run-%d" % number, phase="running", pid=number)
+        before, inode = read(journal.path), os.stat(journal.path).st_ino
+        journal.update("run-5", phase="exited", owed={"kind": "check", "message": "m"})
+        after = read(journal.path)
+        self.assertEqual(os.stat(journal.path).st_ino, inode, "the journal was rewritten")
+        self.assertTrue(after.startswith(before))
+        self.assertLess(len(after) - len(before), 200)
+
+    def test_a_torn_last_line_is_ignored_and_the_rest_kept(self):
+        journal = agent.Journal(self.tmp, "pool")
+        journal.update("a", phase="claiming")
+        journal.update("b", phase="running", pid=7)
+        journal.forget("a")
+        journal.close()
+        with open(journal.path, "ab") as handle:
+            handle.write(b'{"run":"c","set":{"pha')
+        with agent_log("ERROR") as errors:
+            again = agent.Journal(self.tmp, "pool")
+        self.addCleanup(again.close)
+        self.assertEqual(again.entries(), {"b": {"phase": "running", "pid": 7}})
+        self.assertEqual(errors, [])
+
+    def test_the_old_single_object_journal_is_read(self):
+        with open(os.path.join(self.tmp, "journal-pool-0.json"), "w") as handle:
+            json.dump({"runs": {"a": {"phase": "exited"}}, "logs": [{"message": "m"}]}, handle)
+        journal = agent.Journal(self.tmp, "pool")
+        self.addCleanup(journal.close)
+        self.assertEqual(journal.entries(), {"a": {"phase": "exited"}})
+        self.assertEqual(journal.take_logs(), [{"message": "m"}])
 
 
 class OutageTests(AgentTestCase):
@@ -3526,6 +3930,13 @@ class SecretTests(AgentTestCase):
         for where, text in seen.items():
             for secret in (self.KEY, self.AUTH, self.AUTH.split(":")[1]):
                 self.assertNotIn(secret, text, "secret leaked into %s" % where)
+
+
+def require_real(what):
+    """Skip a test that needs `what`, or fail where AGENT_TEST_REQUIRE_REAL=1 (in CI)."""
+    if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
+        raise AssertionError("AGENT_TEST_REQUIRE_REAL=1 but this test needs " + what)
+    raise unittest.SkipTest("needs " + what)
 
 
 def free_port():
@@ -4256,11 +4667,14 @@ class AgentFuzzTest(FuzzTestCase):
         self.agent._deployments.clear()
         self.agent._flows.clear()
         self.agent._in_flight.clear()
-        self.agent.reporter._queue.clear()
+        self.agent.reporter._calls.clear()
+        self.agent.reporter._runs_waiting.clear()
+        self.agent.reporter._logs.clear()
         del self.logged[:]
 
     def queued_calls(self):
-        return [payload for kind, payload in list(self.agent.reporter._queue) if kind == "call"]
+        return [(run_id, what, action) for run_id, calls in list(self.agent.reporter._calls.items())
+                for what, action in calls]
 
     def run_queued_calls(self):
         """What the reporter thread would do: each action may fail only in the ways
