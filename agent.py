@@ -2661,6 +2661,8 @@ class Reporter:
     #: Delivery threads: enough that a few runs' failing calls do not hold up the rest,
     #: few enough that a burst of reports does not crowd the server out for the claims.
     WORKERS = 4
+    #: Log lines wait up to this for more to share their request (the UI orders by time).
+    LOG_BATCH_SECONDS = 0.2
 
     def __init__(self, api):
         self.api = api
@@ -2668,7 +2670,9 @@ class Reporter:
         self._calls = {}  # run id -> deque of (what, action), head first
         self._runs_waiting = collections.deque()  # run ids whose head call no thread has
         self._logs = collections.deque()
+        self._logs_since = None  # when the oldest waiting log line was queued
         self._logs_taken = False  # a thread is delivering a batch of log lines
+        self._flushing = False
         self._sending_logs = []
         self._busy = 0
         self._stopping = threading.Event()
@@ -2700,12 +2704,15 @@ class Reporter:
             self._logs.append({"name": self.LOGGER_NAME, "level": level, "message": message,
                                "timestamp": isoformat(utcnow()), "flow_run_id": run_id,
                                "task_run_id": None})
+            if self._logs_since is None:
+                self._logs_since = time.monotonic()
             self._ready.notify()
 
     def resend_logs(self, entries):
         """Log lines a previous agent could not deliver, queued ahead of everything else."""
         with self._ready:
             self._logs.extendleft(reversed(entries))
+            self._logs_since = self._logs_since or time.monotonic()
             self._ready.notify()
 
     def call(self, run_id, what, action):
@@ -2737,11 +2744,16 @@ class Reporter:
         """Wait until everything queued so far was delivered or given up; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._ready:
-            while self._calls or self._logs or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._ready.wait(min(left, 0.1))
+            self._flushing = True
+            self._ready.notify_all()
+            try:
+                while self._calls or self._logs or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._ready.wait(min(left, 0.1))
+            finally:
+                self._flushing = False
         return True
 
     def _deliver_forever(self):
@@ -2751,7 +2763,7 @@ class Reporter:
                 while work is None:
                     if self._stopping.is_set():
                         return
-                    self._ready.wait()
+                    self._ready.wait(self.LOG_BATCH_SECONDS if self._logs else None)
                     work = self._take()
                 self._busy += 1
             try:
@@ -2766,10 +2778,13 @@ class Reporter:
         that has waited longest; None if there is none, or delivery is paused or stopped."""
         if self._paused or self._stopping.is_set():
             return None
-        if self._logs and not self._logs_taken:
+        if self._logs and not self._logs_taken and (
+                self._flushing or len(self._logs) >= self.BATCH
+                or time.monotonic() - self._logs_since >= self.LOG_BATCH_SECONDS):
             self._logs_taken = True
             count = min(self.BATCH, len(self._logs))
             self._sending_logs = [self._logs.popleft() for _ in range(count)]
+            self._logs_since = time.monotonic() if self._logs else None
             return ("logs", self._sending_logs)
         if self._runs_waiting:
             run_id = self._runs_waiting.popleft()
@@ -2784,6 +2799,7 @@ class Reporter:
             with self._ready:
                 if not delivered:
                     self._logs.extendleft(reversed(payload))
+                    self._logs_since = self._logs_since or time.monotonic()
                 self._sending_logs, self._logs_taken = [], False
             return
         run_id = payload
@@ -2878,6 +2894,7 @@ class Agent:
         self._last_stop_signal = None
         self._ignored_signals = {}  # signal number -> count, logged by the agent loop
         self._recovered = False
+        self._processes_of_runs = {}  # run id -> its processes, found at recovery
         self._next_sync = 0.0
         self._outage_since = None
         self._outage_failures = 0
@@ -2948,13 +2965,19 @@ class Agent:
             if self.config.run_once and self.last_poll is not None:
                 self._stopping = True
             sync_at = self._next_sync + (SYNC_WAITS_FOR_POLL_SECONDS if self.pool else 0.0)
-            self._wakeup.sleep(min(next_poll, sync_at) - time.monotonic())
+            wake_at = min(next_poll, sync_at)
+            if self.journal.failure:
+                wake_at = min(wake_at, time.monotonic() + Journal.RETRY_SECONDS)
+            self._wakeup.sleep(wake_at - time.monotonic())
         delivered = self.reporter.flush(timeout=REPORT_FLUSH_SECONDS)
         undelivered = self.reporter.stop(timeout=5)
-        if not delivered:
-            self.journal.keep_logs(undelivered)
+        if not delivered and self.journal.keep_logs(undelivered):
             log.warning("some reports could not reach the API before exit; they are kept in %s "
                         "and will be delivered by the next start", self.journal.path)
+        elif not delivered:
+            log.error("some reports could not reach the API before exit, and the journal "
+                      "cannot keep them: %d run log line(s) are lost (%s)", len(undelivered),
+                      self.journal.failure)
         self.timetable.stop()
         self.supervisor.stop()
         self.supervisor.printer.close(timeout=2)
@@ -3193,8 +3216,12 @@ class Agent:
         transition_id = random_uuid()
         # On disk before it is proposed: an agent that dies right after the server accepts
         # the claim finds it here on restart and starts the run, instead of leaving it Pending.
-        self.journal.update(run_id, durable=True, phase="claiming",
-                            transition_id=transition_id, run=_run_summary(run))
+        try:
+            self.journal.update(run_id, durable=True, phase="claiming",
+                                transition_id=transition_id, run=_run_summary(run))
+        except JournalError:
+            self.journal.forget(run_id)  # not proposed: nothing to remember
+            raise
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
         except APIError:
@@ -3579,7 +3606,9 @@ class Agent:
         """Finish what a previous agent on this journal left: launch its claimed runs, adopt
         its still-running children, and deliver the reports it still owed."""
         self.reporter.resend_logs(self.journal.take_logs())
-        for run_id, entry in self.journal.entries().items():
+        entries = self.journal.entries()
+        self._processes_of_runs = run_processes(dict.fromkeys(entries))  # one look for all
+        for run_id, entry in entries.items():
             if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
                 continue
             try:
@@ -3615,7 +3644,7 @@ class Agent:
         """The previous agent stopped between writing a start down and recording its
         process. Find the process by the run id in its environment and adopt it, or report
         that the run may have run: never start it again (at most once)."""
-        found = run_processes({run_id: None}).get(run_id, [])
+        found = self._processes_of_runs.get(run_id, [])
         leaders = [(pid, start_time) for pid, start_time, sid in found if pid == sid]
         if leaders and entry.get("host") == socket.gethostname():
             pid, start_time = leaders[0]
@@ -3633,10 +3662,8 @@ class Agent:
 
     def _stop_leftovers_of(self, run_id):
         """Processes a run left running while no agent watched it, stopped as at its end."""
-        if self.config.keep_leftover_processes:
-            return
-        found = run_processes({run_id: None}).get(run_id)
-        if found:
+        found = self._processes_of_runs.get(run_id)
+        if found and not self.config.keep_leftover_processes:
             self._leftovers_stopped(run_id, found)
             kill_at = time.monotonic() + Supervisor.LEFTOVER_GRACE_SECONDS
             self.supervisor.kill_leftovers_later(stop_leftovers(found, kill_at))
