@@ -3155,7 +3155,9 @@ class AtMostOnceTests(AgentTestCase):
         self.assertIn("adopted process", second.output())
 
     def test_a_kill_at_every_step_of_claim_start_and_report_runs_each_run_at_most_once(self):
-        steps = [("fsync", n) for n in range(1, 7)] + [("popen", 1), ("popen", 2)] + \
+        # Two fsyncs at start-up, then about ten for the two runs' claims, starts, exits and
+        # reports: 12 covers every journal write of both stories.
+        steps = [("fsync", n) for n in range(1, 13)] + [("popen", 1), ("popen", 2)] + \
             [(kind, n) for kind in ("send", "answer") for n in range(1, 11)]
         for step, nth in steps:
             with self.subTest(step=step, nth=nth):
@@ -5150,9 +5152,10 @@ class RealServerConformance(unittest.TestCase):
         name = kw.get("name") or "conf-" + uuid.uuid4().hex[:8]
         api = kw.get("api") or self.api
         log_path = os.path.join(self.tmp, "agent-%d.log" % len(self.agents))
-        argv = [sys.executable, AGENT_PY, "start", "--pool", self.pool,
-                "--api", api, "--name", name, "--python", self.flow_python,
-                "--poll-interval", "1", "--prefetch-seconds", "5"] + list(extra)
+        argv = list(kw.get("prefix", ())) + [
+            sys.executable, AGENT_PY, "start", "--pool", self.pool, "--api", api, "--name", name,
+            "--python", self.flow_python, "--poll-interval", "1", "--prefetch-seconds", "5"] + \
+            list(extra)
         env = dict(os.environ)
         # The agent must hand its --api to children itself.
         for k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
@@ -5369,6 +5372,23 @@ class RealServerConformance(unittest.TestCase):
         if finals != dict({r: "COMPLETED" for r in runs}, **{crashing: "CRASHED"}):
             self.fail_with_logs("unexpected final states %r" % finals)
         self.assertEqual(sorted(self.flow_starts()), sorted(runs), "a flow body ran twice")
+
+    def test_a_kill_right_after_a_real_engine_started_does_not_run_the_flow_twice(self):
+        """(issue 11) The agent dies the instant after it started a real engine, before it
+        recorded the process: the restart adopts that engine instead of starting another."""
+        self.make_pool()
+        dep = self.real_flow_deployment(env={"FLOW_SLEEP": "4"})
+        run = self.rest.create_flow_run(dep["id"])["id"]
+        state_dir = os.path.join(self.tmp, "agent-state")
+        first = self.start_agent("--state-dir", state_dir,
+                                 prefix=[sys.executable, "-c", KILL_AT_STEP, "popen", "1"])
+        first.wait(60)
+        self.agents = [a for a in self.agents if a[0] is not first]  # its death was the point
+        self.start_agent("--state-dir", state_dir)
+        final = state_of(self.wait_final(run, 90))[0]
+        if final != "COMPLETED":
+            self.fail_with_logs("ended %s, not COMPLETED" % final)
+        self.assertEqual(self.flow_starts(), [run], "the flow body ran twice")
 
     # -- docker pools: real containers (AGENT_TEST_DOCKER_IMAGE: an image with prefect) --------
 
