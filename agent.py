@@ -2409,14 +2409,18 @@ class Journal:
             raise UsageError("cannot use --state-dir %r: %s" % (directory, exc.strerror or exc))
         self.directory = directory
         self._mutex = threading.Lock()
-        self._entries, self._logs = self._load()
+        self._entries, self._logs, self._changes, whole = self._load()
         self._fd = None
-        self._size = self._changes = 0
+        self._size = 0
         self._batching = self._unsynced = False
         self.failure = None  # why the journal cannot be written, while it cannot
         self._retry_at = 0.0
         try:
-            self._snapshot()
+            if whole and not self._too_long():  # the usual start: no write, no fsync
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                self._size = os.fstat(self._fd).st_size
+            else:  # new, torn by a kill, damaged, in the old format, or long: write it anew
+                self._snapshot()
         except OSError as exc:
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 self._lock.close()
@@ -2440,37 +2444,42 @@ class Journal:
     # -- reading --------------------------------------------------------------------
 
     def _load(self):
-        """(runs by id, run log lines still owed to the API) from the journal file."""
+        """(runs by id, run log lines still owed to the API, change lines read, whether the
+        file can be appended to as it is: every line read, the last one ended)."""
         try:
             with open(self.path, "rb") as handle:
-                lines = handle.read().split(b"\n")
+                data = handle.read()
         except FileNotFoundError:
-            return {}, []
+            return {}, [], 0, False
         except OSError as exc:
             raise UsageError("cannot read the journal %r: %s" % (self.path, exc.strerror or exc))
+        lines = data.split(b"\n")
         try:
-            data = json.loads(lines[0].decode("utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+            snapshot = json.loads(lines[0].decode("utf-8"))
+            if not isinstance(snapshot, dict) or not isinstance(snapshot.get("runs"), dict):
                 raise ValueError("not a journal")
         except (ValueError, RecursionError) as exc:
             aside = "%s.unreadable-%d" % (self.path, time.time())
             log.error("journal %s is unreadable (%s); moved it to %s and starting empty",
                       self.path, exc, aside)
             os.replace(self.path, aside)
-            return {}, []
-        runs = {k: v for k, v in data["runs"].items() if isinstance(v, dict)}
-        logs = [e for e in data.get("logs") or [] if isinstance(e, dict)]
+            return {}, [], 0, False
+        runs = {k: v for k, v in snapshot["runs"].items() if isinstance(v, dict)}
+        logs = [e for e in snapshot.get("logs") or [] if isinstance(e, dict)]
+        changes, whole = 0, data.endswith(b"\n")
         for number, line in enumerate(lines[1:], 2):
             if not line:
                 continue
             try:
                 self._apply(runs, logs, json.loads(line.decode("utf-8")))
+                changes += 1
             except (ValueError, RecursionError, TypeError, AttributeError):
+                whole = False
                 if number < len(lines):  # not the torn tail of a kill mid-append
                     log.error("journal %s: line %d is damaged; it and what follows are "
                               "ignored", self.path, number)
                 break
-        return runs, logs
+        return runs, logs, changes, whole
 
     @staticmethod
     def _apply(runs, logs, change):
@@ -2582,9 +2591,12 @@ class Journal:
             return False
         self._size += len(line)
         self._changes += 1
-        if self._changes > max(self.COMPACT_MIN_CHANGES, 2 * len(self._entries)):
+        if self._too_long():
             self._rewrite()
         return True
+
+    def _too_long(self):
+        return self._changes > max(self.COMPACT_MIN_CHANGES, 2 * len(self._entries))
 
     def _rewrite(self):
         try:
@@ -2598,7 +2610,9 @@ class Journal:
 
     def _snapshot(self):
         """Write the whole journal aside, fsync it, rename it over: a crash leaves the old
-        file or the new one. Then append to the new one."""
+        file or the new one. Then append to the new one. An empty journal has nothing to
+        lose, so a first start pays no fsync."""
+        durable = bool(self._entries or self._logs)
         temporary = self.path + ".tmp"
         line = (json.dumps({"runs": self._entries, "logs": self._logs},
                            separators=(",", ":")) + "\n").encode()
@@ -2608,7 +2622,8 @@ class Journal:
                 view = memoryview(line)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temporary, self.path)
@@ -2618,7 +2633,8 @@ class Journal:
             except OSError:
                 pass
             raise
-        _fsync_directory(self.directory)
+        if durable:
+            _fsync_directory(self.directory)
         if self._fd is not None:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)

@@ -3493,9 +3493,13 @@ class JournalTests(unittest.TestCase):
             handle.write(b'{"run":"c","set":{"pha')
         with agent_log("ERROR") as errors:
             again = agent.Journal(self.tmp, "pool")
-        self.addCleanup(again.close)
         self.assertEqual(again.entries(), {"b": {"phase": "running", "pid": 7}})
         self.assertEqual(errors, [])
+        again.update("d", phase="claiming")  # appended after the torn line, not onto it
+        again.close()
+        third = agent.Journal(self.tmp, "pool")
+        self.addCleanup(third.close)
+        self.assertEqual(sorted(third.entries()), ["b", "d"])
 
     def test_the_old_single_object_journal_is_read(self):
         with open(os.path.join(self.tmp, "journal-pool-0.json"), "w") as handle:
