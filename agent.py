@@ -1481,15 +1481,21 @@ class Child:
             return False
 
 
-def process_start_time(pid):
-    """When the process started (clock ticks since boot, from /proc), so a reused pid is never
-    mistaken for our child; None where /proc is not available."""
+def _proc_stat(pid):
+    """(start time, session id) of a live process, or None (gone, or a zombie)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as handle:
             fields = handle.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return int(fields[19]) if fields[0] != b"Z" else None
+    return None if fields[0] == b"Z" else (int(fields[19]), int(fields[3]))
+
+
+def process_start_time(pid):
+    """When the process started (clock ticks since boot, from /proc), so a reused pid is never
+    mistaken for our child; None where /proc is not available."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[0]
 
 
 def process_is(pid, start_time):
@@ -1533,6 +1539,8 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         temp_dir = None
     import subprocess  # here, not at the top: start-up time (see random_uuid)
     try:
+        # The output file exists before anything starts: a restart that finds none knows
+        # that the run never began (Agent._recover_start).
         with open(output_path, "ab") as output:
             process = subprocess.Popen(
                 job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=output,
@@ -1580,16 +1588,6 @@ def run_processes(sessions):
         if run_id is not None:
             found.setdefault(run_id, []).append((pid, start_time, sid))
     return found
-
-
-def _proc_stat(pid):
-    """(start time, session id) of a live process, or None (gone, or a zombie)."""
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == b"Z" else (int(fields[19]), int(fields[3]))
 
 
 def _run_id_variable(pid):
@@ -3658,8 +3656,9 @@ class Agent:
 
     def _recover_start(self, run_id, entry):
         """The previous agent stopped between writing a start down and recording its
-        process. Find the process by the run id in its environment and adopt it, or report
-        that the run may have run: never start it again (at most once)."""
+        process. Find the process by the run id in its environment and adopt it; start the
+        run if it provably never began; else report that it may have run: never start it
+        again (at most once)."""
         found = self._processes_of_runs.get(run_id, [])
         leaders = [(pid, start_time) for pid, start_time, sid in found if pid == sid]
         if leaders and entry.get("host") == socket.gethostname():
@@ -3667,6 +3666,11 @@ class Agent:
             log.info("run %s: found its process %d, started just before a restart", run_id, pid)
             self.journal.update(run_id, phase="running", pid=pid, start_time=start_time)
             self._adopt(run_id, dict(entry, pid=pid, start_time=start_time))
+        elif not found and not os.path.exists(entry.get("output") or self.journal.output_path(run_id)):
+            log.info("run %s: its start was written down but never began (it has no output "
+                     "file yet); starting it now", run_id)
+            _remove(entry.get("temp_dir"))
+            self._recover_claim(run_id, entry)
         elif isinstance(entry.get("container"), str):
             self._recover_container(run_id, entry)
         else:

@@ -3155,27 +3155,46 @@ class AtMostOnceTests(AgentTestCase):
         self.assertIn("adopted process", second.output())
 
     def test_a_kill_at_every_step_of_claim_start_and_report_runs_each_run_at_most_once(self):
-        # Two fsyncs at start-up, then about ten for the two runs' claims, starts, exits and
-        # reports: 12 covers every journal write of both stories.
-        steps = [("fsync", n) for n in range(1, 13)] + [("popen", 1), ("popen", 2)] + \
-            [(kind, n) for kind in ("send", "answer") for n in range(1, 11)]
-        for step, nth in steps:
-            with self.subTest(step=step, nth=nth):
-                self.kill_at_then_restart(step, nth)
+        # The two runs' stories take about ten fsyncs (claims, starts, exits, reports; exits
+        # in one tick share one) and twenty requests: every one up to these is a kill point.
+        steps = [("fsync", n) for n in range(1, 11)] + [("popen", 1), ("popen", 2)] + \
+            [(kind, n) for kind in ("send", "answer") for n in range(1, 21)]
+        reached = [(step, nth) for step, nth in steps if self.kill_at_then_restart(step, nth)]
+        self.assertEqual([(s, n) for s, n in steps if (s, n) not in reached and n <= 6], [],
+                         "the first six of each kind of step should be reached")
 
     def kill_at_then_restart(self, step, nth):
+        """Run two runs under an agent killed the nth time it reaches `step`, then under a
+        new agent on its journal; False if the first agent never got that far."""
         completes = self.fake.add_run(self.deployment(command=marker_command(
             self.markers, REPORT_STATES, "RUNNING", "COMPLETED")), pool="pool")
         crashes = self.fake.add_run(self.deployment(command=marker_command(
             self.markers, "sys.exit(3)")), pool="pool")
         state_dir = os.path.join(self.tmp, "state-%s-%d" % (step, nth))
+        runs = (completes, crashes)
         first = AgentProcess(self, self.fake, state_dir=state_dir,
                              prefix=[PY, "-c", KILL_AT_STEP, step, str(nth)])
-        self.assertEqual(first.wait(30), -signal.SIGKILL, first.output())
+        final_since = []
+
+        def killed_or_done():
+            if first.proc.poll() is not None:
+                return True
+            if not final_since and all(final_type(self.fake, r) in agent_final() for r in runs):
+                final_since.append(time.monotonic())
+            return final_since and time.monotonic() - final_since[0] > 2
+
+        wait_for(killed_or_done, timeout=30, what="the kill at %s #%d" % (step, nth))
+        if first.proc.poll() is None:  # both stories ended before that step
+            first.signal(signal.SIGTERM)
+            self.assertEqual(first.wait(15), 0, first.output())
+            return False
+        self.assertEqual(first.wait(0), -signal.SIGKILL, first.output())
+        polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
         second = AgentProcess(self, self.fake, state_dir=state_dir)
-        runs = (completes, crashes)
         wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
                  timeout=30, what="both runs final after a kill at %s #%d" % (step, nth))
+        wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) > polls,
+                 what="the new agent polling")  # its signal handlers are in place
         second.signal(signal.SIGTERM)
         self.assertEqual(second.wait(15), 0, second.output())
         started = self.started_ids()
@@ -3188,21 +3207,33 @@ class AtMostOnceTests(AgentTestCase):
             else:
                 self.assertEqual(state["type"], "CRASHED", state)
                 self.assertIn(AT_MOST_ONCE, state["message"])
+        return True
 
-    def test_a_start_that_was_written_down_but_left_no_process_is_crashed_not_started(self):
+    def started_before_a_restart(self, with_output_file):
+        """A run whose start the previous agent wrote down, and whose process is gone."""
         run = self.fake.add_run(self.deployment(command=marker_command(self.markers)), pool="pool")
         transition = str(uuid.uuid4())
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
             "type": "PENDING", "state_details": {"transition_id": transition}}})
+        output = os.path.join(self.tmp, "output.log")
+        if with_output_file:
+            open(output, "w").close()
         state_dir = self.journal_with({run: {
             "phase": "starting", "transition_id": transition, "host": socket.gethostname(),
-            "run": agent._run_summary(self.fake.run(run))}})
+            "output": output, "run": agent._run_summary(self.fake.run(run))}})
         with RunningAgent(self.fake, "--state-dir", state_dir):
             wait_for(lambda: final_type(self.fake, run) in agent_final(), what="final")
+        return run, self.fake.run(run)["state"]
+
+    def test_a_start_that_may_have_begun_but_left_no_process_is_crashed_not_started(self):
+        run, state = self.started_before_a_restart(with_output_file=True)
         self.assertEqual(self.started_ids(), [])
-        state = self.fake.run(run)["state"]
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn(AT_MOST_ONCE, state["message"])
+
+    def test_a_start_that_never_began_is_started_after_the_restart(self):
+        run, state = self.started_before_a_restart(with_output_file=False)
+        self.assertEqual(self.started_ids(), [run])
 
 
 class ChattyRunTests(AgentTestCase):
