@@ -15,6 +15,9 @@ test_agent.FakePrefect and measures, in this order:
     zombies      children of the agent seen in state Z in samples >= 1 s apart
     peak RSS     VmHWM at the end, and its growth over the idle RSS
     stop         SIGTERM; the agent must exit 0 within 15 s
+    journal      the agent's Journal class (imported from --agent): ms to journal one exit
+                 (fsync included) holding 10 runs and holding 1000; the cost must not grow
+                 with the runs held
     fake errors  requests the fake itself failed on (a bug in the fake or a request it
                  could not handle)
 
@@ -29,6 +32,7 @@ CPython 3.8+, traffic only to 127.0.0.1.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -72,6 +76,9 @@ LIMIT_DISPATCH_S = 10.0
 LIMIT_PUNCTUAL_P95_S = 1.0
 LIMIT_ZOMBIES = 0
 LIMIT_RSS_GROWTH_MB = 30.0
+LIMIT_JOURNAL_GROWTH = 3.0   # ms per exit holding 1000 runs / holding 10
+JOURNAL_HELD = (10, 1000)
+JOURNAL_EXITS = 50
 
 
 class TimedFake(FakePrefect):
@@ -269,6 +276,28 @@ class Quick:
         self.figures["zombie_samples"] = self.watch.samples
         self.figures["peak_rss_kib"] = proc_status_kib(self.agent.pid, "VmHWM")
 
+    def journal(self):
+        """ms per journaled exit with JOURNAL_HELD runs in the journal, written in the format
+        every agent.py reads (one JSON object)."""
+        spec = importlib.util.spec_from_file_location("agent_under_test", self.args.agent)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        summary = {"id": "x" * 36, "name": "quick-run", "deployment_id": "y" * 36,
+                   "flow_id": "z" * 36, "job_variables": {}, "scheduled_time": "2026-01-01"}
+        for held in JOURNAL_HELD:
+            directory = tempfile.mkdtemp(dir=self.tmp)
+            runs = {"run-%d" % n: {"phase": "running", "pid": n, "run": summary}
+                    for n in range(held)}
+            with open(os.path.join(directory, "journal-%s-0.json" % POOL), "w") as handle:
+                json.dump({"runs": runs, "logs": []}, handle)
+            journal = module.Journal(directory, POOL)
+            began = time.perf_counter()
+            for n in range(JOURNAL_EXITS):
+                journal.update("run-%d" % n, phase="exited",
+                               owed={"kind": "crash", "message": "m" * 300})
+            self.figures["journal_ms_%d" % held] = (time.perf_counter() - began) * 1000 / JOURNAL_EXITS
+            journal.close()
+
     def stop_agent(self):
         self.agent.send_signal(signal.SIGTERM)
         sent = time.monotonic()
@@ -315,6 +344,11 @@ class Quick:
             self.checks.append(("exit code after SIGTERM", "not reached",
                                 "0 within %g s" % STOP_WAIT, None))
         self.check("fake-side errors", len(self.fake.errors), 0, "%d")
+        few, many = (f.get("journal_ms_%d" % held) for held in JOURNAL_HELD)
+        for held, value in zip(JOURNAL_HELD, (few, many)):
+            self.check("journal: ms per exit, holding %d runs" % held, value, None, "%.2f", " ms")
+        self.check("journal: cost holding %d / holding %d" % (JOURNAL_HELD[1], JOURNAL_HELD[0]),
+                   many / few if few and many else None, LIMIT_JOURNAL_GROWTH, "%.1f", "x")
         if self.aborted:
             self.checks.append(("benchmark completed", self.aborted, "yes", False))
 
@@ -377,6 +411,7 @@ def main(argv=None):
         quick.punctuality()
         quick.settle()
         quick.stop_agent()
+        quick.journal()
     except Abort as exc:
         quick.aborted = str(exc)
     finally:
