@@ -706,6 +706,7 @@ class PrefectAPI:
         self._reached = False
         self.last_success = None
         self.failing_since = None  # the first failed attempt since the last success
+        self._stoppable_connection = None  # see give_up_retries_when
 
     # -- transport ------------------------------------------------------------
 
@@ -764,8 +765,21 @@ class PrefectAPI:
 
     def give_up_retries_when(self, stopping, wakeup):
         """From now on, this thread's retries end as soon as stopping() is true: `wakeup`
-        (a Wakeup) is woken when it turns true, and cuts the wait before a retry short."""
+        (a Wakeup) is woken when it turns true, and cuts the wait before a retry short;
+        interrupt() cuts the request it waits on short."""
         self._local.stopping, self._local.wakeup = stopping, wakeup
+
+    def interrupt(self):
+        """End the request that the thread of give_up_retries_when waits on, if any: a
+        silent server would hold a stop for the whole request timeout. Signal-safe: a
+        shutdown() takes no lock; the connection is opened anew for the next request."""
+        connection = self._stoppable_connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
 
     def _pause(self, seconds, method, path):
         stopping = getattr(self._local, "stopping", None)
@@ -814,7 +828,8 @@ class PrefectAPI:
             try:
                 answer = connection.request(method, target, headers, data)
             except (ServerClosed, BrokenPipeError, ConnectionResetError):
-                if not reused:
+                stopping = getattr(self._local, "stopping", None)
+                if not reused or (stopping is not None and stopping()):  # or interrupted
                     raise
                 connection.close()
                 answer = connection.request(method, target, headers, data)
@@ -842,6 +857,8 @@ class PrefectAPI:
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
+            if getattr(local, "stopping", None) is not None:
+                self._stoppable_connection = connection
         elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS or connection.dropped():
             # Reopened now rather than found dead mid-request. A server may still close it in
             # the instant before our request lands: _exchange then sends it again, once.
@@ -3005,6 +3022,7 @@ class Agent:
         self._stopping = True
         self._wakeup.wake()
         self._retry_wakeup.wake()
+        self.api.interrupt()
 
     def force_stop(self):
         """Stop now: terminate running flows and report them crashed (signal-safe too)."""

@@ -3370,6 +3370,19 @@ class SignalFloodTests(AgentTestCase):
         self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
         self.assertLess(agent_proc.output().count("ignored"), 100)
 
+    def test_a_stop_signal_while_the_server_says_nothing_is_acted_on_at_once(self):
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts (the kernel does), never answers
+        self.addCleanup(silent.close)
+        agent_proc = AgentProcess(self, self.fake, "--api", "http://127.0.0.1:%d/api"
+                                  % silent.getsockname()[1])
+        connection, _ = silent.accept()  # the first poll is on its way
+        self.addCleanup(connection.close)
+        time.sleep(0.5)
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(4), 0, agent_proc.output())
+
     def test_a_stop_signal_during_api_retries_is_acted_on_at_once(self):
         self.fake.add_pool("pool")
         agent_proc = AgentProcess(self, self.fake)
