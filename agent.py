@@ -2799,6 +2799,8 @@ class Reporter:
                 self._busy += 1
             try:
                 self._deliver(*work)
+            except Exception:  # a bug of ours must not stop the delivery of everything else
+                log.exception("delivering %s failed unexpectedly", work[0])
             finally:
                 with self._ready:
                     self._busy -= 1
@@ -2825,7 +2827,7 @@ class Reporter:
     def _deliver(self, kind, payload):
         if kind == "logs":
             delivered = self._attempt("writing %d log line(s)" % len(payload),
-                                      payload[0]["flow_run_id"],
+                                      payload[0].get("flow_run_id"),
                                       lambda: self.api.write_logs(payload))
             with self._ready:
                 if not delivered:

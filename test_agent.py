@@ -3467,6 +3467,22 @@ class LeftoverProcessTests(AgentTestCase):
         for pid in pids:
             self.assertIn(str(pid), stopped[0])
 
+    def test_what_a_run_left_running_while_the_agent_was_down_is_stopped_on_restart(self):
+        run = self.fake.add_run(self.deployment(), pool="pool")
+        for state in ("PENDING", "RUNNING"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {"type": state}})
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        daemon = subprocess.Popen(["sleep", "300"], env=dict(os.environ, PREFECT__FLOW_RUN_ID=run),
+                                  start_new_session=True)
+        self.addCleanup(lambda: daemon.poll() is None and daemon.kill())
+        state_dir = self.journal_with({run: {"phase": "running", "pid": gone.pid, "start_time": 1,
+                                             "host": socket.gethostname(), "run_name": "r"}})
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: daemon.poll() is not None, what="the daemon stopped")
+            wait_for(lambda: final_type(self.fake, run) == "CRASHED", what="crashed")
+        self.assertTrue([m for m in self.fake.logs(run) if str(daemon.pid) in m and "left running" in m])
+
     def test_keep_leftover_processes_leaves_them_running(self):
         run, pids = self.run_leaving_processes("--keep-leftover-processes")
         time.sleep(1)
