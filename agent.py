@@ -3185,9 +3185,13 @@ class Agent:
                 self.reporter.resume()
 
     def _claim_all(self, runs):
+        check_at = time.monotonic() + self.config.poll_seconds
         for run in runs:
             if self._stopping or self.journal.failure:
                 break
+            if time.monotonic() >= check_at:  # a long burst of claims: cancellations too
+                self._check_cancellations()
+                check_at = time.monotonic() + self.config.poll_seconds
             if not self._reserve_slot(run["id"]):
                 if self.config.limit and self.in_flight_count() >= self.config.limit:
                     break
