@@ -3742,8 +3742,8 @@ class Agent:
                                    "%s after a restart: %s" % (name, exc)})
                 return
             self._reserve_slot(run_id, ignore_limit=True)
-            self.journal.update(run_id, pid=child.pid, start_time=child.start_time,
-                                host=socket.gethostname())
+            self.journal.update(run_id, phase="running", pid=child.pid,
+                                start_time=child.start_time, host=socket.gethostname())
             self.supervisor.add(child)
             self.reporter.log(run_id, "Agent '%s' re-attached to container %s after a restart"
                               % (self.config.name, name))
