@@ -1366,9 +1366,9 @@ class Console(io.StringIO):
 class RunningAgent:
     """An Agent in a thread of this process, stopped (and waited for) on exit."""
 
-    def __init__(self, fake, *flags, env=None, api_retries=None):
+    def __init__(self, fake, *flags, env=None, api_retries=None, console=None):
         self.config = config_for(fake, *flags, env=env)
-        self.console = Console()
+        self.console = console or Console()
         api = None
         if api_retries is not None:  # fewer retries: the same paths without minutes of backoff
             api = agent.PrefectAPI(self.config.api_url, self.config.api_key,
@@ -3275,6 +3275,29 @@ class ChattyRunTests(AgentTestCase):
         child.output.close()
 
 
+class BlockedConsoleTests(AgentTestCase):
+    def test_a_console_that_blocks_holds_up_no_run_and_says_what_it_dropped(self):
+        released = threading.Event()
+
+        class BlockedConsole(Console):  # a paused terminal, a pipe nobody reads
+            def write(self, text):
+                released.wait(60)
+                return Console.write(self, text)
+
+        self.fake.add_run(self.deployment(command=py_command(
+            "import time\nfor n in range(400000): print('line %d' % n)\ntime.sleep(5)")),
+            pool="pool", name="chatty")
+        short = self.fake.add_run(self.deployment(command="false"), pool="pool")
+        console = BlockedConsole()
+        with RunningAgent(self.fake, console=console) as running:
+            wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=10,
+                     what="the short run reported while the console blocks")
+            wait_for(lambda: running.agent.supervisor.printer._dropped, timeout=30,
+                     what="more output than the printer keeps waiting")  # 8 MB of lines
+            released.set()
+            wait_for(lambda: "dropped" in console.getvalue(), what="the drop said")
+
+
 class FullDiskTests(AgentTestCase):
     """The state directory on a small filesystem of its own (tmpfs: needs root)."""
 
@@ -3846,9 +3869,10 @@ class DockerTests(AgentTestCase):
         self.assertEqual(kill["argv"][:3], ["kill", "--signal", "TERM"])
         self.assertEqual(kill["argv"][3], self.calls("run")[0]["argv"][2])
 
-    def restarted_with_container(self, inspect, start_exit="0", labelled=""):
+    def restarted_with_container(self, inspect, start_exit="0", labelled="", phase="running"):
         """A run whose agent and `docker run` client died while its container lived on; a new
-        agent starts with the daemon answering `inspect` with `inspect`."""
+        agent starts with the daemon answering `inspect` with `inspect`. With phase
+        "starting", the agent died before it recorded the client's pid."""
         self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
         run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d"), pool="pool")
         for state in ("PENDING", "RUNNING"):
@@ -3856,9 +3880,10 @@ class DockerTests(AgentTestCase):
         gone = subprocess.Popen(["true"])
         gone.wait()
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(os.path.join(state_dir, "output"))
+        open(os.path.join(state_dir, "output", run + ".log"), "w").close()  # it had begun
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
-            json.dump({"runs": {run: {"phase": "running", "pid": gone.pid, "start_time": 1,
+            json.dump({"runs": {run: {"phase": phase, "pid": gone.pid, "start_time": 1,
                                       "host": socket.gethostname(), "container": "box-1",
                                       "run_name": "r"}}}, handle)
         with mock.patch.dict(os.environ, {"FAKE_DOCKER_INSPECT": inspect, "FAKE_DOCKER_PS": labelled,
@@ -3873,6 +3898,12 @@ class DockerTests(AgentTestCase):
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("status code 5", state["message"])
         self.assertIn("re-attached to container box-1", " ".join(self.fake.logs(run)))
+
+    def test_a_start_cut_short_by_a_kill_finds_its_container_by_the_run_label(self):
+        run, state = self.restarted_with_container("running 0", start_exit="6",
+                                                   labelled="renamed-box", phase="starting")
+        self.assertEqual(self.calls("start")[0]["argv"], ["start", "--attach", "renamed-box"])
+        self.assertIn("status code 6", state["message"])
 
     def test_after_a_restart_the_container_is_looked_up_by_its_run_label(self):
         run, state = self.restarted_with_container("running 0", start_exit="6", labelled="renamed-box")
