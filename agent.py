@@ -10,7 +10,7 @@ Requires CPython 3.8 or newer on a POSIX host. Flow runs themselves need `prefec
 the Python that runs them (see --python), not in the one that runs this file.
 
 Sections, in the order data flows: configuration, API client, job configuration, launcher,
-supervision, reporting, the agent loop, health server, command line.
+supervision, journal and reporting, the agent loop, health server, command line.
 """
 
 import binascii
@@ -2264,7 +2264,8 @@ def _signal_quietly(pid, signum):
 class ConsolePrinter(threading.Thread):
     """Writes flow output to the console from its own thread, so that a console that blocks
     (a full pipe, a paused terminal) never holds up supervision. Past MAX_WAITING_BYTES
-    waiting, output is dropped and the drop is said. Started with the first output."""
+    waiting, output is dropped and the drop is said. The supervisor thread puts; the thread
+    starts with the first output."""
 
     MAX_WAITING_BYTES = 4 * 1024 * 1024
 
