@@ -5485,6 +5485,29 @@ class RealServerConformance(unittest.TestCase):
             self.fail_with_logs("ended %s, not COMPLETED" % final)
         self.assertEqual(self.flow_starts(), [run], "the flow body ran twice")
 
+    def test_a_run_cancelled_while_the_agent_was_down_ends_cancelled(self):
+        """(issue 11) The agent is killed; its run is set Cancelling and its process ends
+        meanwhile; the restarted agent ends the run Cancelled, not left Cancelling."""
+        self.make_pool()
+        dep = self.make_deployment("agentpy-conformance-cmd", job_variables={
+            "command": "sh -c 'sleep 3'"})
+        run = self.rest.create_flow_run(dep["id"])["id"]
+        state_dir = os.path.join(self.tmp, "agent-state")
+        first = self.start_agent("--state-dir", state_dir)
+        end = time.monotonic() + self.remaining(60)
+        while time.monotonic() < end and not self.rest.read_run(run).get("infrastructure_pid"):
+            self.check_agents_alive()
+            time.sleep(0.3)
+        first.kill()
+        first.wait(10)
+        self.agents = [a for a in self.agents if a[0] is not first]  # its death was the point
+        answer = self.rest.call("POST", "/flow_runs/%s/set_state" % run, {"state": {
+            "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
+        self.assertEqual(answer["status"], "ACCEPT", answer)
+        time.sleep(4)  # the process ends while no agent watches
+        self.start_agent("--state-dir", state_dir)
+        self.expect_final(run, "CANCELLED", 30)
+
     # -- docker pools: real containers (AGENT_TEST_DOCKER_IMAGE: an image with prefect) --------
 
     def docker_image(self):
