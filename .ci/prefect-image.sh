@@ -10,8 +10,8 @@
 # Environment (all optional):
 #   DOCKER_HOST, CONTAINER_TEST_IMAGE  if both set, used as is; otherwise this script runs
 #                          `bash $CONTAINER_RUNTIME_SCRIPT` (idempotent "up") and evals its exports
-#   CONTAINER_RUNTIME_SCRIPT  default: .ci/container_runtime.sh, a copy of the workplace's
-#                          shared/tools/container_runtime.sh, so that a bare clone runs CI
+#   CONTAINER_RUNTIME_SCRIPT  default: .ci/container_runtime.sh, kept in the repository so
+#                          that a bare clone runs CI
 #   PREFECT_VERSION        default 3.8.8
 #   FASTAPI_PIN            default 0.128.0 (installed over prefect's own fastapi; empty = skip).
 #                          prefect 3.8.8 declares fastapi>=0.139.0, but newer FastAPI breaks the
