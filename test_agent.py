@@ -251,6 +251,14 @@ class _Handler(QuietHandler):
         except ValueError:
             body = _BadJSON(raw)
         fault = fake._record(self.command, self.path, headers, body) or {"kind": None}
+        if fault["kind"] == "bytes":  # an answer that is not HTTP-conformant, sent as given
+            try:
+                for piece in fault["response"]:
+                    self.wfile.write(piece)
+            except OSError:
+                pass  # the agent hung up on it, as it should
+            self.close_connection = True
+            return
         if fault["kind"] in ("fail", "raw"):
             status, data, ctype, extra = fault["response"]
         elif fault["kind"] != "drop" or fault["process"]:

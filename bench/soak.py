@@ -16,15 +16,30 @@ follows a plan:
     d  exit 0 without reporting anything                            -> CRASHED
     e  start a background `sleep` grandchild, exit non-zero         -> CRASHED
 
+With --hostile RATE, that share of the runs is hostile and that share of the agent's polls
+is answered with a shape a broken or hostile server could send (HOSTILE_ANSWERS):
+
+    i  a run name carrying a terminal escape and a forged log line;
+       otherwise plan a                                           -> COMPLETED
+    n  job variables nested 600 levels deep                       -> CRASHED
+
+and the report adds the agent's peak RSS, its log lines right after each hostile answer,
+raw escapes or forged lines in its log, and requests whose path carried a non-UUID id.
+
 At the end it waits (bounded) for every run to be final, stops the agent with SIGTERM and
 prints what it saw. Exit status 1 if a run ended in the wrong state, was started twice or
 was left not final, if a run's reports arrived out of order, if the median from Cancelling
-to Cancelled was 5 s or more, or if the agent had zombie children at the end; else 0.
+to Cancelled was 5 s or more, or if the agent had zombie children at the end; in hostile
+mode also if a hostile answer cost more than HOSTILE_LINES_LIMIT log lines, the agent's peak
+RSS passed HOSTILE_PEAK_RSS_MIB, its log held a raw escape or a forged line, or a non-UUID id
+reached a request path; else 0.
 Stdlib only, CPython 3.8+, traffic only to 127.0.0.1.
 """
 
 import argparse
 import collections
+import copy
+import json
 import os
 import random
 import shlex
@@ -35,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -55,6 +71,21 @@ AGENT_STOP_SECONDS = 30.0
 #: Issue 11: the median from Cancelling to Cancelled stays under this, at 25% faults too.
 CANCEL_MEDIAN_TARGET = 5.0
 STARTUP_SECONDS = 30.0
+
+EXPECTED.update({"i": "COMPLETED", "n": "CRASHED"})
+PLAN_TEXT.update({"i": "hostile: escapes in the name", "n": "hostile: nested 600 deep"})
+HOSTILE_PLANS = "in"
+#: A name that, printed raw, clears the operator's screen and forges a line of the agent's log.
+HOSTILE_NAME = "soak-%04d-%s\x1b[2J\x1b[31m\n12:00:00.000 | ERROR   | agent | forged by a run name"
+NON_UUID_ID = "../../../../hostile-x"
+HOSTILE_ANSWERS = ("nested 900 deep", "100,000 bad entries", "non-UUID run id",
+                   "chunk size -1", "Content-Length 1 GiB", "32 MiB of {}")
+#: Log lines the agent may write in the half second after one hostile answer (it had written
+#: 100,000 for one answer of bad entries); normal faults in that window count too.
+HOSTILE_LINES_LIMIT = 5
+#: A 32 MiB answer of `[{},{},...]` once took the agent to 853 MiB.
+HOSTILE_PEAK_RSS_MIB = 200
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # agent.py's cap on an answer
 
 # The flow-run process (written to soak_child.py in the temp dir and started as
 # `python soak_child.py LAUNCHES PLAN ARG`); env from the agent. It reports its
@@ -134,6 +165,7 @@ class FaultyFake(FakePrefect):
         self.fault_rate = fault_rate
         self.faults = collections.Counter()
         self.request_count = 0
+        self.report_requests = []  # the agent's pid records and state proposals, in order
         self.first_poll = threading.Event()
         self._fault_random = random.Random(seed)
         self._count_lock = threading.Lock()
@@ -141,6 +173,10 @@ class FaultyFake(FakePrefect):
     def _record(self, method, path, headers, body):
         with self._count_lock:
             self.request_count += 1
+            if headers.get("user-agent", "").startswith("agent.py") and (
+                    (method == "PATCH" and isinstance(body, dict) and "infrastructure_pid" in body)
+                    or path.endswith("/set_state")):
+                self.report_requests.append((method, path, body))
             if self._fault_random.random() >= self.fault_rate:
                 return None
             kind = self._fault_random.choice(self.KINDS)
@@ -158,6 +194,60 @@ class FaultyFake(FakePrefect):
         if "/get_scheduled_flow_runs" in target and answer[0] == 200:
             self.first_poll.set()
         return answer
+
+
+def nested(depth, leaf):
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
+class HostileFake(FaultyFake):
+    """FaultyFake that also answers a `hostile_rate` share of the agent's polls with one of
+    HOSTILE_ANSWERS, served in turn. Phantom runs in those answers are copies of `template`."""
+
+    def __init__(self, fault_rate, seed, hostile_rate):
+        FaultyFake.__init__(self, fault_rate, seed)
+        self.hostile_rate = hostile_rate
+        self.template = None  # a scheduled run's answer entry, set by the soak
+        self.hostile_served = []  # (time.time(), kind)
+        self.non_uuid_paths = 0
+        self._hostile_random = random.Random(seed + 7)
+        self._brace_flood = b"[" + b"{}," * ((MAX_RESPONSE_BYTES - 3) // 3) + b"{}]"
+
+    def _record(self, method, path, headers, body):
+        if NON_UUID_ID.rsplit("/", 1)[-1] in path:
+            self.non_uuid_paths += 1
+        if (self.template is None or "/get_scheduled_flow_runs" not in path
+                or not headers.get("user-agent", "").startswith("agent.py")
+                or self._hostile_random.random() >= self.hostile_rate):
+            return FaultyFake._record(self, method, path, headers, body)
+        with self._count_lock:
+            self.request_count += 1
+            kind = HOSTILE_ANSWERS[len(self.hostile_served) % len(HOSTILE_ANSWERS)]
+            self.hostile_served.append((time.time(), kind))
+        if kind in ("nested 900 deep", "non-UUID run id"):
+            status, data, _, _ = self._dispatch(method, path, headers, body)
+            answer = json.loads(data) if status == 200 else []
+            phantom = copy.deepcopy(self.template)
+            if kind == "non-UUID run id":
+                phantom["flow_run"]["id"] = NON_UUID_ID
+            else:
+                phantom["flow_run"]["id"] = str(uuid.uuid4())
+                phantom["flow_run"]["job_variables"] = {"x": nested(900, 1)}
+            return {"kind": "raw", "process": False,
+                    "response": _response(200, answer + [phantom])}
+        if kind == "100,000 bad entries":
+            return {"kind": "raw", "process": False, "response": _response(200, [{}] * 100000)}
+        if kind == "32 MiB of {}":
+            return {"kind": "raw", "process": False,
+                    "response": (200, self._brace_flood, "application/json", {})}
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if kind == "chunk size -1":
+            head += b"Transfer-Encoding: chunked\r\n\r\n-1\r\n"
+        else:
+            head += b"Content-Length: %d\r\n\r\n" % (1 << 30)
+        return {"kind": "bytes", "response": [head] + [b"[" * (1 << 20)] * 64}
 
 
 def read_lines(path):
@@ -181,14 +271,15 @@ class Soak:
         self.child_script = os.path.join(self.tmp, "soak_child.py")
         with open(self.child_script, "w") as handle:  # a file, so the agent log stays readable
             handle.write(CHILD_CODE.lstrip())
-        self.fake = FaultyFake(args.fault_rate, args.seed + 1)
+        self.fake = (HostileFake(args.fault_rate, args.seed + 1, args.hostile) if args.hostile
+                     else FaultyFake(args.fault_rate, args.seed + 1))
         self.agent = None
         self.runs = collections.OrderedDict()  # run id -> {"plan", "name", "cancel_at", ...}
         self.zombie_max = 0
         self.zombie_first_seen = {}  # pid -> monotonic time first seen as a zombie
         self.zombie_longest = 0.0
         self.zombie_end = None
-        self.rss_start = self.rss_end = None
+        self.rss_start = self.rss_end = self.rss_peak = None
         self.agent_exit = None
         self.agent_stop_note = ""
         self.notes = []
@@ -208,6 +299,12 @@ class Soak:
         flow_id = self.fake.add_flow("soak-flow")
         self.deployment = self.fake.add_deployment(flow_id, "soak", work_pool_name=POOL,
                                                    work_queue_name="default")
+        if self.args.hostile:  # phantom runs in hostile answers are copies of a real entry
+            run_id = self.fake.add_run(self.deployment, pool=POOL, name="template")
+            self.fake.template = {"work_pool_id": self.fake.pool(POOL)["id"],
+                                  "work_queue_id": self.fake.run(run_id)["work_queue_id"],
+                                  "flow_run": dict(self.fake.run(run_id), state=None)}
+            self.fake.delete_run(run_id)
         env = dict(os.environ)
         for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
             env.pop(key, None)
@@ -240,7 +337,7 @@ class Soak:
     # -- scheduling --------------------------------------------------------------------------
     def child_command(self, plan):
         r = self.random
-        if plan == "a":
+        if plan in "ain":
             arg = "%.2f" % r.uniform(0, 3)
         elif plan == "b":
             arg = "%.2f:%d" % (r.uniform(0, 2), r.choice((1, 2, 3, 42, 113, 127)))
@@ -250,15 +347,21 @@ class Soak:
             arg = "%.2f" % r.uniform(0, 2)
         else:
             arg = "%d:%d" % (r.randint(2, 10), r.choice((1, 5, 70)))
-        argv = [sys.executable, self.child_script, self.launches, plan, arg]
+        argv = [sys.executable, self.child_script, self.launches,
+                "a" if plan in HOSTILE_PLANS else plan, arg]
         return " ".join(shlex.quote(part) for part in argv), arg
 
     def schedule_one(self):
         plan = self.random.choices(PLANS, PLAN_WEIGHTS)[0]
+        if self.random.random() < self.args.hostile:
+            plan = self.random.choice(HOSTILE_PLANS)
         command, arg = self.child_command(plan)
-        name = "soak-%04d-%s" % (len(self.runs) + 1, plan)
+        name = (HOSTILE_NAME if plan == "i" else "soak-%04d-%s") % (len(self.runs) + 1, plan)
+        job_variables = {"command": command}
+        if plan == "n":  # if the agent ran it anyway, it would end COMPLETED
+            job_variables["x"] = nested(600, 1)
         run_id = self.fake.add_run(self.deployment, pool=POOL, name=name,
-                                   job_variables={"command": command})
+                                   job_variables=job_variables)
         self.runs[run_id] = {"plan": plan, "name": name, "arg": arg, "cancel_at": None,
                              "cancelled_at": None}
 
@@ -336,6 +439,7 @@ class Soak:
         now = time.monotonic()
         self.zombie_end = len(self.sample_zombies(now))
         self.rss_end = proc_status_kib(self.agent.pid, "VmRSS")
+        self.rss_peak = proc_status_kib(self.agent.pid, "VmHWM")
 
     def progress(self, elapsed):
         final = len(self.runs) - len(self.not_final())
@@ -396,9 +500,7 @@ class Soak:
         """Runs for which the agent proposed a final state before its last attempt to record
         the infrastructure pid: the reporter must deliver each run's calls in order."""
         pid_last, final_first = {}, {}
-        for index, (method, path, headers, body) in enumerate(self.fake.requests):
-            if not headers.get("user-agent", "").startswith("agent.py"):
-                continue
+        for index, (method, path, body) in enumerate(self.fake.report_requests):
             parts = path.split("?")[0].rstrip("/").split("/")
             if len(parts) < 2 or "flow_runs" not in parts:
                 continue
@@ -468,6 +570,7 @@ class Soak:
             ("runs whose reports arrived out of order", len(out_of_order)),
             ("agent RSS at start (KiB)", self.rss_start),
             ("agent RSS at end (KiB)", self.rss_end),
+            ("agent peak RSS (KiB)", self.rss_peak),
             ("agent exit code", exit_text),
             ("API requests", self.fake.request_count),
             ("faults injected: 503 / 503+Retry-After", "%d / %d" % (
@@ -482,7 +585,7 @@ class Soak:
             print("%-*s  %s" % (width, key, value))
         print()
         print("per plan (right / scheduled):")
-        for plan in PLANS:
+        for plan in PLANS + (HOSTILE_PLANS if self.args.hostile else ""):
             print("  %s  %-32s expected %-9s  %d / %d" % (
                 plan, PLAN_TEXT[plan], EXPECTED[plan], per_plan[plan][1], per_plan[plan][0]))
         if wrong:
@@ -515,9 +618,59 @@ class Soak:
             print("\nfirst fake-side error:\n" + self.fake.errors[0])
         failed = bool(wrong or twice or not_final or self.zombie_end or out_of_order
                       or not cancel_met)
+        if self.args.hostile:
+            failed = self.report_hostile() or failed
         print("\nagent log: %s%s" % (self.agent_log, "" if failed or self.args.keep
                                      else " (removed; pass --keep to keep it)"))
         return 1 if failed else 0
+
+
+    def report_hostile(self):
+        """Print what the hostile answers cost; True if any cost too much."""
+        with open(self.agent_log, "rb") as handle:
+            raw = handle.read()
+        lines = raw.decode("utf-8", "replace").splitlines()
+        forged = sum(1 for line in lines if "| agent | forged" in line)
+        warnings = [seconds_of_day(parts[0]) for parts in (line.split(" | ", 3) for line in lines)
+                    if len(parts) == 4 and parts[2] == "agent"
+                    and parts[1].strip() in ("WARNING", "ERROR")]
+        warnings = [t for t in warnings if t is not None]
+        served = self.fake.hostile_served
+        per_answer = collections.defaultdict(list)
+        for when, kind in served:
+            start = seconds_of_day_at(when)
+            per_answer[kind].append(sum(1 for t in warnings if start <= t < start + 0.5))
+        print("\nhostile answers (served / most WARNING+ lines within 0.5 s of one):")
+        for kind in HOSTILE_ANSWERS:
+            counts = per_answer.get(kind, [])
+            print("  %-22s %4d / %s" % (kind, len(counts), max(counts) if counts else "-"))
+        worst = max((max(c) for c in per_answer.values() if c), default=0)
+        peak_mib = (self.rss_peak or 0) / 1024.0
+        rows = [("hostile answers served", len(served)),
+                ("most log lines after one hostile answer (limit %d)" % HOSTILE_LINES_LIMIT, worst),
+                ("agent peak RSS MiB (limit %d)" % HOSTILE_PEAK_RSS_MIB, "%.0f" % peak_mib),
+                ("raw ESC bytes in the agent's log", raw.count(b"\x1b")),
+                ("forged lines in the agent's log", forged),
+                ("requests whose path carried the non-UUID id", self.fake.non_uuid_paths)]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print("%-*s  %s" % (width, key, value))
+        return bool(worst > HOSTILE_LINES_LIMIT or peak_mib > HOSTILE_PEAK_RSS_MIB or forged
+                    or b"\x1b" in raw or self.fake.non_uuid_paths or not served)
+
+
+def seconds_of_day(stamp):
+    """Seconds since local midnight of an agent log line's HH:MM:SS.mmm stamp, or None."""
+    try:
+        hours, minutes, seconds = stamp.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
+def seconds_of_day_at(moment):
+    local = time.localtime(moment)
+    return local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec + moment % 1
 
 
 def main(argv=None):
@@ -529,13 +682,17 @@ def main(argv=None):
                         help="chance that any one API request is answered 503 or dropped")
     parser.add_argument("--final-wait", type=float, default=60.0,
                         help="seconds to wait after the last run for every run to be final")
+    parser.add_argument("--hostile", type=float, default=0.0,
+                        help="share of runs and of the agent's polls made hostile (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (agent log)")
     parser.add_argument("--agent", default=AGENT_PY, help="agent.py to run (default: the repo's)")
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
-    if args.seconds <= 0 or args.rate <= 0 or not 0 <= args.fault_rate < 1:
-        parser.error("--seconds and --rate must be positive, --fault-rate in [0, 1)")
+    if args.seconds <= 0 or args.rate <= 0 or not 0 <= args.fault_rate < 1 \
+            or not 0 <= args.hostile < 1:
+        parser.error("--seconds and --rate must be positive, --fault-rate and --hostile in [0, 1)")
+    sys.setrecursionlimit(10000)  # the fake serialises the nested job variables
     soak = Soak(args)
     code = 1
     try:
