@@ -75,9 +75,13 @@ class Log:
             text = message % args if args else message
         except (TypeError, ValueError):  # a bad format must not cost the line
             text = "%s %r" % (message, args)
+        text = escape_controls(text)
         if with_traceback:
             import traceback  # here: only an unexpected error needs it
-            text += "\n" + traceback.format_exc().rstrip()
+            # Indented: an exception's message may hold newlines (from a server, say), and
+            # no line after the first may start the way a log line of its own does.
+            text += "".join("\n  " + escape_controls(line)
+                            for line in traceback.format_exc().rstrip().split("\n"))
         self.emit(level, text)
 
     def emit(self, level, text):
@@ -94,6 +98,29 @@ class Log:
 
 
 log = Log()
+
+#: What escape_controls shows as escapes: C0 and DEL, C1 (some terminals act on U+009B as
+#: on ESC [), the line and paragraph separators that some log viewers break lines at, and
+#: the bidirectional controls that make a line display other than it reads.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text):
+    """`text` safe to write on a line of the operator's log or terminal: every one of the
+    CONTROL_CHARACTERS shown as an escape (\\n, \\x1b, \\u202e), so that text from a server
+    or a deployment can neither forge a log line nor drive the terminal. A backslash stays
+    as it is: it can do neither, and doubling it would garble every path and pattern."""
+    if text.isprintable():  # the usual case, decided in C
+        return text
+    return re.sub(CONTROL_CHARACTERS, _escape_control, text)
+
+
+def _escape_control(match):
+    char = match.group()
+    return NAMED_ESCAPES.get(char) or (
+        "\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char))
+
 
 ###############################################################################
 # Configuration ###############################################################
@@ -1440,6 +1467,8 @@ class Child:
         self.process = process  # None when adopted: not our child, so no exit status
         self.start_time = start_time if start_time is not None else process_start_time(pid)
         self.output_path, self.stream_output = output_path, stream_output
+        # The server names the run: its name must not drive the terminal the output goes to.
+        self.prefix = "[%s] " % escape_controls(str(run_name))
         self.temp_dir, self.argv_text = temp_dir, argv_text
         self.output = None
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
@@ -2145,8 +2174,7 @@ class Supervisor(threading.Thread):
         text = data.decode("utf-8", "replace").replace("\r\n", "\n")[:-1]
         child.tail.extend(line[:500] for line in text.rsplit("\n", Child.TAIL_LINES)[-Child.TAIL_LINES:])
         if child.stream_output:
-            prefix = "[%s] " % child.run_name
-            self.printer.put(prefix + text.replace("\n", "\n" + prefix) + "\n")
+            self.printer.put(child.prefix + text.replace("\n", "\n" + child.prefix) + "\n")
 
     def _skip_if_far_behind(self, child):
         size = os.fstat(child.output.fileno()).st_size
@@ -2159,7 +2187,7 @@ class Supervisor(threading.Thread):
                "they can be shown]" % skipped
         child.tail.append(note)
         if child.stream_output:
-            self.printer.put("[%s] %s\n" % (child.run_name, note))
+            self.printer.put(child.prefix + note + "\n")
 
     def _skip_to_last_lines(self, child):
         """An ended child left more output than one look reads: the last lines are what a
@@ -2171,7 +2199,7 @@ class Supervisor(threading.Thread):
             child.partial = b""
             note = "[agent.py skipped %d bytes of this run's output]" % skipped
             if child.stream_output:
-                self.printer.put("[%s] %s\n" % (child.run_name, note))
+                self.printer.put(child.prefix + note + "\n")
         self._read(child)
 
     def _cut(self, child):
@@ -3993,7 +4021,7 @@ def start_agent(argv=None):
 
 def usage_exit(reason):
     """Exit 2 with one line that says what was wrong with the flags or environment."""
-    sys.stderr.write("agent.py: error: %s\n" % reason)
+    sys.stderr.write("agent.py: error: %s\n" % escape_controls(str(reason)))
     sys.exit(2)
 
 

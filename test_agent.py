@@ -1859,7 +1859,7 @@ class LogTests(unittest.TestCase):
             except ZeroDivisionError:
                 agent.log.exception("run %s: %s", "r1", "failed")
         text = self.logged(fail)
-        self.assertIn("| run r1: failed\nTraceback (most recent call last):\n", text)
+        self.assertIn("| run r1: failed\n  Traceback (most recent call last):\n", text)
         self.assertTrue(text.endswith("ZeroDivisionError: division by zero\n"), text)
 
     def test_a_closed_stderr_does_not_reach_the_caller(self):
@@ -4030,6 +4030,65 @@ class SecretTests(AgentTestCase):
         for where, text in seen.items():
             for secret in (self.KEY, self.AUTH, self.AUTH.split(":")[1]):
                 self.assertNotIn(secret, text, "secret leaked into %s" % where)
+
+
+FORGED = "12:00:00.000 | ERROR   | agent | forged"
+HOSTILE_NAME = "x\x1b[2J\n" + FORGED + "\u202e\x9b"
+AGENT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| ")
+
+
+class HostileTextTests(AgentTestCase):
+    """Text from a server or a deployment cannot forge a line of the agent's log or drive
+    the operator's terminal; a flow's own output is passed on as the flow printed it."""
+
+    def logged(self, call):
+        err = io.StringIO()
+        with mock.patch.object(agent.log, "level", agent.INFO), mock.patch("sys.stderr", err):
+            call()
+        return err.getvalue()
+
+    def assert_no_forged_line(self, text):
+        for line in text.split("\n"):
+            self.assertFalse(line.startswith(FORGED[:12]), "forged line: %r" % line)
+            self.assertNotRegex(line, "[\x1b\x9b\u202e\u2028]", "raw control in %r" % line)
+
+    def test_a_message_is_one_line_with_its_control_characters_shown_as_escapes(self):
+        text = self.logged(lambda: agent.log.warning("run %s: %s", HOSTILE_NAME, "a\tb\u2028c\x7f"))
+        self.assert_no_forged_line(text)
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertIn("run x\\x1b[2J\\n12:00:00.000 | ERROR   | agent | forged\\u202e\\x9b: "
+                      "a\\tb\\u2028c\\x7f\n", text)
+        self.assertIn("| C:\\path é 100%\n", self.logged(lambda: agent.log.info("C:\\path é 100%")))
+
+    def test_a_traceback_stays_several_lines_none_of_which_can_pass_for_a_log_line(self):
+        def fail():
+            try:
+                raise ValueError("bad answer\n" + FORGED + "\x1b[31m")
+            except ValueError:
+                agent.log.exception("run %s: failed", HOSTILE_NAME)
+        text = self.logged(fail)
+        self.assert_no_forged_line(text)
+        lines = text.rstrip("\n").split("\n")
+        self.assertRegex(lines[0], AGENT_LINE)
+        self.assertEqual(lines[1], "  Traceback (most recent call last):")
+        self.assertTrue(all(line.startswith("  ") for line in lines[1:]), lines)
+        self.assertIn("  " + FORGED + "\\x1b[31m", lines)
+
+    def test_a_run_name_cannot_forge_a_log_line_but_the_flows_own_output_stays_raw(self):
+        dep = self.deployment(command=py_command("print('\\x1b[1mbold\\x1b[0m flow line')"))
+        run = self.fake.add_run(dep, pool="pool", name=HOSTILE_NAME)
+        agent_proc = AgentProcess(self, self.fake)  # stdout and stderr in one file, as supervisord keeps them
+        wait_for(lambda: final_type(self.fake, run) in agent_final() and
+                 "flow line" in agent_proc.output(), what="the run's end")
+        agent_proc.signal(signal.SIGTERM)
+        agent_proc.wait(15)
+        output = agent_proc.output()
+        prefix = "[x\\x1b[2J\\n12:00:00.000 | ERROR   | agent | forged\\u202e\\x9b] "
+        self.assertIn(prefix + "\x1b[1mbold\x1b[0m flow line\n", output)
+        for line in output.split("\n"):
+            self.assertFalse(line.startswith(FORGED[:12]), "forged line: %r" % line)
+            if not line.startswith(prefix):
+                self.assertNotIn("\x1b", line)
 
 
 def require_real(what):
