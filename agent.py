@@ -1558,6 +1558,40 @@ def process_is(pid, start_time):
     return current == start_time
 
 
+def open_private(path, flags):
+    """os.open for a file only its owner may read: made 0600 whatever the umask, and made
+    0600 again if an earlier agent left it looser. Never through a symlink: in a directory
+    others can write, one could point the agent (often root) at any file."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o7777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private_dir(path):
+    """Make the directory `path`, and any parent missing, 0700 whatever the umask (as XDG
+    asks of a state directory); True if it was made, False if it was there already."""
+    path = os.path.abspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        if os.path.dirname(path) == path:
+            raise
+        make_private_dir(os.path.dirname(path))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # another agent made it meanwhile
+            return False
+    os.chmod(path, 0o700)  # mkdir's mode went through the umask
+    return True
+
+
 def temp_dir_for(run_id):
     """A fresh path for a run's temporary working directory, named before it is made, so
     that the journal can hold it first and a restart can remove it."""
@@ -1568,13 +1602,14 @@ def temp_dir_for(run_id):
 def start_process(run_id, run_name, job, output_path, temp_dir=None):
     """Start `job` in its own session (so its whole tree can be signalled) with its output
     appended to `output_path`, a file, so the run outlives the agent without a broken pipe.
-    Without a working directory it runs in `temp_dir`, made here (0700; mkdir fails rather
-    than follow anything planted at that path). Raises LaunchError with a reason a user can
-    act on."""
+    Without a working directory it runs in `temp_dir`, made here (0700 whatever the umask;
+    mkdir fails rather than follow anything planted at that path). Raises LaunchError with a
+    reason a user can act on."""
     cwd = job.working_dir
     if cwd is None:
         try:
             os.mkdir(temp_dir, 0o700)
+            os.chmod(temp_dir, 0o700)
         except OSError as exc:
             raise LaunchError("cannot make a temporary working directory %r: %s"
                               % (temp_dir, exc.strerror or exc))
@@ -1587,10 +1622,13 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     try:
         # The output file exists before anything starts: a restart that finds none knows
         # that the run never began (Agent._recover_start).
-        with open(output_path, "ab") as output:
+        output = open_private(output_path, os.O_WRONLY | os.O_APPEND)
+        try:
             process = subprocess.Popen(
                 job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        finally:
+            os.close(output)
     except FileNotFoundError:
         reason = "command %r not found (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except PermissionError:
@@ -2094,6 +2132,10 @@ class Supervisor(threading.Thread):
                 child.container_id = handle.read().strip() or None
         except OSError:
             return  # not created yet (the image may still be pulling)
+        try:  # the docker CLI made it under the agent's umask (in the 0700 output directory)
+            os.chmod(child.cidfile, 0o600)
+        except OSError:
+            pass
         if child.container_id and self._on_container:
             self._on_container(child)
 
@@ -2445,9 +2487,10 @@ class Journal:
 
     def __init__(self, directory, pool):
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if not make_private_dir(directory):
+                self._warn_if_open(directory)
             self.output_dir = os.path.join(directory, "output")
-            os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+            make_private_dir(self.output_dir)
             self._lock = self._take_slot(directory, pool)
         except OSError as exc:
             raise UsageError("cannot use --state-dir %r: %s" % (directory, exc.strerror or exc))
@@ -2461,7 +2504,7 @@ class Journal:
         self._retry_at = 0.0
         try:
             if whole and not self._too_long():  # the usual start: no write, no fsync
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
                 self._size = os.fstat(self._fd).st_size
             else:  # new, torn by a kill, damaged, in the old format, or long: write it anew
                 self._snapshot()
@@ -2472,11 +2515,21 @@ class Journal:
                                  % (directory, exc.strerror or exc))
             self._failed(exc)  # a full disk may pass: run on, claiming nothing until it does
 
+    @staticmethod
+    def _warn_if_open(directory):
+        # Warned, not tightened: the operator made it, and others may need what else is in
+        # it; the agent's own files there are 0600 and its directories 0700 anyway.
+        mode = os.stat(directory).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("state directory %s is mode %04o: other users can look into it; the "
+                        "agent's files in it are private, but chmod 700 it unless others need "
+                        "it", directory, mode)
+
     def _take_slot(self, directory, pool):
         slug = re.sub(r"[^A-Za-z0-9_.-]", "_", pool)[:100]
         for slot in range(self.SLOTS):
             self.path = os.path.join(directory, "journal-%s-%d.json" % (slug, slot))
-            lock = open(self.path + ".lock", "a")
+            lock = open(self.path + ".lock", "a", opener=open_private)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return lock
@@ -2661,7 +2714,7 @@ class Journal:
         line = (json.dumps({"runs": self._entries, "logs": self._logs},
                            separators=(",", ":")) + "\n").encode()
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = open_private(temporary, os.O_WRONLY | os.O_TRUNC)
             try:
                 view = memoryview(line)
                 while view:
@@ -2681,7 +2734,7 @@ class Journal:
             _fsync_directory(self.directory)
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         self._size, self._changes, self._unsynced = len(line), 0, False
 
     def _failed(self, exc):

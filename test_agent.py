@@ -1420,7 +1420,7 @@ class AgentTestCase(unittest.TestCase):
     def journal_with(self, entries):
         """A state directory whose journal holds `entries` (runs by id)."""
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
@@ -2154,7 +2154,7 @@ class ClaimTests(AgentTestCase):
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
             "type": "PENDING", "state_details": {"transition_id": ours}}})
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": {run: {"phase": "exited", "transition_id": ours,
                                       "owed": {"kind": "restore", "transition_id": ours}}}}, handle)
@@ -3086,7 +3086,7 @@ class RecoveryTests(AgentTestCase):
 
     def test_a_corrupt_journal_is_set_aside_not_fatal(self):
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             handle.write('{"truncated": ')
         self.fake.add_pool("pool")
@@ -3308,7 +3308,7 @@ class FullDiskTests(AgentTestCase):
         super().setUp()
         self.state_dir = os.path.join(self.tmp, "state")
         os.makedirs(self.state_dir)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.state_dir],
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", self.state_dir],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
         if not mounted:
             require_real("root, to mount a small tmpfs for the state directory")
@@ -3884,6 +3884,7 @@ class DockerTests(AgentTestCase):
         gone.wait()
         state_dir = os.path.join(self.tmp, "state")
         os.makedirs(os.path.join(state_dir, "output"))
+        os.chmod(state_dir, 0o700)
         open(os.path.join(state_dir, "output", run + ".log"), "w").close()  # it had begun
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": {run: {"phase": phase, "pid": gone.pid, "start_time": 1,
@@ -4089,6 +4090,95 @@ class HostileTextTests(AgentTestCase):
             self.assertFalse(line.startswith(FORGED[:12]), "forged line: %r" % line)
             if not line.startswith(prefix):
                 self.assertNotIn("\x1b", line)
+
+
+class FileModeTests(AgentTestCase):
+    """Whatever the umask, what the agent makes is its user's alone: files 0600, directories
+    0700. A state directory others can look into is named in one warning."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(os.umask, os.umask(0))
+
+    def assert_private(self, top, expected_files):
+        found = []
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                found.append(os.path.relpath(path, top))
+                mode = os.lstat(path).st_mode & 0o7777
+                self.assertEqual(mode, 0o700 if name in dirs else 0o600,
+                                 "%s is mode %04o" % (path, mode))
+        self.assertEqual(os.lstat(top).st_mode & 0o7777, 0o700, top)
+        for name in expected_files:
+            self.assertIn(name, found)
+
+    def test_every_file_and_directory_made_for_a_run_is_private(self):
+        made = os.path.join(self.tmp, "made")
+        state_dir = os.path.join(made, "state")  # neither exists yet
+        cwd_mode, go = os.path.join(self.tmp, "cwd-mode"), os.path.join(self.tmp, "go")
+        dep = self.deployment(command=py_command(
+            "import os,sys,time; mode, go = sys.argv.pop(1), sys.argv.pop(1)\n"
+            "open(mode, 'w').write(oct(os.stat('.').st_mode & 0o7777))\n"
+            "end = time.time() + 60\n"
+            "while not os.path.exists(go) and time.time() < end: time.sleep(0.02)\n" + REPORT_STATES,
+            cwd_mode, go, "RUNNING", "COMPLETED"))
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: os.path.exists(cwd_mode) and read(cwd_mode), what="the run's start")
+            self.assert_private(made, ["state", "state/output", "state/journal-pool-0.json",
+                                       "state/journal-pool-0.json.lock",
+                                       "state/output/%s.log" % run])
+            self.assertEqual(read(cwd_mode), "0o700", "the temporary working directory")
+            open(go, "w").close()
+            wait_for(lambda: final_type(self.fake, run) == "COMPLETED", what="the run's end")
+        self.assert_private(made, ["state/journal-pool-0.json"])
+
+    def test_a_containers_cidfile_is_private_too(self):
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, "docker"), "w") as handle:
+            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
+        os.chmod(os.path.join(bin_dir, "docker"), 0o755)
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
+            "image": "i"}), pool="pool")
+        state_dir = os.path.join(self.tmp, "state")
+        cidfile = os.path.join(state_dir, "output", run + ".log.cid")
+        killed = os.path.join(self.tmp, "killed-" + agent.container_name(self.fake.run(run)["name"], run))
+        self.addCleanup(lambda: os.path.exists(self.tmp) and open(killed, "w").close())  # ends the fake
+        with mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                                          "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls"),
+                                          "FAKE_DOCKER_RUN": "wait"}):
+            with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
+                wait_for(lambda: os.path.exists(cidfile) and
+                         os.stat(cidfile).st_mode & 0o777 == 0o600, timeout=5, what="a 0600 cidfile")
+                self.assert_private(state_dir, ["output/%s.log.cid" % run])
+                self.fake.set_run_state(run, "CANCELLING")
+                wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+
+    def test_a_state_directory_others_can_read_is_warned_about_once(self):
+        for mode, warned in ((0o755, True), (0o700, False)):
+            with self.subTest(mode=oct(mode)):
+                state_dir = os.path.join(self.tmp, "state-%o" % mode)
+                os.mkdir(state_dir, mode)
+                with agent_log("WARNING") as lines:
+                    agent.Journal(state_dir, "pool").close()
+                self.assertEqual(lines, ["state directory %s is mode %04o: other users can look "
+                                         "into it; the agent's files in it are private, but "
+                                         "chmod 700 it unless others need it" % (state_dir, mode)]
+                                 if warned else [])
+                self.assertEqual(os.stat(state_dir).st_mode & 0o777, mode, "left as it was")
+
+    def test_a_journal_an_older_agent_left_readable_is_made_private(self):
+        state_dir = os.path.join(self.tmp, "state")
+        os.mkdir(state_dir, 0o700)
+        journal = os.path.join(state_dir, "journal-pool-0.json")
+        with open(journal, "w") as handle:  # whole: appended to as it is, not rewritten
+            handle.write('{"runs":{},"logs":[]}\n')
+        os.chmod(journal, 0o644)
+        agent.Journal(state_dir, "pool").close()
+        self.assertEqual(os.stat(journal).st_mode & 0o777, 0o600)
 
 
 def require_real(what):
