@@ -169,10 +169,18 @@ def _number(text, what, allow_zero=False):
     return value
 
 
-def _env_pair(text):
+def _env_pair(text, environ):
+    """--env KEY=VALUE, or KEY alone for the value KEY has in `environ` (as docker's -e
+    KEY): a secret passed that way stays out of ps and of `install`'s command line."""
     key, sep, value = text.partition("=")
-    if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-        raise UsageError("--env expects KEY=VALUE with KEY a variable name, got %r" % text)
+    if not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        raise UsageError("--env expects KEY=VALUE or KEY, with KEY a variable name, got %r"
+                         % text)
+    if not sep:
+        if key not in environ:
+            raise UsageError("--env %s takes the value of %s from the environment, where it "
+                             "is not set" % (key, key))
+        value = environ[key]
     return key, value
 
 
@@ -218,8 +226,8 @@ FLAGS = (
      "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS),
     (("--run-once",), None, False, "poll once, wait for those runs, exit"),
     (("--hide-welcome",), None, False, "do not print the start-up banner"),
-    (("-e", "--env"), "KEY=VALUE", True,
-     "environment variable set on every flow run (repeatable)"),
+    (("-e", "--env"), "KEY[=VALUE]", True, "environment variable set on every flow run "
+     "(repeatable); KEY alone passes on the agent's own KEY, keeping its value out of ps"),
     (("-n", "--name"), "NAME", False,
      "worker name shown in the Prefect UI (default: unique per process)"),
     (("--python",), "PATH", False,
@@ -253,9 +261,22 @@ def parse_flags(argv):
     it brings, are 5 ms of a start-up that the benchmark holds to a twentieth of Prefect's
     worker's. Long flags take `--flag VALUE` or `--flag=VALUE`, short ones `-f VALUE` or
     `-fVALUE`; a flag given twice keeps its last value, unless it is repeatable."""
-    by_name = {name: flag for flag in FLAGS for name in flag[0]}
     values = {_flag_field(flag): [] if flag[2] else (None if flag[1] else False)
               for flag in FLAGS}
+    for flag, _, value in _flag_items(argv):
+        field = _flag_field(flag)
+        if flag[1] is None:
+            values[field] = True
+        elif flag[2]:
+            values[field].append(value)
+        else:
+            values[field] = value
+    return Config(**values)
+
+
+def _flag_items(argv):
+    """(flag, name as given, value or None) of each flag in argv, in order."""
+    by_name = {name: flag for flag in FLAGS for name in flag[0]}
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
@@ -270,21 +291,14 @@ def parse_flags(argv):
                 raise UsageError("unknown flag %s (agent.py --help lists them)" % name)
             raise UsageError("unexpected argument %r: the command (start, install) comes first "
                              "and every other value follows its flag" % arg)
-        field, metavar = _flag_field(flag), flag[1]
-        if metavar is None:
-            if value is not None:
-                raise UsageError("%s takes no value" % name)
-            values[field] = True
-            continue
-        if value is None:
+        metavar = flag[1]
+        if metavar is None and value is not None:
+            raise UsageError("%s takes no value" % name)
+        if metavar is not None and value is None:
             if not rest:
                 raise UsageError("%s needs a value (%s)" % (name, metavar))
             value = rest.pop(0)
-        if flag[2]:
-            values[field].append(value)
-        else:
-            values[field] = value
-    return Config(**values)
+        yield flag, name, value
 
 
 def _flag_field(flag):
@@ -368,7 +382,7 @@ def parse_config(args, environ):
         poll_seconds=poll,
         run_once=args.run_once,
         hide_welcome=args.hide_welcome,
-        extra_env=dict(_env_pair(item) for item in args.env),
+        extra_env=dict(_env_pair(item, environ) for item in args.env),
         name=name,
         python=python,
         show_flow_logs=args.show_flow_logs,
@@ -3960,24 +3974,30 @@ BANNER = """\
 
 
 def supervisord_section(argv, config, executable, script):
-    """A supervisord [program] section running the agent with the same flags. Credentials
-    never appear in it: a --key flag is dropped and the key, like the auth string, is read
-    from supervisord's own environment (or keep using --key-file)."""
-    flags, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--key":
-            skip = True
-        elif not arg.startswith("--key="):
-            flags.append(arg)
-    if not any(arg == "--api" or arg.startswith("--api=") for arg in flags):
+    """A supervisord [program] section running the agent with the same flags. No secret
+    appears in it: a --key flag is dropped and the key, like the auth string and the value
+    of each --env KEY=VALUE (which becomes --env KEY), is read from supervisord's own
+    environment (or keep using --key-file); a password in --api, which the agent never
+    uses, is left out."""
+    flags, from_environment, given = [], [], set()
+    for flag, name, value in _flag_items(argv):
+        long_name = flag[0][-1]
+        given.add(long_name)
+        if long_name == "--key":
+            continue
+        if long_name == "--api":
+            value = redact_url(value)
+        elif long_name == "--env":
+            value = value.partition("=")[0]
+            from_environment.append(value)
+        flags += [name] if value is None else [name, value]
+    if "--api" not in given:
         flags += ["--api", redact_url(config.api_url)]
-    environment = []
-    if config.api_key and not any(a == "--key-file" or a.startswith("--key-file=") for a in flags):
-        environment.append('PREFECT_API_KEY="%(ENV_PREFECT_API_KEY)s"')
+    if config.api_key and "--key-file" not in given:
+        from_environment.append("PREFECT_API_KEY")
     if config.auth_string:
-        environment.append('PREFECT_API_AUTH_STRING="%(ENV_PREFECT_API_AUTH_STRING)s"')
+        from_environment.append("PREFECT_API_AUTH_STRING")
+    names = list(dict.fromkeys(from_environment))
     program = re.sub(r"[^A-Za-z0-9_-]", "-", "prefect-agent-%s" % config.pool)
     command = " ".join(shlex.quote(part) for part in [executable, script] + flags)
     lines = [
@@ -3998,9 +4018,11 @@ def supervisord_section(argv, config, executable, script):
         "redirect_stderr=true",
         "stdout_logfile=/var/log/%s.log" % program,
     ]
-    if environment:
-        lines.append("; credentials come from supervisord's environment, never from argv")
-        lines.append("environment=" + ",".join(environment))
+    if names:
+        # supervisord expands %(ENV_KEY)s from its own environment when it reads the file.
+        lines.append("; set %s in supervisord's environment: secrets stay out of argv and "
+                     "of this file" % ", ".join(names))
+        lines.append("environment=" + ",".join('%s="%%(ENV_%s)s"' % (key, key) for key in names))
     return "\n".join(lines) + "\n"
 
 

@@ -4181,6 +4181,62 @@ class FileModeTests(AgentTestCase):
         self.assertEqual(os.stat(journal).st_mode & 0o777, 0o600)
 
 
+def supervisord_program(section, environ):
+    """(argv, environment) of the program in `section`, read the way supervisord 4 reads
+    it: %(ENV_X)s expanded from supervisord's own environment `environ`, then environment=
+    split by its dict_of_key_value_pairs (a non-POSIX shlex, quotes stripped)."""
+    fields = dict(line.split("=", 1) for line in section.splitlines()
+                  if "=" in line and not line.startswith(";"))
+    expansions = {"ENV_" + key: value for key, value in environ.items()}
+    lexer = shlex.shlex(fields.get("environment", "") % expansions)
+    lexer.wordchars += "/.+-():"
+    tokens = list(lexer)
+    environment = {tokens[i]: tokens[i + 2].strip("'\"") for i in range(0, len(tokens), 4)}
+    return shlex.split(fields["command"] % expansions), dict(environ, **environment)
+
+
+class InstallSecretTests(unittest.TestCase):
+    """`install` writes no secret into the section: not a password in --api, not the value
+    of an --env, not the key; the agent supervisord starts gets the same configuration."""
+
+    FLAGS = ["--pool", "pool", "--api", "https://user:PASS-in-url@prefect.example/api",
+             "-e", "DB_PASSWORD=hunter2-db", "--env=TOKEN=tok,en %x", "-eLEVEL=debug-level",
+             "--env", "FROM_AGENT", "--key", "sk-install-key", "--name", "w",
+             "--state-dir", "/var/lib/agent.py"]
+
+    def test_the_section_holds_no_secret_and_starts_the_same_agent(self):
+        env = dict(os.environ, FROM_AGENT="inherited-value")
+        proc = subprocess.run([PY, AGENT_PY, "install"] + self.FLAGS, capture_output=True,
+                              text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        section = proc.stdout
+        for secret in ("PASS-in-url", "user:", "hunter2-db", "tok,en", "debug-level",
+                       "inherited-value", "sk-install-key"):
+            self.assertNotIn(secret, section)
+        # What the operator puts in supervisord's environment, as the section's comment asks.
+        supervisord_env = {"PATH": os.environ["PATH"], "DB_PASSWORD": "hunter2-db",
+                           "TOKEN": "tok,en %x", "LEVEL": "debug-level",
+                           "FROM_AGENT": "inherited-value", "PREFECT_API_KEY": "sk-install-key"}
+        self.assertIn("; set DB_PASSWORD, TOKEN, LEVEL, FROM_AGENT, PREFECT_API_KEY in "
+                      "supervisord's environment", section)
+        argv, agent_env = supervisord_program(section, supervisord_env)
+        self.assertEqual(argv[:2], [PY, AGENT_PY])
+        started = agent.parse_config(agent.parse_flags(argv[2:]), agent_env)
+        given = agent.parse_config(agent.parse_flags(self.FLAGS), env)
+        self.assertEqual(started.api_url, "https://prefect.example/api")
+        self.assertEqual(vars(started), dict(vars(given), api_url=started.api_url))
+        self.assertEqual(started.extra_env, {"DB_PASSWORD": "hunter2-db", "TOKEN": "tok,en %x",
+                                             "LEVEL": "debug-level", "FROM_AGENT": "inherited-value"})
+
+    def test_env_with_a_name_alone_takes_the_agents_own_value(self):
+        parse = lambda argv, env: agent.parse_config(agent.parse_flags(argv), env)
+        self.assertEqual(parse(["-p", "p", "-e", "DB", "-e", "A=1"], {"DB": "x=y"}).extra_env,
+                         {"DB": "x=y", "A": "1"})
+        with self.assertRaisesRegex(agent.UsageError, "^--env DB takes the value of DB from "
+                                    "the environment, where it is not set$"):
+            parse(["-p", "p", "-e", "DB"], {})
+
+
 def require_real(what):
     """Skip a test that needs `what`, or fail where AGENT_TEST_REQUIRE_REAL=1 (in CI)."""
     if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
