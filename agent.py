@@ -521,13 +521,14 @@ class HTTPConnection:
 
     def _open_tunnel(self):
         host, port, auth = self.tunnel
-        lines = ["CONNECT %s:%d HTTP/1.1" % (host, port), "Host: %s:%d" % (host, port)]
+        authority = _authority(host, port)
+        lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
         if auth:
             lines.append("Proxy-Authorization: " + auth)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         status, _ = self._read_head()
         if status != 200:
-            raise ProtocolError("the proxy refused to open a tunnel to %s:%d (%d)" % (host, port, status))
+            raise ProtocolError("the proxy refused to open a tunnel to %s (%d)" % (authority, status))
 
     def _read_line(self, limit=65536):
         line = self._file.readline(limit + 1)
@@ -599,11 +600,20 @@ class HTTPConnection:
             self._read_line()  # the CRLF after each chunk
 
 
+def _authority(host, port):
+    """host:port as a request line or Host header names it: an IPv6 address in brackets."""
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def _proxy_for(url, environ):
     """(host, port, Proxy-Authorization or None) of the proxy `environ` names for `url`, the way
-    curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection."""
+    curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection.
+    UsageError for a proxy that is not an http:// one."""
     parts = urllib.parse.urlsplit(url)
-    proxy = environ.get(parts.scheme + "_proxy") or environ.get(parts.scheme.upper() + "_PROXY")
+    variable = parts.scheme + "_proxy"
+    if not environ.get(variable):
+        variable = variable.upper()
+    proxy = environ.get(variable)
     if not proxy:
         return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
@@ -613,13 +623,24 @@ def _proxy_for(url, environ):
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry)
                                        or "%s:%s" % (host, port) == entry)):
             return None
-    found = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        found = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        port = found.port or 8080
+    except ValueError:  # the value is not shown: it may hold a password
+        raise UsageError("%s is not a proxy address agent.py can read (http://HOST:PORT)"
+                         % variable)
+    # Refused rather than spoken to in the clear: TLS to the proxy, with the API's TLS inside
+    # it, needs a second (memory BIO) transport; an https API stays encrypted end to end
+    # through an http:// proxy anyway, and only the proxy's own password would gain.
+    if found.scheme != "http" or not found.hostname:
+        raise UsageError("%s is %s: agent.py reaches a proxy only at an http://HOST:PORT address"
+                         % (variable, redact_url(proxy)))
     auth = None
     if found.username is not None:
         userinfo = "%s:%s" % (urllib.parse.unquote(found.username),
                               urllib.parse.unquote(found.password or ""))
         auth = basic_auth(userinfo)
-    return found.hostname, found.port or 8080, auth
+    return found.hostname, port, auth
 
 
 def basic_auth(userinfo):
@@ -859,7 +880,7 @@ class PrefectAPI:
         again: the server never saw it."""
         connection = self._connection()
         parts = urllib.parse.urlsplit(url)
-        target = url if self._proxy and parts.scheme == "http" else (
+        target = redact_url(url) if self._proxy and parts.scheme == "http" else (
             (parts.path or "/") + ("?" + parts.query if parts.query else ""))
         headers = dict(headers, Host=parts.netloc.rpartition("@")[2])
         if self._proxy and self._proxy[2] and parts.scheme == "http":

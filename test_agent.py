@@ -4237,6 +4237,106 @@ class InstallSecretTests(unittest.TestCase):
             parse(["-p", "p", "-e", "DB"], {})
 
 
+class RecordingProxy:
+    """A tiny proxy that records the head of each request it gets: a CONNECT is refused
+    (403), anything else answered 200 with an empty JSON object."""
+
+    def __init__(self, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.heads = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.heads.append(head.decode("latin-1").split("\r\n\r\n")[0].split("\r\n"))
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+                             if head.startswith(b"CONNECT ") else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    def close(self):
+        self.sock.close()
+
+
+class ProxyTests(unittest.TestCase):
+    """Only an http:// proxy is used (an https:// one is refused at start-up, not spoken to in
+    the clear); an IPv6 host is named in brackets wherever a request names it."""
+
+    def through(self, api_url, variable, proxy_host="127.0.0.1", userinfo=""):
+        """The request head a proxy at proxy_host gets for one GET to api_url."""
+        proxy = RecordingProxy(proxy_host)
+        self.addCleanup(proxy.close)
+        address = "http://%s%s:%d" % (userinfo, "[::1]" if proxy_host == "::1" else proxy_host,
+                                      proxy.port)
+        with mock.patch.dict(os.environ, {variable: address}, clear=True):
+            api = agent.PrefectAPI(api_url, max_retries=0)
+        try:
+            api.request("GET", "/health")
+        except agent.APIUnreachable:
+            pass  # a refused tunnel: the CONNECT is what is checked
+        finally:
+            api.close()
+        (head,) = proxy.heads
+        return head
+
+    def test_an_ipv6_api_is_named_in_brackets_in_connect_and_host(self):
+        head = self.through("https://[::1]:4200/api", "HTTPS_PROXY", userinfo="u:pw@")
+        self.assertEqual(head[:2], ["CONNECT [::1]:4200 HTTP/1.1", "Host: [::1]:4200"])
+        self.assertIn("Proxy-Authorization: Basic " + base64.b64encode(b"u:pw").decode(), head)
+
+    def test_a_plain_request_to_an_ipv6_api_names_it_in_brackets_and_without_its_password(self):
+        head = self.through("http://user:pw-in-url@[::1]:4200/api", "HTTP_PROXY")
+        self.assertEqual(head[0], "GET http://[::1]:4200/api/health HTTP/1.1")
+        self.assertIn("Host: [::1]:4200", head)
+        self.assertNotIn("pw-in-url", "\n".join(head))
+
+    def test_a_proxy_at_an_ipv6_address_is_reached(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            require_real("IPv6 on the loopback interface")
+        head = self.through("http://prefect.example:4200/api", "http_proxy", proxy_host="::1")
+        self.assertEqual(head[0], "GET http://prefect.example:4200/api/health HTTP/1.1")
+
+    def test_a_proxy_that_is_not_http_is_refused_at_start_naming_the_variable(self):
+        state_dir = os.path.join(tempfile.mkdtemp(dir=STATE_ROOT), "state")
+        for variable, proxy, api_url, expected in (
+                ("HTTPS_PROXY", "https://user:pw-proxy@proxy.example:3128", "https://prefect.example/api",
+                 "HTTPS_PROXY is https://proxy.example:3128: agent.py reaches a proxy only at an "
+                 "http://HOST:PORT address"),
+                ("http_proxy", "socks5://proxy.example:1080", "http://prefect.example/api",
+                 "http_proxy is socks5://proxy.example:1080: agent.py reaches a proxy only at an "
+                 "http://HOST:PORT address"),
+                ("HTTPS_PROXY", "http://user:pw-proxy@[::1", "https://prefect.example/api",
+                 "HTTPS_PROXY is not a proxy address agent.py can read (http://HOST:PORT)")):
+            with self.subTest(proxy=proxy):
+                env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+                done = subprocess.run([PY, AGENT_PY, "-p", "pool", "--api", api_url, "--state-dir",
+                                       state_dir], env=dict(env, **{variable: proxy}),
+                                      capture_output=True, text=True, timeout=10,
+                                      stdin=subprocess.DEVNULL)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertEqual(done.stderr, "agent.py: error: %s\n" % expected)
+                self.assertFalse(os.path.exists(state_dir), "started before refusing")
+        self.assertIsNone(agent._proxy_for("https://prefect.example/api", {
+            "HTTPS_PROXY": "https://proxy.example:3128", "NO_PROXY": "prefect.example"}))
+
+
 def require_real(what):
     """Skip a test that needs `what`, or fail where AGENT_TEST_REQUIRE_REAL=1 (in CI)."""
     if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
