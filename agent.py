@@ -75,9 +75,13 @@ class Log:
             text = message % args if args else message
         except (TypeError, ValueError):  # a bad format must not cost the line
             text = "%s %r" % (message, args)
+        text = escape_controls(text)
         if with_traceback:
             import traceback  # here: only an unexpected error needs it
-            text += "\n" + traceback.format_exc().rstrip()
+            # Indented: an exception's message may hold newlines (from a server, say), and
+            # no line after the first may start the way a log line of its own does.
+            text += "".join("\n  " + escape_controls(line)
+                            for line in traceback.format_exc().rstrip().split("\n"))
         self.emit(level, text)
 
     def emit(self, level, text):
@@ -94,6 +98,29 @@ class Log:
 
 
 log = Log()
+
+#: What escape_controls shows as escapes: C0 and DEL, C1 (some terminals act on U+009B as
+#: on ESC [), the line and paragraph separators that some log viewers break lines at, and
+#: the bidirectional controls that make a line display other than it reads.
+CONTROL_CHARACTERS = r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]"
+NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text):
+    """`text` safe to write on a line of the operator's log or terminal: every one of the
+    CONTROL_CHARACTERS shown as an escape (\\n, \\x1b, \\u202e), so that text from a server
+    or a deployment can neither forge a log line nor drive the terminal. A backslash stays
+    as it is: it can do neither, and doubling it would garble every path and pattern."""
+    if text.isprintable():  # the usual case, decided in C
+        return text
+    return re.sub(CONTROL_CHARACTERS, _escape_control, text)
+
+
+def _escape_control(match):
+    char = match.group()
+    return NAMED_ESCAPES.get(char) or (
+        "\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char))
+
 
 ###############################################################################
 # Configuration ###############################################################
@@ -142,10 +169,18 @@ def _number(text, what, allow_zero=False):
     return value
 
 
-def _env_pair(text):
+def _env_pair(text, environ):
+    """--env KEY=VALUE, or KEY alone for the value KEY has in `environ` (as docker's -e
+    KEY): a secret passed that way stays out of ps and of `install`'s command line."""
     key, sep, value = text.partition("=")
-    if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
-        raise UsageError("--env expects KEY=VALUE with KEY a variable name, got %r" % text)
+    if not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        raise UsageError("--env expects KEY=VALUE or KEY, with KEY a variable name, got %r"
+                         % text)
+    if not sep:
+        if key not in environ:
+            raise UsageError("--env %s takes the value of %s from the environment, where it "
+                             "is not set" % (key, key))
+        value = environ[key]
     return key, value
 
 
@@ -191,8 +226,8 @@ FLAGS = (
      "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS),
     (("--run-once",), None, False, "poll once, wait for those runs, exit"),
     (("--hide-welcome",), None, False, "do not print the start-up banner"),
-    (("-e", "--env"), "KEY=VALUE", True,
-     "environment variable set on every flow run (repeatable)"),
+    (("-e", "--env"), "KEY[=VALUE]", True, "environment variable set on every flow run "
+     "(repeatable); KEY alone passes on the agent's own KEY, keeping its value out of ps"),
     (("-n", "--name"), "NAME", False,
      "worker name shown in the Prefect UI (default: unique per process)"),
     (("--python",), "PATH", False,
@@ -226,9 +261,22 @@ def parse_flags(argv):
     it brings, are 5 ms of a start-up that the benchmark holds to a twentieth of Prefect's
     worker's. Long flags take `--flag VALUE` or `--flag=VALUE`, short ones `-f VALUE` or
     `-fVALUE`; a flag given twice keeps its last value, unless it is repeatable."""
-    by_name = {name: flag for flag in FLAGS for name in flag[0]}
     values = {_flag_field(flag): [] if flag[2] else (None if flag[1] else False)
               for flag in FLAGS}
+    for flag, _, value in _flag_items(argv):
+        field = _flag_field(flag)
+        if flag[1] is None:
+            values[field] = True
+        elif flag[2]:
+            values[field].append(value)
+        else:
+            values[field] = value
+    return Config(**values)
+
+
+def _flag_items(argv):
+    """(flag, name as given, value or None) of each flag in argv, in order."""
+    by_name = {name: flag for flag in FLAGS for name in flag[0]}
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
@@ -243,21 +291,14 @@ def parse_flags(argv):
                 raise UsageError("unknown flag %s (agent.py --help lists them)" % name)
             raise UsageError("unexpected argument %r: the command (start, install) comes first "
                              "and every other value follows its flag" % arg)
-        field, metavar = _flag_field(flag), flag[1]
-        if metavar is None:
-            if value is not None:
-                raise UsageError("%s takes no value" % name)
-            values[field] = True
-            continue
-        if value is None:
+        metavar = flag[1]
+        if metavar is None and value is not None:
+            raise UsageError("%s takes no value" % name)
+        if metavar is not None and value is None:
             if not rest:
                 raise UsageError("%s needs a value (%s)" % (name, metavar))
             value = rest.pop(0)
-        if flag[2]:
-            values[field].append(value)
-        else:
-            values[field] = value
-    return Config(**values)
+        yield flag, name, value
 
 
 def _flag_field(flag):
@@ -341,7 +382,7 @@ def parse_config(args, environ):
         poll_seconds=poll,
         run_once=args.run_once,
         hide_welcome=args.hide_welcome,
-        extra_env=dict(_env_pair(item) for item in args.env),
+        extra_env=dict(_env_pair(item, environ) for item in args.env),
         name=name,
         python=python,
         show_flow_logs=args.show_flow_logs,
@@ -480,13 +521,14 @@ class HTTPConnection:
 
     def _open_tunnel(self):
         host, port, auth = self.tunnel
-        lines = ["CONNECT %s:%d HTTP/1.1" % (host, port), "Host: %s:%d" % (host, port)]
+        authority = _authority(host, port)
+        lines = ["CONNECT %s HTTP/1.1" % authority, "Host: " + authority]
         if auth:
             lines.append("Proxy-Authorization: " + auth)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         status, _ = self._read_head()
         if status != 200:
-            raise ProtocolError("the proxy refused to open a tunnel to %s:%d (%d)" % (host, port, status))
+            raise ProtocolError("the proxy refused to open a tunnel to %s (%d)" % (authority, status))
 
     def _read_line(self, limit=65536):
         line = self._file.readline(limit + 1)
@@ -558,11 +600,20 @@ class HTTPConnection:
             self._read_line()  # the CRLF after each chunk
 
 
+def _authority(host, port):
+    """host:port as a request line or Host header names it: an IPv6 address in brackets."""
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 def _proxy_for(url, environ):
     """(host, port, Proxy-Authorization or None) of the proxy `environ` names for `url`, the way
-    curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection."""
+    curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection.
+    UsageError for a proxy that is not an http:// one."""
     parts = urllib.parse.urlsplit(url)
-    proxy = environ.get(parts.scheme + "_proxy") or environ.get(parts.scheme.upper() + "_PROXY")
+    variable = parts.scheme + "_proxy"
+    if not environ.get(variable):
+        variable = variable.upper()
+    proxy = environ.get(variable)
     if not proxy:
         return None
     no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
@@ -572,13 +623,24 @@ def _proxy_for(url, environ):
         if entry == "*" or (entry and (host == entry or host.endswith("." + entry)
                                        or "%s:%s" % (host, port) == entry)):
             return None
-    found = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    try:
+        found = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        port = found.port or 8080
+    except ValueError:  # the value is not shown: it may hold a password
+        raise UsageError("%s is not a proxy address agent.py can read (http://HOST:PORT)"
+                         % variable)
+    # Refused rather than spoken to in the clear: TLS to the proxy, with the API's TLS inside
+    # it, needs a second (memory BIO) transport; an https API stays encrypted end to end
+    # through an http:// proxy anyway, and only the proxy's own password would gain.
+    if found.scheme != "http" or not found.hostname:
+        raise UsageError("%s is %s: agent.py reaches a proxy only at an http://HOST:PORT address"
+                         % (variable, redact_url(proxy)))
     auth = None
     if found.username is not None:
         userinfo = "%s:%s" % (urllib.parse.unquote(found.username),
                               urllib.parse.unquote(found.password or ""))
         auth = basic_auth(userinfo)
-    return found.hostname, found.port or 8080, auth
+    return found.hostname, port, auth
 
 
 def basic_auth(userinfo):
@@ -818,7 +880,7 @@ class PrefectAPI:
         again: the server never saw it."""
         connection = self._connection()
         parts = urllib.parse.urlsplit(url)
-        target = url if self._proxy and parts.scheme == "http" else (
+        target = redact_url(url) if self._proxy and parts.scheme == "http" else (
             (parts.path or "/") + ("?" + parts.query if parts.query else ""))
         headers = dict(headers, Host=parts.netloc.rpartition("@")[2])
         if self._proxy and self._proxy[2] and parts.scheme == "http":
@@ -1440,6 +1502,8 @@ class Child:
         self.process = process  # None when adopted: not our child, so no exit status
         self.start_time = start_time if start_time is not None else process_start_time(pid)
         self.output_path, self.stream_output = output_path, stream_output
+        # The server names the run: its name must not drive the terminal the output goes to.
+        self.prefix = "[%s] " % escape_controls(str(run_name))
         self.temp_dir, self.argv_text = temp_dir, argv_text
         self.output = None
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
@@ -1529,6 +1593,40 @@ def process_is(pid, start_time):
     return current == start_time
 
 
+def open_private(path, flags):
+    """os.open for a file only its owner may read: made 0600 whatever the umask, and made
+    0600 again if an earlier agent left it looser. Never through a symlink: in a directory
+    others can write, one could point the agent (often root) at any file."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o7777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private_dir(path):
+    """Make the directory `path`, and any parent missing, 0700 whatever the umask (as XDG
+    asks of a state directory); True if it was made, False if it was there already."""
+    path = os.path.abspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        if os.path.dirname(path) == path:
+            raise
+        make_private_dir(os.path.dirname(path))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # another agent made it meanwhile
+            return False
+    os.chmod(path, 0o700)  # mkdir's mode went through the umask
+    return True
+
+
 def temp_dir_for(run_id):
     """A fresh path for a run's temporary working directory, named before it is made, so
     that the journal can hold it first and a restart can remove it."""
@@ -1539,13 +1637,14 @@ def temp_dir_for(run_id):
 def start_process(run_id, run_name, job, output_path, temp_dir=None):
     """Start `job` in its own session (so its whole tree can be signalled) with its output
     appended to `output_path`, a file, so the run outlives the agent without a broken pipe.
-    Without a working directory it runs in `temp_dir`, made here (0700; mkdir fails rather
-    than follow anything planted at that path). Raises LaunchError with a reason a user can
-    act on."""
+    Without a working directory it runs in `temp_dir`, made here (0700 whatever the umask;
+    mkdir fails rather than follow anything planted at that path). Raises LaunchError with a
+    reason a user can act on."""
     cwd = job.working_dir
     if cwd is None:
         try:
             os.mkdir(temp_dir, 0o700)
+            os.chmod(temp_dir, 0o700)
         except OSError as exc:
             raise LaunchError("cannot make a temporary working directory %r: %s"
                               % (temp_dir, exc.strerror or exc))
@@ -1558,10 +1657,13 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     try:
         # The output file exists before anything starts: a restart that finds none knows
         # that the run never began (Agent._recover_start).
-        with open(output_path, "ab") as output:
+        output = open_private(output_path, os.O_WRONLY | os.O_APPEND)
+        try:
             process = subprocess.Popen(
                 job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        finally:
+            os.close(output)
     except FileNotFoundError:
         reason = "command %r not found (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except PermissionError:
@@ -2065,6 +2167,10 @@ class Supervisor(threading.Thread):
                 child.container_id = handle.read().strip() or None
         except OSError:
             return  # not created yet (the image may still be pulling)
+        try:  # the docker CLI made it under the agent's umask (in the 0700 output directory)
+            os.chmod(child.cidfile, 0o600)
+        except OSError:
+            pass
         if child.container_id and self._on_container:
             self._on_container(child)
 
@@ -2145,8 +2251,7 @@ class Supervisor(threading.Thread):
         text = data.decode("utf-8", "replace").replace("\r\n", "\n")[:-1]
         child.tail.extend(line[:500] for line in text.rsplit("\n", Child.TAIL_LINES)[-Child.TAIL_LINES:])
         if child.stream_output:
-            prefix = "[%s] " % child.run_name
-            self.printer.put(prefix + text.replace("\n", "\n" + prefix) + "\n")
+            self.printer.put(child.prefix + text.replace("\n", "\n" + child.prefix) + "\n")
 
     def _skip_if_far_behind(self, child):
         size = os.fstat(child.output.fileno()).st_size
@@ -2159,7 +2264,7 @@ class Supervisor(threading.Thread):
                "they can be shown]" % skipped
         child.tail.append(note)
         if child.stream_output:
-            self.printer.put("[%s] %s\n" % (child.run_name, note))
+            self.printer.put(child.prefix + note + "\n")
 
     def _skip_to_last_lines(self, child):
         """An ended child left more output than one look reads: the last lines are what a
@@ -2171,7 +2276,7 @@ class Supervisor(threading.Thread):
             child.partial = b""
             note = "[agent.py skipped %d bytes of this run's output]" % skipped
             if child.stream_output:
-                self.printer.put("[%s] %s\n" % (child.run_name, note))
+                self.printer.put(child.prefix + note + "\n")
         self._read(child)
 
     def _cut(self, child):
@@ -2417,9 +2522,10 @@ class Journal:
 
     def __init__(self, directory, pool):
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if not make_private_dir(directory):
+                self._warn_if_open(directory)
             self.output_dir = os.path.join(directory, "output")
-            os.makedirs(self.output_dir, mode=0o700, exist_ok=True)
+            make_private_dir(self.output_dir)
             self._lock = self._take_slot(directory, pool)
         except OSError as exc:
             raise UsageError("cannot use --state-dir %r: %s" % (directory, exc.strerror or exc))
@@ -2433,7 +2539,7 @@ class Journal:
         self._retry_at = 0.0
         try:
             if whole and not self._too_long():  # the usual start: no write, no fsync
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
                 self._size = os.fstat(self._fd).st_size
             else:  # new, torn by a kill, damaged, in the old format, or long: write it anew
                 self._snapshot()
@@ -2444,11 +2550,21 @@ class Journal:
                                  % (directory, exc.strerror or exc))
             self._failed(exc)  # a full disk may pass: run on, claiming nothing until it does
 
+    @staticmethod
+    def _warn_if_open(directory):
+        # Warned, not tightened: the operator made it, and others may need what else is in
+        # it; the agent's own files there are 0600 and its directories 0700 anyway.
+        mode = os.stat(directory).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("state directory %s is mode %04o: other users can look into it; the "
+                        "agent's files in it are private, but chmod 700 it unless others need "
+                        "it", directory, mode)
+
     def _take_slot(self, directory, pool):
         slug = re.sub(r"[^A-Za-z0-9_.-]", "_", pool)[:100]
         for slot in range(self.SLOTS):
             self.path = os.path.join(directory, "journal-%s-%d.json" % (slug, slot))
-            lock = open(self.path + ".lock", "a")
+            lock = open(self.path + ".lock", "a", opener=open_private)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return lock
@@ -2633,7 +2749,7 @@ class Journal:
         line = (json.dumps({"runs": self._entries, "logs": self._logs},
                            separators=(",", ":")) + "\n").encode()
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = open_private(temporary, os.O_WRONLY | os.O_TRUNC)
             try:
                 view = memoryview(line)
                 while view:
@@ -2653,7 +2769,7 @@ class Journal:
             _fsync_directory(self.directory)
         if self._fd is not None:
             os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         self._size, self._changes, self._unsynced = len(line), 0, False
 
     def _failed(self, exc):
@@ -3879,24 +3995,30 @@ BANNER = """\
 
 
 def supervisord_section(argv, config, executable, script):
-    """A supervisord [program] section running the agent with the same flags. Credentials
-    never appear in it: a --key flag is dropped and the key, like the auth string, is read
-    from supervisord's own environment (or keep using --key-file)."""
-    flags, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--key":
-            skip = True
-        elif not arg.startswith("--key="):
-            flags.append(arg)
-    if not any(arg == "--api" or arg.startswith("--api=") for arg in flags):
+    """A supervisord [program] section running the agent with the same flags. No secret
+    appears in it: a --key flag is dropped and the key, like the auth string and the value
+    of each --env KEY=VALUE (which becomes --env KEY), is read from supervisord's own
+    environment (or keep using --key-file); a password in --api, which the agent never
+    uses, is left out."""
+    flags, from_environment, given = [], [], set()
+    for flag, name, value in _flag_items(argv):
+        long_name = flag[0][-1]
+        given.add(long_name)
+        if long_name == "--key":
+            continue
+        if long_name == "--api":
+            value = redact_url(value)
+        elif long_name == "--env":
+            value = value.partition("=")[0]
+            from_environment.append(value)
+        flags += [name] if value is None else [name, value]
+    if "--api" not in given:
         flags += ["--api", redact_url(config.api_url)]
-    environment = []
-    if config.api_key and not any(a == "--key-file" or a.startswith("--key-file=") for a in flags):
-        environment.append('PREFECT_API_KEY="%(ENV_PREFECT_API_KEY)s"')
+    if config.api_key and "--key-file" not in given:
+        from_environment.append("PREFECT_API_KEY")
     if config.auth_string:
-        environment.append('PREFECT_API_AUTH_STRING="%(ENV_PREFECT_API_AUTH_STRING)s"')
+        from_environment.append("PREFECT_API_AUTH_STRING")
+    names = list(dict.fromkeys(from_environment))
     program = re.sub(r"[^A-Za-z0-9_-]", "-", "prefect-agent-%s" % config.pool)
     command = " ".join(shlex.quote(part) for part in [executable, script] + flags)
     lines = [
@@ -3917,9 +4039,11 @@ def supervisord_section(argv, config, executable, script):
         "redirect_stderr=true",
         "stdout_logfile=/var/log/%s.log" % program,
     ]
-    if environment:
-        lines.append("; credentials come from supervisord's environment, never from argv")
-        lines.append("environment=" + ",".join(environment))
+    if names:
+        # supervisord expands %(ENV_KEY)s from its own environment when it reads the file.
+        lines.append("; set %s in supervisord's environment: secrets stay out of argv and "
+                     "of this file" % ", ".join(names))
+        lines.append("environment=" + ",".join('%s="%%(ENV_%s)s"' % (key, key) for key in names))
     return "\n".join(lines) + "\n"
 
 
@@ -3993,7 +4117,7 @@ def start_agent(argv=None):
 
 def usage_exit(reason):
     """Exit 2 with one line that says what was wrong with the flags or environment."""
-    sys.stderr.write("agent.py: error: %s\n" % reason)
+    sys.stderr.write("agent.py: error: %s\n" % escape_controls(str(reason)))
     sys.exit(2)
 
 

@@ -1428,7 +1428,7 @@ class AgentTestCase(unittest.TestCase):
     def journal_with(self, entries):
         """A state directory whose journal holds `entries` (runs by id)."""
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
@@ -1867,7 +1867,7 @@ class LogTests(unittest.TestCase):
             except ZeroDivisionError:
                 agent.log.exception("run %s: %s", "r1", "failed")
         text = self.logged(fail)
-        self.assertIn("| run r1: failed\nTraceback (most recent call last):\n", text)
+        self.assertIn("| run r1: failed\n  Traceback (most recent call last):\n", text)
         self.assertTrue(text.endswith("ZeroDivisionError: division by zero\n"), text)
 
     def test_a_closed_stderr_does_not_reach_the_caller(self):
@@ -2162,7 +2162,7 @@ class ClaimTests(AgentTestCase):
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
             "type": "PENDING", "state_details": {"transition_id": ours}}})
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": {run: {"phase": "exited", "transition_id": ours,
                                       "owed": {"kind": "restore", "transition_id": ours}}}}, handle)
@@ -3094,7 +3094,7 @@ class RecoveryTests(AgentTestCase):
 
     def test_a_corrupt_journal_is_set_aside_not_fatal(self):
         state_dir = os.path.join(self.tmp, "state")
-        os.makedirs(state_dir)
+        os.makedirs(state_dir, 0o700)
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             handle.write('{"truncated": ')
         self.fake.add_pool("pool")
@@ -3316,7 +3316,7 @@ class FullDiskTests(AgentTestCase):
         super().setUp()
         self.state_dir = os.path.join(self.tmp, "state")
         os.makedirs(self.state_dir)
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.state_dir],
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", self.state_dir],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
         if not mounted:
             require_real("root, to mount a small tmpfs for the state directory")
@@ -3892,6 +3892,7 @@ class DockerTests(AgentTestCase):
         gone.wait()
         state_dir = os.path.join(self.tmp, "state")
         os.makedirs(os.path.join(state_dir, "output"))
+        os.chmod(state_dir, 0o700)
         open(os.path.join(state_dir, "output", run + ".log"), "w").close()  # it had begun
         with open(os.path.join(state_dir, "journal-pool-0.json"), "w") as handle:
             json.dump({"runs": {run: {"phase": phase, "pid": gone.pid, "start_time": 1,
@@ -4038,6 +4039,310 @@ class SecretTests(AgentTestCase):
         for where, text in seen.items():
             for secret in (self.KEY, self.AUTH, self.AUTH.split(":")[1]):
                 self.assertNotIn(secret, text, "secret leaked into %s" % where)
+
+
+FORGED = "12:00:00.000 | ERROR   | agent | forged"
+HOSTILE_NAME = "x\x1b[2J\n" + FORGED + "\u202e\x9b"
+AGENT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} \| ")
+
+
+class HostileTextTests(AgentTestCase):
+    """Text from a server or a deployment cannot forge a line of the agent's log or drive
+    the operator's terminal; a flow's own output is passed on as the flow printed it."""
+
+    def logged(self, call):
+        err = io.StringIO()
+        with mock.patch.object(agent.log, "level", agent.INFO), mock.patch("sys.stderr", err):
+            call()
+        return err.getvalue()
+
+    def assert_no_forged_line(self, text):
+        for line in text.split("\n"):
+            self.assertFalse(line.startswith(FORGED[:12]), "forged line: %r" % line)
+            self.assertNotRegex(line, "[\x1b\x9b\u202e\u2028]", "raw control in %r" % line)
+
+    def test_a_message_is_one_line_with_its_control_characters_shown_as_escapes(self):
+        text = self.logged(lambda: agent.log.warning("run %s: %s", HOSTILE_NAME, "a\tb\u2028c\x7f"))
+        self.assert_no_forged_line(text)
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertIn("run x\\x1b[2J\\n12:00:00.000 | ERROR   | agent | forged\\u202e\\x9b: "
+                      "a\\tb\\u2028c\\x7f\n", text)
+        self.assertIn("| C:\\path é 100%\n", self.logged(lambda: agent.log.info("C:\\path é 100%")))
+
+    def test_a_traceback_stays_several_lines_none_of_which_can_pass_for_a_log_line(self):
+        def fail():
+            try:
+                raise ValueError("bad answer\n" + FORGED + "\x1b[31m")
+            except ValueError:
+                agent.log.exception("run %s: failed", HOSTILE_NAME)
+        text = self.logged(fail)
+        self.assert_no_forged_line(text)
+        lines = text.rstrip("\n").split("\n")
+        self.assertRegex(lines[0], AGENT_LINE)
+        self.assertEqual(lines[1], "  Traceback (most recent call last):")
+        self.assertTrue(all(line.startswith("  ") for line in lines[1:]), lines)
+        self.assertIn("  " + FORGED + "\\x1b[31m", lines)
+
+    def test_a_run_name_cannot_forge_a_log_line_but_the_flows_own_output_stays_raw(self):
+        dep = self.deployment(command=py_command("print('\\x1b[1mbold\\x1b[0m flow line')"))
+        run = self.fake.add_run(dep, pool="pool", name=HOSTILE_NAME)
+        agent_proc = AgentProcess(self, self.fake)  # stdout and stderr in one file, as supervisord keeps them
+        wait_for(lambda: final_type(self.fake, run) in agent_final() and
+                 "flow line" in agent_proc.output(), what="the run's end")
+        agent_proc.signal(signal.SIGTERM)
+        agent_proc.wait(15)
+        output = agent_proc.output()
+        prefix = "[x\\x1b[2J\\n12:00:00.000 | ERROR   | agent | forged\\u202e\\x9b] "
+        self.assertIn(prefix + "\x1b[1mbold\x1b[0m flow line\n", output)
+        for line in output.split("\n"):
+            self.assertFalse(line.startswith(FORGED[:12]), "forged line: %r" % line)
+            if not line.startswith(prefix):
+                self.assertNotIn("\x1b", line)
+
+
+class FileModeTests(AgentTestCase):
+    """Whatever the umask, what the agent makes is its user's alone: files 0600, directories
+    0700. A state directory others can look into is named in one warning."""
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(os.umask, os.umask(0))
+
+    def assert_private(self, top, expected_files):
+        found = []
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                found.append(os.path.relpath(path, top))
+                mode = os.lstat(path).st_mode & 0o7777
+                self.assertEqual(mode, 0o700 if name in dirs else 0o600,
+                                 "%s is mode %04o" % (path, mode))
+        self.assertEqual(os.lstat(top).st_mode & 0o7777, 0o700, top)
+        for name in expected_files:
+            self.assertIn(name, found)
+
+    def test_every_file_and_directory_made_for_a_run_is_private(self):
+        made = os.path.join(self.tmp, "made")
+        state_dir = os.path.join(made, "state")  # neither exists yet
+        cwd_mode, go = os.path.join(self.tmp, "cwd-mode"), os.path.join(self.tmp, "go")
+        dep = self.deployment(command=py_command(
+            "import os,sys,time; mode, go = sys.argv.pop(1), sys.argv.pop(1)\n"
+            "open(mode, 'w').write(oct(os.stat('.').st_mode & 0o7777))\n"
+            "end = time.time() + 60\n"
+            "while not os.path.exists(go) and time.time() < end: time.sleep(0.02)\n" + REPORT_STATES,
+            cwd_mode, go, "RUNNING", "COMPLETED"))
+        run = self.fake.add_run(dep, pool="pool")
+        with RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: os.path.exists(cwd_mode) and read(cwd_mode), what="the run's start")
+            self.assert_private(made, ["state", "state/output", "state/journal-pool-0.json",
+                                       "state/journal-pool-0.json.lock",
+                                       "state/output/%s.log" % run])
+            self.assertEqual(read(cwd_mode), "0o700", "the temporary working directory")
+            open(go, "w").close()
+            wait_for(lambda: final_type(self.fake, run) == "COMPLETED", what="the run's end")
+        self.assert_private(made, ["state/journal-pool-0.json"])
+
+    def test_a_containers_cidfile_is_private_too(self):
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, "docker"), "w") as handle:
+            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
+        os.chmod(os.path.join(bin_dir, "docker"), 0o755)
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
+            "image": "i"}), pool="pool")
+        state_dir = os.path.join(self.tmp, "state")
+        cidfile = os.path.join(state_dir, "output", run + ".log.cid")
+        killed = os.path.join(self.tmp, "killed-" + agent.container_name(self.fake.run(run)["name"], run))
+        self.addCleanup(lambda: os.path.exists(self.tmp) and open(killed, "w").close())  # ends the fake
+        with mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                                          "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls"),
+                                          "FAKE_DOCKER_RUN": "wait"}):
+            with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
+                wait_for(lambda: os.path.exists(cidfile) and
+                         os.stat(cidfile).st_mode & 0o777 == 0o600, timeout=5, what="a 0600 cidfile")
+                self.assert_private(state_dir, ["output/%s.log.cid" % run])
+                self.fake.set_run_state(run, "CANCELLING")
+                wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
+
+    def test_a_state_directory_others_can_read_is_warned_about_once(self):
+        for mode, warned in ((0o755, True), (0o700, False)):
+            with self.subTest(mode=oct(mode)):
+                state_dir = os.path.join(self.tmp, "state-%o" % mode)
+                os.mkdir(state_dir, mode)
+                with agent_log("WARNING") as lines:
+                    agent.Journal(state_dir, "pool").close()
+                self.assertEqual(lines, ["state directory %s is mode %04o: other users can look "
+                                         "into it; the agent's files in it are private, but "
+                                         "chmod 700 it unless others need it" % (state_dir, mode)]
+                                 if warned else [])
+                self.assertEqual(os.stat(state_dir).st_mode & 0o777, mode, "left as it was")
+
+    def test_a_journal_an_older_agent_left_readable_is_made_private(self):
+        state_dir = os.path.join(self.tmp, "state")
+        os.mkdir(state_dir, 0o700)
+        journal = os.path.join(state_dir, "journal-pool-0.json")
+        with open(journal, "w") as handle:  # whole: appended to as it is, not rewritten
+            handle.write('{"runs":{},"logs":[]}\n')
+        os.chmod(journal, 0o644)
+        agent.Journal(state_dir, "pool").close()
+        self.assertEqual(os.stat(journal).st_mode & 0o777, 0o600)
+
+
+def supervisord_program(section, environ):
+    """(argv, environment) of the program in `section`, read the way supervisord 4 reads
+    it: %(ENV_X)s expanded from supervisord's own environment `environ`, then environment=
+    split by its dict_of_key_value_pairs (a non-POSIX shlex, quotes stripped)."""
+    fields = dict(line.split("=", 1) for line in section.splitlines()
+                  if "=" in line and not line.startswith(";"))
+    expansions = {"ENV_" + key: value for key, value in environ.items()}
+    lexer = shlex.shlex(fields.get("environment", "") % expansions)
+    lexer.wordchars += "/.+-():"
+    tokens = list(lexer)
+    environment = {tokens[i]: tokens[i + 2].strip("'\"") for i in range(0, len(tokens), 4)}
+    return shlex.split(fields["command"] % expansions), dict(environ, **environment)
+
+
+class InstallSecretTests(unittest.TestCase):
+    """`install` writes no secret into the section: not a password in --api, not the value
+    of an --env, not the key; the agent supervisord starts gets the same configuration."""
+
+    FLAGS = ["--pool", "pool", "--api", "https://user:PASS-in-url@prefect.example/api",
+             "-e", "DB_PASSWORD=hunter2-db", "--env=TOKEN=tok,en %x", "-eLEVEL=debug-level",
+             "--env", "FROM_AGENT", "--key", "sk-install-key", "--name", "w",
+             "--state-dir", "/var/lib/agent.py"]
+
+    def test_the_section_holds_no_secret_and_starts_the_same_agent(self):
+        env = dict(os.environ, FROM_AGENT="inherited-value")
+        proc = subprocess.run([PY, AGENT_PY, "install"] + self.FLAGS, capture_output=True,
+                              text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        section = proc.stdout
+        for secret in ("PASS-in-url", "user:", "hunter2-db", "tok,en", "debug-level",
+                       "inherited-value", "sk-install-key"):
+            self.assertNotIn(secret, section)
+        # What the operator puts in supervisord's environment, as the section's comment asks.
+        supervisord_env = {"PATH": os.environ["PATH"], "DB_PASSWORD": "hunter2-db",
+                           "TOKEN": "tok,en %x", "LEVEL": "debug-level",
+                           "FROM_AGENT": "inherited-value", "PREFECT_API_KEY": "sk-install-key"}
+        self.assertIn("; set DB_PASSWORD, TOKEN, LEVEL, FROM_AGENT, PREFECT_API_KEY in "
+                      "supervisord's environment", section)
+        argv, agent_env = supervisord_program(section, supervisord_env)
+        self.assertEqual(argv[:2], [PY, AGENT_PY])
+        started = agent.parse_config(agent.parse_flags(argv[2:]), agent_env)
+        given = agent.parse_config(agent.parse_flags(self.FLAGS), env)
+        self.assertEqual(started.api_url, "https://prefect.example/api")
+        self.assertEqual(vars(started), dict(vars(given), api_url=started.api_url))
+        self.assertEqual(started.extra_env, {"DB_PASSWORD": "hunter2-db", "TOKEN": "tok,en %x",
+                                             "LEVEL": "debug-level", "FROM_AGENT": "inherited-value"})
+
+    def test_env_with_a_name_alone_takes_the_agents_own_value(self):
+        parse = lambda argv, env: agent.parse_config(agent.parse_flags(argv), env)
+        self.assertEqual(parse(["-p", "p", "-e", "DB", "-e", "A=1"], {"DB": "x=y"}).extra_env,
+                         {"DB": "x=y", "A": "1"})
+        with self.assertRaisesRegex(agent.UsageError, "^--env DB takes the value of DB from "
+                                    "the environment, where it is not set$"):
+            parse(["-p", "p", "-e", "DB"], {})
+
+
+class RecordingProxy:
+    """A tiny proxy that records the head of each request it gets: a CONNECT is refused
+    (403), anything else answered 200 with an empty JSON object."""
+
+    def __init__(self, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.bind((host, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.heads = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.heads.append(head.decode("latin-1").split("\r\n\r\n")[0].split("\r\n"))
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+                             if head.startswith(b"CONNECT ") else
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    def close(self):
+        self.sock.close()
+
+
+class ProxyTests(unittest.TestCase):
+    """Only an http:// proxy is used (an https:// one is refused at start-up, not spoken to in
+    the clear); an IPv6 host is named in brackets wherever a request names it."""
+
+    def through(self, api_url, variable, proxy_host="127.0.0.1", userinfo=""):
+        """The request head a proxy at proxy_host gets for one GET to api_url."""
+        proxy = RecordingProxy(proxy_host)
+        self.addCleanup(proxy.close)
+        address = "http://%s%s:%d" % (userinfo, "[::1]" if proxy_host == "::1" else proxy_host,
+                                      proxy.port)
+        with mock.patch.dict(os.environ, {variable: address}, clear=True):
+            api = agent.PrefectAPI(api_url, max_retries=0)
+        try:
+            api.request("GET", "/health")
+        except agent.APIUnreachable:
+            pass  # a refused tunnel: the CONNECT is what is checked
+        finally:
+            api.close()
+        (head,) = proxy.heads
+        return head
+
+    def test_an_ipv6_api_is_named_in_brackets_in_connect_and_host(self):
+        head = self.through("https://[::1]:4200/api", "HTTPS_PROXY", userinfo="u:pw@")
+        self.assertEqual(head[:2], ["CONNECT [::1]:4200 HTTP/1.1", "Host: [::1]:4200"])
+        self.assertIn("Proxy-Authorization: Basic " + base64.b64encode(b"u:pw").decode(), head)
+
+    def test_a_plain_request_to_an_ipv6_api_names_it_in_brackets_and_without_its_password(self):
+        head = self.through("http://user:pw-in-url@[::1]:4200/api", "HTTP_PROXY")
+        self.assertEqual(head[0], "GET http://[::1]:4200/api/health HTTP/1.1")
+        self.assertIn("Host: [::1]:4200", head)
+        self.assertNotIn("pw-in-url", "\n".join(head))
+
+    def test_a_proxy_at_an_ipv6_address_is_reached(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            require_real("IPv6 on the loopback interface")
+        head = self.through("http://prefect.example:4200/api", "http_proxy", proxy_host="::1")
+        self.assertEqual(head[0], "GET http://prefect.example:4200/api/health HTTP/1.1")
+
+    def test_a_proxy_that_is_not_http_is_refused_at_start_naming_the_variable(self):
+        state_dir = os.path.join(tempfile.mkdtemp(dir=STATE_ROOT), "state")
+        for variable, proxy, api_url, expected in (
+                ("HTTPS_PROXY", "https://user:pw-proxy@proxy.example:3128", "https://prefect.example/api",
+                 "HTTPS_PROXY is https://proxy.example:3128: agent.py reaches a proxy only at an "
+                 "http://HOST:PORT address"),
+                ("http_proxy", "socks5://proxy.example:1080", "http://prefect.example/api",
+                 "http_proxy is socks5://proxy.example:1080: agent.py reaches a proxy only at an "
+                 "http://HOST:PORT address"),
+                ("HTTPS_PROXY", "http://user:pw-proxy@[::1", "https://prefect.example/api",
+                 "HTTPS_PROXY is not a proxy address agent.py can read (http://HOST:PORT)")):
+            with self.subTest(proxy=proxy):
+                env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+                done = subprocess.run([PY, AGENT_PY, "-p", "pool", "--api", api_url, "--state-dir",
+                                       state_dir], env=dict(env, **{variable: proxy}),
+                                      capture_output=True, text=True, timeout=10,
+                                      stdin=subprocess.DEVNULL)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertEqual(done.stderr, "agent.py: error: %s\n" % expected)
+                self.assertFalse(os.path.exists(state_dir), "started before refusing")
+        self.assertIsNone(agent._proxy_for("https://prefect.example/api", {
+            "HTTPS_PROXY": "https://proxy.example:3128", "NO_PROXY": "prefect.example"}))
 
 
 def require_real(what):
