@@ -4104,19 +4104,27 @@ class HostileDockerTests(AgentTestCase):
             subprocess.run(["docker", "rm", "-f"] + ids, capture_output=True, timeout=60)
         return ids
 
-    def test_real_engine_an_option_for_an_image_starts_no_container(self):
+    def test_real_engine_an_option_for_an_image_or_in_the_command_gives_no_privileged_container(self):
         image = self.real_engine()
-        for hostile in ("--privileged", "--volume=/:/host"):
-            with self.subTest(image=hostile):
-                marker = os.path.join(self.out, "ran")
-                run, state = self.docker_run(
-                    image=hostile, image_pull_policy="Never", volumes=["%s:/out" % self.out],
-                    command="%s sh -c 'grep CapEff /proc/self/status > /out/ran'" % image)
-                self.assertEqual(self.remove_containers(run), [])
+        caps = "sh -c 'grep CapEff /proc/self/status > /out/ran'"
+        for hostile, command in (("--privileged", "%s %s" % (image, caps)),
+                                 ("--volume=/:/host", "%s %s" % (image, caps)),
+                                 (image, "--privileged " + caps)):
+            with self.subTest(image=hostile, command=command):
+                out = tempfile.mkdtemp(dir=self.tmp)
+                marker = os.path.join(out, "ran")
+                run, state = self.docker_run(image=hostile, image_pull_policy="Never",
+                                             volumes=["%s:/out" % out], command=command)
+                created = self.remove_containers(run)
                 self.assertFalse(os.path.exists(marker), "a container ran: %s" % (
                     read(marker) if os.path.exists(marker) else ""))
                 self.assertEqual(state["type"], "CRASHED")
-                self.assertIn("'image' %r is not a docker image reference" % hostile, state["message"])
+                if hostile != image:
+                    self.assertEqual(created, [])
+                    self.assertIn("'image' %r is not a docker image reference" % hostile,
+                                  state["message"])
+                else:  # the container's argv: docker cannot find an executable "--privileged"
+                    self.assertIn("status code 127", state["message"])
 
     def test_real_engine_the_container_gets_the_jobs_env_and_the_host_cli_does_not(self):
         image = self.real_engine()
