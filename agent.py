@@ -1169,11 +1169,14 @@ class JobConfigError(Exception):
 class Job:
     """What to start for one run: argv, environment, directory, output handling."""
 
-    def __init__(self, argv, env, working_dir, stream_output, container=None, cidfile=None):
+    def __init__(self, argv, env, working_dir, stream_output, container=None, cidfile=None,
+                 docker=None, env_file=None):
         self.argv, self.env, self.working_dir = argv, env, working_dir
         self.stream_output = stream_output
         self.container = container  # the docker container's name, for docker runs
         self.cidfile = cidfile  # where docker writes the container's id once it exists
+        self.docker = docker  # the DockerCLI that runs and signals the container
+        self.env_file = env_file  # the container's variables (docker --env-file bytes), on stdin
 
 
 def merge_job_variables(deployment_vars, run_vars):
@@ -1352,20 +1355,94 @@ DOCKER_PULL = {"IfNotPresent": "missing", "Always": "always", "Never": "never"}
 #: The command a docker run starts when the job names none (Prefect's docker worker's too).
 DOCKER_DEFAULT_COMMAND = ["prefect", "flow-run", "execute"]
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_DOMAIN_PART = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+#: Docker's image reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
+IMAGE_REFERENCE = re.compile(
+    r"(?:(?:{d}(?:\.{d})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?/)?{p}(?:/{p})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?"
+    .format(d=_DOMAIN_PART, p=_PATH_PART))
+#: Docker's container name grammar (the daemon refuses any other).
+CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+#: Sizes as docker reads them (go-units RAMInBytes): 512m, 1.5g, 1024...
+MEMORY_SIZE = re.compile(r"\d+(?:\.\d+)* ?[kKmMgGtTpP]?[iI]?[bB]?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+#: docker's --env-file reader (a Go bufio.Scanner) refuses longer lines (docker 28 and 20.10 CLIs).
+ENV_FILE_LINE_LIMIT = 65535
 
 
-def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show_flow_logs):
+def find_command(name, environ):
+    """The absolute path of the executable `name` on environ's PATH, or None."""
+    for directory in environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(os.path.abspath(directory or os.curdir), name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class DockerCLI:
+    """The host's docker CLI, found once at start-up on the agent's own PATH, and the
+    environment it runs with: the agent's own at start-up, never a job's, whose PATH would
+    pick the program run as root and whose LD_PRELOAD would load a library into it. Made
+    with the Agent; read by every thread, never changed."""
+
+    SH = "/bin/sh"  # POSIX's shell, at the path subprocess's shell=True assumes too
+
+    def __init__(self, environ):
+        self.env = dict(environ)
+        self.path = find_command("docker", self.env)
+
+    def argv(self, *args):
+        return [self.path or "docker"] + list(args)
+
+    def env_for(self, run_id):
+        """The CLI's environment for one run's docker process: the run id marks it as the
+        run's, as it marks a process run's (run_processes)."""
+        return dict(self.env, PREFECT__FLOW_RUN_ID=run_id)
+
+    def answer(self, *args):
+        """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
+        import subprocess  # here, not at the top: start-up time (see random_uuid)
+        try:
+            answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
+
+    def container_for_run(self, run_id):
+        """The container labelled io.prefect.flow-run-id=run_id, or None."""
+        names = self.answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
+                            "--format", "{{.Names}}")
+        return names[0] if names else None
+
+    def container_state(self, name):
+        """(status, exit code) of a container per the docker daemon, or (None, None) when it
+        does not exist or docker cannot tell."""
+        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
+        if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            return None, None
+        return fields[0], int(fields[1])
+
+
+def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show_flow_logs,
+                     docker):
     """The Job for a resolved docker job configuration: an attached `docker run` whose exit
-    code is the container's. Values of the container's environment travel through the docker
-    CLI's own environment (`-e NAME`), never its argv, where `ps` would show the API key."""
+    code is the container's. No job variable can add an option: each value is checked and
+    travels in one `--flag=value` word, the image after `--`. The container's environment
+    travels as an --env-file on the CLI's stdin (start_process): never in its argv, where
+    `ps` would show the API key, nor in its own environment, which is the agent's."""
     for field in ("registry_credentials", "container_create_kwargs"):
         if config.get(field):
             raise JobConfigError("job variable %r is not supported by agent.py, which drives the "
                                  "docker CLI: remove it (log in with `docker login` on the host "
                                  "for private registries)" % field)
-    image = config.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise JobConfigError("job variable 'image' must name the image to run, got %.100r" % (image,))
+    if not docker.path:
+        raise JobConfigError("command 'docker' not found on agent.py's PATH at start-up: "
+                             "install the docker CLI and restart agent.py")
+    image = _image_reference(config.get("image"))
     env = dict(_as_env(config.get("env")))
     env.update(flow_run_env)
     env = {key: value for key, value in env.items() if value is not None}
@@ -1373,65 +1450,136 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
     if clashing:
         raise JobConfigError("job variable env.%s cannot be passed to a container: DOCKER_* "
                              "variables configure the docker CLI itself" % clashing[0])
-    networks = _as_strings(config.get("networks"), "networks")
+    networks = [_docker_value(network, "networks")
+                for network in _as_strings(config.get("networks"), "networks")]
     network_mode = config.get("network_mode")
-    if network_mode is not None and not isinstance(network_mode, str):
-        raise JobConfigError("job variable 'network_mode' must be a string, got %.100r" % (network_mode,))
+    if network_mode is not None:
+        network_mode = _docker_value(network_mode, "network_mode")
     api_host = urllib.parse.urlsplit(env.get("PREFECT_API_URL", "")).hostname
     if network_mode is None and not networks and api_host in LOOPBACK_HOSTS:
         network_mode = "host"  # the server listens on this host's loopback (Prefect does this)
     name = config.get("name") or container_name
-    argv = ["docker", "run", "--name", name, "--cidfile", cidfile, "--pull", _pull_policy(config.get("image_pull_policy"), image)]
+    if not isinstance(name, str) or not CONTAINER_NAME.fullmatch(name):
+        raise JobConfigError("job variable 'name' %.100r is not a docker container name "
+                             "([a-zA-Z0-9][a-zA-Z0-9_.-]+)" % (name,))
+    argv = docker.argv("run", "--name=" + name, "--cidfile=" + cidfile,
+                       "--pull=" + _pull_policy(config.get("image_pull_policy"), image),
+                       "--env-file=/dev/stdin")
     if network_mode != "host" and api_host in LOOPBACK_HOSTS:
         env["PREFECT_API_URL"] = env["PREFECT_API_URL"].replace(api_host, "host.docker.internal", 1)
-        argv += ["--add-host", "host.docker.internal:host-gateway"]
-    custom_labels = config.get("labels") or {}
-    if not isinstance(custom_labels, dict) or not all(
-            isinstance(v, str) for v in custom_labels.values()):
-        raise JobConfigError("job variable 'labels' must be an object of strings, got %.100r"
-                             % (custom_labels,))
-    for key, value in sorted(dict(labels, **custom_labels).items()):
-        argv += ["--label", "%s=%s" % (key, value)]
-    for key in sorted(env):
-        argv += ["-e", key]
-    if network_mode:
-        argv += ["--network", network_mode]
-    if networks:
-        argv += ["--network", networks[0]]
-    for volume in _as_strings(config.get("volumes"), "volumes"):
-        argv += ["-v", volume]
+        argv.append("--add-host=host.docker.internal:host-gateway")
+    argv += _label_words(labels, config.get("labels"))
+    argv += ["--network=" + network for network in [network_mode] + networks[:1] if network]
+    argv += ["--volume=" + _docker_value(volume, "volumes")
+             for volume in _as_strings(config.get("volumes"), "volumes")]
     if _as_bool(config.get("auto_remove", False), "auto_remove"):
         argv.append("--rm")
     for field, flag in (("mem_limit", "--memory"), ("memswap_limit", "--memory-swap")):
         if config.get(field) is not None:
-            argv += [flag, str(config[field])]
+            argv.append("%s=%s" % (flag, _memory_size(config[field], field)))
     if _as_bool(config.get("privileged", False), "privileged"):
         argv.append("--privileged")
-    argv += [image] + _command_argv(config, DOCKER_DEFAULT_COMMAND)
+    # The CLI reads no option after the image (its parser stops at the first argument; docker
+    # 28 and 20.10 CLIs), so the command's words are the container's argv; `--` ends the
+    # options before the image, which both CLIs accept.
+    argv += ["--", image] + _command_argv(config, DOCKER_DEFAULT_COMMAND)
     if len(networks) > 1:
         argv = _create_connect_start(argv, name, networks[1:])
-    cli_env = dict(os.environ)
-    cli_env.update(env)
     stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
-    return Job(argv, cli_env, None, stream, container=name, cidfile=cidfile)
+    return Job(argv, docker.env_for(flow_run_env["PREFECT__FLOW_RUN_ID"]), None, stream,
+               container=name, cidfile=cidfile, docker=docker, env_file=_env_file(env))
+
+
+def _image_reference(image):
+    if not isinstance(image, str) or not image.strip():
+        raise JobConfigError("job variable 'image' must name the image to run, got %.100r" % (image,))
+    if not IMAGE_REFERENCE.fullmatch(image):
+        raise JobConfigError("job variable 'image' %.100r is not a docker image reference "
+                             "([host[:port]/]path[:tag][@digest], the path in lower case)" % image)
+    return image
+
+
+def _docker_value(value, field):
+    """`value` as the value of a docker CLI option, refused when it makes no sense as one."""
+    if not isinstance(value, str) or not value or value.startswith("-") or _CONTROL.search(value):
+        raise JobConfigError("job variable %r has an invalid value %.100r: it must be a "
+                             "non-empty string that does not start with '-' and holds no "
+                             "control character" % (field, value))
+    return value
+
+
+def _memory_size(value, field):
+    text = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    unlimited = field == "memswap_limit" and text == "-1"
+    if not isinstance(text, str) or not (unlimited or MEMORY_SIZE.fullmatch(text)):
+        raise JobConfigError("job variable %r must be a size such as 512m%s, got %.100r"
+                             % (field, " (or -1)" if field == "memswap_limit" else "", value))
+    return text
+
+
+def _label_words(labels, custom_labels):
+    """`--label=KEY=VALUE` words: one word each, so a value never reads as an option; a key
+    that could end early (=) or read as one (-) is refused."""
+    custom_labels = custom_labels or {}
+    if not isinstance(custom_labels, dict) or not all(
+            isinstance(v, str) for v in custom_labels.values()):
+        raise JobConfigError("job variable 'labels' must be an object of strings, got %.100r"
+                             % (custom_labels,))
+    merged = dict(labels)
+    merged.update(custom_labels)
+    for key, value in merged.items():
+        if not key or key.startswith("-") or "=" in key or _SPACE_OR_CONTROL.search(key):
+            raise JobConfigError("job variable 'labels' has an invalid key %.100r: it must not "
+                                 "be empty, start with '-', or hold '=', spaces or control "
+                                 "characters" % key)
+        if "\0" in value:
+            raise JobConfigError("job variable labels.%.100s holds a NUL character" % key)
+    return ["--label=%s=%s" % item for item in sorted(merged.items())]
+
+
+def _env_file(env):
+    """The container's variables as docker's --env-file reads them, which the CLI does on the
+    client side: one NAME=VALUE per line, UTF-8, no quoting, so no line breaks in values."""
+    lines = []
+    for key, value in sorted(env.items()):
+        if key.startswith("#") or _SPACE_OR_CONTROL.search(key):
+            raise JobConfigError("job variable env has an invalid name %.100r for a container: "
+                                 "no spaces, control characters or leading '#'" % key)
+        if "\n" in value or "\r" in value:
+            raise JobConfigError("job variable env.%.100s holds a line break, which docker's "
+                                 "--env-file cannot carry (one NAME=VALUE a line, no quoting)" % key)
+        try:
+            line = ("%s=%s" % (key, value)).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JobConfigError("job variable env.%.100s is not valid Unicode text" % key)
+        if len(line) > ENV_FILE_LINE_LIMIT:
+            raise JobConfigError("job variable env.%.100s is longer than docker's --env-file "
+                                 "takes (64 KiB a variable)" % key)
+        lines.append(line + b"\n")
+    return b"".join(lines)
 
 
 def _create_connect_start(run_argv, name, more_networks):
     """`docker run` for a container on several networks, in steps: daemons before Docker 25
     (API 1.44) refuse more than one --network at creation, so the rest are connected before
-    start, as Prefect's docker worker does. Every word is quoted: no user text reaches sh."""
-    steps = [" ".join(shlex.quote(word) for word in ["docker", "create"] + run_argv[2:]) + " >/dev/null"]
-    steps += [" ".join(shlex.quote(word) for word in ["docker", "network", "connect", network, name])
-              for network in more_networks]
-    steps.append("exec docker start --attach %s" % shlex.quote(name))
-    return ["sh", "-c", " && ".join(steps)]
+    start, as Prefect's docker worker does. Every word is quoted: no user text reaches sh,
+    and `docker create` reads the env file from the stdin sh passes on."""
+    docker = run_argv[0]
+    steps = [_shell_words(docker, "create", *run_argv[2:]) + " >/dev/null"]
+    steps += [_shell_words(docker, "network", "connect", network, name) for network in more_networks]
+    steps.append("exec " + _shell_words(docker, "start", "--attach", name))
+    return [DockerCLI.SH, "-c", " && ".join(steps)]
+
+
+def _shell_words(*words):
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _pull_policy(policy, image):
     if policy is None:  # Prefect's rule: always pull a floating tag, else only when missing
         tag = image.rsplit("/", 1)[-1].partition("@")[0]
         policy = "IfNotPresent" if ":" in tag and not tag.endswith(":latest") else "Always"
-    if policy not in DOCKER_PULL:
+    if not isinstance(policy, str) or policy not in DOCKER_PULL:
         raise JobConfigError("job variable 'image_pull_policy' %.100r is not supported by "
                              "agent.py: use IfNotPresent, Always or Never" % (policy,))
     return DOCKER_PULL[policy]
@@ -1443,33 +1591,6 @@ def _as_strings(value, field):
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise JobConfigError("job variable %r must be a list of strings, got %.100r" % (field, value))
     return value
-
-
-def _docker_answer(*args):
-    """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
-    import subprocess  # here, not at the top: start-up time (see random_uuid)
-    try:
-        answer = subprocess.run(["docker"] + list(args), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
-
-
-def docker_container_for_run(run_id):
-    """The container labelled io.prefect.flow-run-id=run_id, or None."""
-    names = _docker_answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
-                           "--format", "{{.Names}}")
-    return names[0] if names else None
-
-
-def docker_container_state(name):
-    """(status, exit code) of a container per the docker daemon, or (None, None) when it does
-    not exist or docker cannot tell."""
-    fields = _docker_answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
-    if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-        return None, None
-    return fields[0], int(fields[1])
 
 
 def container_name(run_name, run_id):
@@ -1493,9 +1614,10 @@ class Child:
     TAIL_LINES = 20
 
     def __init__(self, run_id, run_name, pid, output_path, stream_output, process=None,
-                 start_time=None, temp_dir=None, argv_text="", container=None):
+                 start_time=None, temp_dir=None, argv_text="", container=None, docker=None):
         self.run_id, self.run_name, self.pid = run_id, run_name, pid
         self.container = container
+        self.docker = docker  # the DockerCLI that signals the container
         self.cidfile = None
         self.container_id = None
         self.helpers = []  # `docker kill` processes, reaped by the supervisor like the child
@@ -1553,8 +1675,9 @@ class Child:
         import subprocess  # here, not at the top: start-up time (see random_uuid)
         try:
             self.helpers.append(subprocess.Popen(
-                ["docker", "kill", "--signal", name, self.container], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                self.docker.argv("kill", "--signal", name, self.container), env=self.docker.env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
             return True
         except OSError as exc:
             log.warning("run %s: cannot run docker kill on container %s: %s",
@@ -1654,13 +1777,16 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     else:
         temp_dir = None
     import subprocess  # here, not at the top: start-up time (see random_uuid)
+    stdin = subprocess.DEVNULL
     try:
+        if job.env_file is not None:
+            stdin = _memory_file(job.env_file)
         # The output file exists before anything starts: a restart that finds none knows
         # that the run never began (Agent._recover_start).
         output = open_private(output_path, os.O_WRONLY | os.O_APPEND)
         try:
             process = subprocess.Popen(
-                job.argv, cwd=cwd, env=job.env, stdin=subprocess.DEVNULL, stdout=output,
+                job.argv, cwd=cwd, env=job.env, stdin=stdin, stdout=output,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         finally:
             os.close(output)
@@ -1673,12 +1799,29 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     else:
         child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
                       process=process, temp_dir=temp_dir, argv_text=_argv_text(job.argv),
-                      container=job.container)
+                      container=job.container, docker=job.docker)
         child.cidfile = job.cidfile
         child.open_output()
         return child
+    finally:
+        if stdin is not subprocess.DEVNULL:
+            stdin.close()
     _remove(temp_dir)
     raise LaunchError(reason)
+
+
+def _memory_file(data):
+    """A file holding `data`, read from the start, that no other user can open and that
+    leaves nothing on disk, even after a kill -9: a memfd, else an unnamed 0600 temporary
+    file where the system has no memfd (not Linux)."""
+    try:
+        handle = open(os.memfd_create("agentpy-env"), "w+b")
+    except (AttributeError, OSError):
+        import tempfile  # here, not at the top: start-up time (see random_uuid)
+        handle = tempfile.TemporaryFile()
+    handle.write(data)
+    handle.seek(0)
+    return handle
 
 
 def run_processes(sessions):
@@ -3023,6 +3166,7 @@ class Agent:
         self.config = config
         self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
         self.journal = Journal(config.state_dir, config.pool)
+        self.docker = DockerCLI(os.environ)
         self.reporter = Reporter(self.api)
         self.timetable = Timetable()
         self.supervisor = Supervisor(
@@ -3245,9 +3389,20 @@ class Agent:
                      self.config.pool)
         elif old.get("is_paused") and not pool.get("is_paused"):
             log.info("Work pool '%s' was resumed", self.config.pool)
+        if pool.get("type") == "docker" and old.get("type") != "docker":
+            self._note_docker_cli()
         if pool.get("type") not in BASE_JOB_TEMPLATES and pool.get("type") != old.get("type"):
             log.warning("Work pool '%s' has type %r; agent.py runs its flows as local processes",
                         self.config.pool, pool.get("type"))
+
+    def _note_docker_cli(self):
+        if self.docker.path:
+            log.info("Work pool '%s' is a docker pool: its runs start through the docker CLI %s, "
+                     "with agent.py's own environment", self.config.pool, self.docker.path)
+        else:
+            log.warning("Work pool '%s' is a docker pool, but no docker CLI was on agent.py's "
+                        "PATH at start-up: its runs crash until one is installed and agent.py "
+                        "restarted", self.config.pool)
 
     def _resolve_queues(self):
         for queue in self._queues_to_create:
@@ -3539,7 +3694,7 @@ class Agent:
             return build_docker_job(config, flow_run_env, self._container_labels(run, flow_run_env),
                                     container_name(run.get("name"), run["id"]),
                                     self.journal.output_path(run["id"]) + ".cid",
-                                    self.config.show_flow_logs)
+                                    self.config.show_flow_logs, self.docker)
         return build_job(config, flow_run_env, [self.config.python, "-m", "prefect.engine"],
                          self.config.show_flow_logs)
 
@@ -3846,11 +4001,12 @@ class Agent:
     def _recover_container(self, run_id, entry):
         """The `docker run` client is gone but its container may not be: ask the daemon for the
         container labelled with this run (or, failing that, the one the journal names)."""
-        name = docker_container_for_run(run_id) or entry["container"]
-        state, code = docker_container_state(name)
+        name = self.docker.container_for_run(run_id) or entry["container"]
+        state, code = self.docker.container_state(name)
         if state in ("running", "created", "paused", "restarting"):
-            job = Job(["docker", "start", "--attach", name], dict(os.environ),
-                      self.journal.output_dir, bool(entry.get("stream_output")), container=name)
+            job = Job(self.docker.argv("start", "--attach", name), self.docker.env_for(run_id),
+                      self.journal.output_dir, bool(entry.get("stream_output")), container=name,
+                      docker=self.docker)
             try:
                 child = start_process(run_id, entry.get("run_name") or run_id, job,
                                       self.journal.output_path(run_id))
@@ -3877,7 +4033,8 @@ class Agent:
                       entry.get("output") or self.journal.output_path(run_id),
                       bool(entry.get("stream_output")), start_time=entry.get("start_time"),
                       temp_dir=entry.get("temp_dir"), argv_text=entry.get("argv") or "",
-                      container=entry.get("container") if isinstance(entry.get("container"), str) else None)
+                      container=entry.get("container") if isinstance(entry.get("container"), str) else None,
+                      docker=self.docker)
         child.open_output(from_end=True)
         self._reserve_slot(run_id, ignore_limit=True)
         self.supervisor.add(child)
@@ -4111,6 +4268,8 @@ def start_agent(argv=None):
     install_signal_handlers(agent)
     if not config.hide_welcome:
         print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name))
+        if config.pool_type == "docker":
+            print(" docker CLI %s" % (agent.docker.path or "not found on PATH: docker runs will crash"))
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
     return agent
 

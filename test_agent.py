@@ -8,6 +8,7 @@ import datetime
 import email.utils
 import http.client
 import io
+import itertools
 import json
 import math
 import os
@@ -3685,16 +3686,25 @@ class Pid1Tests(AgentTestCase):
             return None
 
 
-# A stand-in for the docker CLI: records each call (argv, and the values it would pass for
-# `-e NAME`); `run` behaves as the run's FAKE_DOCKER_RUN says: exit:N, fail:MESSAGE (exit 125,
-# as docker does when it cannot create or start the container), or wait (until `docker kill`).
+# A stand-in for the docker CLI: records each call (argv, the container's variables it reads
+# from --env-file as docker does, and its own environment); `run` behaves as the container's
+# FAKE_DOCKER_RUN says: exit:N, fail:MESSAGE (exit 125, as docker does when it cannot create
+# or start the container), or wait (until `docker kill`).
 FAKE_DOCKER = r'''
 import json, os, sys, time
 record = os.environ["FAKE_DOCKER_RECORD"]
 args = sys.argv[1:]
-names = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-e"]
+def flag(name):  # --name=value, or --name value
+    return next(arg.split("=", 1)[1] if arg.startswith(name + "=") else args[i + 1]
+                for i, arg in enumerate(args) if arg.split("=", 1)[0] == name)
+env = {}
+if any(arg.startswith("--env-file=") for arg in args):
+    with open(flag("--env-file"), encoding="utf-8", newline="\n") as handle:
+        env = dict(line.split("=", 1) for line in handle.read().splitlines())
+stdin = os.readlink("/proc/self/fd/0") if os.path.exists("/proc/self/fd/0") else None
 with open(record, "a") as handle:
-    handle.write(json.dumps({"argv": args, "env": {n: os.environ.get(n) for n in names}}) + "\n")
+    handle.write(json.dumps({"argv": args, "env": env, "cli_env": dict(os.environ),
+                             "stdin": stdin}) + "\n")
 killed = os.path.join(os.path.dirname(record), "killed-%s" % args[-1])
 if args[0] == "kill":
     open(killed, "w").close()
@@ -3709,15 +3719,15 @@ elif args[0] == "ps":
 elif args[0] == "start":
     sys.exit(int(os.environ.get("FAKE_DOCKER_START_EXIT", "0")))
 elif args[0] == "create":
-    name = args[args.index("--name") + 1]
-    with open(args[args.index("--cidfile") + 1], "w") as handle:
+    name = flag("--name")
+    with open(flag("--cidfile"), "w") as handle:
         handle.write("cid-%s\n" % name)
     print("cid-" + name)
 elif args[0] == "run":
-    name = args[args.index("--name") + 1]
-    with open(args[args.index("--cidfile") + 1], "w") as handle:
+    name = flag("--name")
+    with open(flag("--cidfile"), "w") as handle:
         handle.write("cid-%s\n" % name)
-    kind, _, value = os.environ.get("FAKE_DOCKER_RUN", "exit:0").partition(":")
+    kind, _, value = env.get("FAKE_DOCKER_RUN", "exit:0").partition(":")
     print("container %s: started" % name, flush=True)
     if kind == "exit":
         sys.exit(int(value))
@@ -3783,14 +3793,12 @@ class DockerTests(AgentTestCase):
             image_pull_policy="Never", mem_limit="512m", memswap_limit="1g", privileged=True)
         (call,) = self.calls("run")
         argv = call["argv"]
-        pairs = list(zip(argv, argv[1:]))
-        for flag, value in (("--name", "my-box"), ("--pull", "never"), ("--network", "n1"),
-                            ("-v", "/data:/data:ro"), ("--memory", "512m"),
-                            ("--memory-swap", "1g"), ("--label", "team=data"),
-                            ("--label", "io.prefect.flow-run-id=%s" % run),
-                            ("--label", "io.prefect.flow-run-name=brave-otter"),
-                            ("--add-host", "host.docker.internal:host-gateway"), ("-e", "A")):
-            self.assertIn((flag, value), pairs)
+        for word in ("--name=my-box", "--pull=never", "--network=n1", "--volume=/data:/data:ro",
+                     "--memory=512m", "--memory-swap=1g", "--label=team=data",
+                     "--label=io.prefect.flow-run-id=%s" % run,
+                     "--label=io.prefect.flow-run-name=brave-otter",
+                     "--add-host=host.docker.internal:host-gateway", "--env-file=/dev/stdin"):
+            self.assertIn(word, argv)
         self.assertIn("--rm", argv)
         self.assertIn("--privileged", argv)
         self.assertEqual(argv[-4:], ["registry.local/flows:1.0", "python", "-m", "prefect.engine"])
@@ -3809,9 +3817,8 @@ class DockerTests(AgentTestCase):
     def test_several_networks_are_connected_before_the_container_starts(self):
         run, state = self.docker_run(image="i", networks=["n1", "n2", "n3"], name="box")
         (create,) = self.calls("create")
-        pairs = list(zip(create["argv"], create["argv"][1:]))
-        self.assertIn(("--network", "n1"), pairs)
-        self.assertNotIn(("--network", "n2"), pairs)
+        self.assertIn("--network=n1", create["argv"])
+        self.assertNotIn("--network=n2", create["argv"])
         self.assertEqual([c["argv"] for c in self.calls("network")],
                          [["network", "connect", "n2", "box"], ["network", "connect", "n3", "box"]])
         self.assertEqual(self.calls("start")[0]["argv"], ["start", "--attach", "box"])
@@ -3831,17 +3838,15 @@ class DockerTests(AgentTestCase):
     def test_an_explicit_network_mode_is_used_as_given(self):
         _, _ = self.docker_run(image="i", network_mode="none")
         (call,) = self.calls("run")
-        pairs = list(zip(call["argv"], call["argv"][1:]))
-        self.assertIn(("--network", "none"), pairs)
-        self.assertIn(("--add-host", "host.docker.internal:host-gateway"), pairs)
+        self.assertIn("--network=none", call["argv"])
+        self.assertIn("--add-host=host.docker.internal:host-gateway", call["argv"])
 
     def test_a_server_on_loopback_means_the_host_network_and_the_engine_by_default(self):
         run, _ = self.docker_run(image="flows")
         (call,) = self.calls("run")
-        pairs = list(zip(call["argv"], call["argv"][1:]))
-        self.assertIn(("--network", "host"), pairs)
-        self.assertIn(("--pull", "always"), pairs)  # no tag: pulled like :latest
-        self.assertIn(("--name", "brave-otter-%s" % run[:8]), pairs)
+        self.assertIn("--network=host", call["argv"])
+        self.assertIn("--pull=always", call["argv"])  # no tag: pulled like :latest
+        self.assertIn("--name=brave-otter-%s" % run[:8], call["argv"])
         self.assertEqual(call["argv"][-4:], ["flows", "prefect", "flow-run", "execute"])
         self.assertEqual(call["env"]["PREFECT_API_URL"], self.fake.url)
 
@@ -3878,7 +3883,7 @@ class DockerTests(AgentTestCase):
             wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
         (kill,) = self.calls("kill")
         self.assertEqual(kill["argv"][:3], ["kill", "--signal", "TERM"])
-        self.assertEqual(kill["argv"][3], self.calls("run")[0]["argv"][2])
+        self.assertIn("--name=" + kill["argv"][3], self.calls("run")[0]["argv"])
 
     def restarted_with_container(self, inspect, start_exit="0", labelled="", phase="running"):
         """A run whose agent and `docker run` client died while its container lived on; a new
@@ -3941,6 +3946,254 @@ class DockerTests(AgentTestCase):
             _, state = self.docker_run(image="i")
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("command 'docker' not found", state["message"])
+
+
+# A `docker` a job's PATH could point at: it leaves a marker and exits 0.
+EVIL_DOCKER = "#!/bin/sh\ntouch \"$(dirname \"$0\")/ran\"\n"
+
+
+class HostileDockerTests(AgentTestCase):
+    """(issue 12, points 1-2) Docker pools: no job variable becomes a docker CLI option or the
+    CLI's own environment. With the fake docker; the real_engine tests use the real CLI and
+    engine named by AGENT_TEST_DOCKER_IMAGE (.ci/run builds one with .ci/prefect-image.sh)."""
+
+    SECRET = "sk-hostile-secret"
+    TRICKY = "a b = 'c' \"d\" $HOME `id` \\ \u00e9 #x"
+
+    def setUp(self):
+        super().setUp()
+        self.real_path = os.environ["PATH"]
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        self.docker = os.path.join(bin_dir, "docker")
+        with open(self.docker, "w") as handle:
+            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
+        os.chmod(self.docker, 0o755)
+        self.record = os.path.join(self.tmp, "docker-calls")
+        self.evil_bin = os.path.join(self.tmp, "evil-bin")
+        os.mkdir(self.evil_bin)
+        with open(os.path.join(self.evil_bin, "docker"), "w") as handle:
+            handle.write(EVIL_DOCKER)
+        os.chmod(os.path.join(self.evil_bin, "docker"), 0o755)
+        patch = mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + self.real_path,
+                                             "FAKE_DOCKER_RECORD": self.record})
+        patch.start()
+        self.addCleanup(patch.stop)
+
+    calls = DockerTests.calls
+    docker_run = DockerTests.docker_run
+
+    def hostile_env(self):
+        return {"PATH": self.evil_bin + ":/opt/prefect/bin:/usr/local/bin:/usr/bin:/bin",
+                "LD_PRELOAD": "/agentpy-test-nonexistent.so", "HOME": "/agentpy-test-home",
+                "http_proxy": "http://agentpy-test-proxy:3128", "TRICKY": self.TRICKY}
+
+    def test_no_job_variable_can_become_a_docker_option(self):
+        cases = [({"image": "--privileged"}, "'image' '--privileged'"),
+                 ({"image": "--volume=/:/host"}, "'image' '--volume=/:/host'"),
+                 ({"image": "i --privileged"}, "'image'"),
+                 ({"image": "Flows:1"}, "'image'"),
+                 ({"name": "--privileged"}, "'name' '--privileged'"),
+                 ({"network_mode": "--privileged"}, "'network_mode' has an invalid value '--privileged'"),
+                 ({"networks": ["--privileged"]}, "'networks' has an invalid value '--privileged'"),
+                 ({"networks": ["n1", "--privileged"]}, "'networks' has an invalid value"),
+                 ({"volumes": ["--privileged"]}, "'volumes' has an invalid value '--privileged'"),
+                 ({"volumes": ["-v", "/:/host"]}, "'volumes' has an invalid value '-v'"),
+                 ({"volumes": ["/a:/b\n--privileged"]}, "'volumes' has an invalid value"),
+                 ({"mem_limit": "--privileged"}, "'mem_limit' must be a size"),
+                 ({"memswap_limit": "1g --privileged"}, "'memswap_limit' must be a size"),
+                 ({"labels": {"--privileged": "x"}}, "'labels' has an invalid key '--privileged'"),
+                 ({"labels": {"a=b": "x"}}, "'labels' has an invalid key 'a=b'"),
+                 ({"image_pull_policy": ["Never"]}, "'image_pull_policy' ['Never']"),
+                 ({"env": {"SPLIT": "x\n--privileged"}}, "env.SPLIT holds a line break"),
+                 ({"env": {"CR": "x\r"}}, "env.CR holds a line break"),
+                 ({"env": {"BIG": "x" * 70000}}, "env.BIG is longer than docker's --env-file takes"),
+                 ({"env": {"A B": "x"}}, "env has an invalid name 'A B'")]
+        for extra, expected in cases:
+            with self.subTest(extra=extra):
+                _, state = self.docker_run(**dict({"image": "i"}, **extra))
+                self.assertEqual(state["type"], "CRASHED")
+                self.assertIn(expected, state["message"])
+                self.assertEqual(state["message"].count("\n"), 0, state["message"])
+        self.assertEqual([c["argv"][0] for c in map(json.loads, read(self.record).splitlines())]
+                         if os.path.exists(self.record) else [], [])
+
+    def test_every_option_is_one_word_before_the_image_and_the_command_follows_it(self):
+        command = "--privileged --volume=/:/host"
+        for networks in ([], ["n1", "n2"]):
+            with self.subTest(networks=networks):
+                if os.path.exists(self.record):  # left by a case that failed
+                    os.unlink(self.record)
+                self.docker_run(image="registry.local:5000/flows/a_b:1.0", name="box", command=command,
+                                labels={"team": "--privileged"}, volumes=["/data:/data"],
+                                mem_limit="1g", memswap_limit="-1", networks=networks)
+                (call,) = self.calls("create" if networks else "run")
+                argv = call["argv"]
+                end = argv.index("--")
+                options = argv[1:end]
+                self.assertTrue(all(re.fullmatch(r"--[a-z-]+(=.*)?", o, re.S) for o in options), options)
+                self.assertTrue(all("=" in o or o == "--rm" for o in options), options)
+                self.assertNotIn("--privileged", options)
+                self.assertIn("--label=team=--privileged", options)
+                self.assertIn("--memory-swap=-1", options)
+                self.assertEqual(argv[end + 1:], ["registry.local:5000/flows/a_b:1.0",
+                                                  "--privileged", "--volume=/:/host"])
+
+    def test_the_docker_cli_gets_the_agents_environment_and_the_container_the_jobs(self):
+        # Without the job's PATH too: the other variables must stay out of the CLI on their own.
+        for networks, env in itertools.product(([], ["n1", "n2"]), (
+                self.hostile_env(), dict(self.hostile_env(), PATH=None))):
+            with self.subTest(networks=networks, job_path=env["PATH"]):
+                evil_ran = os.path.join(self.evil_bin, "ran")
+                for path in (evil_ran, self.record):  # left by a case that failed
+                    if os.path.exists(path):
+                        os.unlink(path)
+                run, _ = self.docker_run("--key", self.SECRET, image="i", name="box",
+                                         networks=networks, env=env)
+                self.assertFalse(os.path.exists(evil_ran), "the job's PATH chose the docker CLI")
+                calls = [json.loads(line) for line in read(self.record).splitlines()]
+                self.assertEqual([c["argv"][0] for c in calls],
+                                 ["create", "network", "start"] if networks else ["run"])
+                for call in calls:
+                    cli_env = call["cli_env"]
+                    for name in env:  # the agent's own value, or none
+                        self.assertEqual(cli_env.get(name), os.environ.get(name), name)
+                    self.assertEqual(cli_env["PREFECT__FLOW_RUN_ID"], run)
+                    self.assertNotIn(self.SECRET, " ".join(call["argv"]) + json.dumps(cli_env))
+                container_env = calls[0]["env"]
+                if sys.platform.startswith("linux"):  # nothing on disk: a memory file
+                    self.assertTrue(calls[0]["stdin"].startswith("/memfd:"), calls[0]["stdin"])
+                for name, value in env.items():
+                    self.assertEqual(container_env.get(name), value)
+                self.assertEqual(container_env["PREFECT_API_KEY"], self.SECRET)
+
+    def test_the_docker_cli_is_the_one_on_the_agents_path_at_start_up(self):
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
+            "image": "i"}), pool="pool")
+        running = RunningAgent(self.fake)
+        with mock.patch.dict(os.environ, {"PATH": self.evil_bin}), running:
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+        self.assertEqual(len(self.calls("run")), 1)
+        self.assertFalse(os.path.exists(os.path.join(self.evil_bin, "ran")))
+        found = self.banner(os.environ["PATH"])
+        self.assertIn(" docker CLI %s\n" % self.docker, found)
+        self.assertIn("its runs start through the docker CLI %s," % self.docker, found)
+        self.assertIn(" docker CLI not found on PATH", self.banner(os.path.dirname(PY)))
+
+    def banner(self, path):
+        """What agent.py prints and logs until it has read its docker pool, run with `path`."""
+        out = os.path.join(self.tmp, "banner-%s" % uuid.uuid4().hex[:6])
+        with open(out, "w") as handle:
+            proc = subprocess.Popen([PY, AGENT_PY, "--api", self.fake.url, "-p", "pool", "--type",
+                                     "docker", "--state-dir", os.path.join(self.tmp, "s")],
+                                    stdout=handle, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=dict(os.environ, PATH=path))
+        try:
+            wait_for(lambda: "is a docker pool" in read(out), what="the docker pool noted")
+        finally:
+            proc.kill()
+            proc.wait(10)
+        return read(out)
+
+    # -- the real docker CLI and engine --------------------------------------------------------
+
+    def real_engine(self):
+        """The image to run, with the real docker CLI (not the fake) on PATH."""
+        image = os.environ.get("AGENT_TEST_DOCKER_IMAGE", "").strip()
+        if not image:
+            require_real("a docker engine and an image in AGENT_TEST_DOCKER_IMAGE "
+                         "(.ci/run builds one with .ci/prefect-image.sh)")
+        patch = mock.patch.dict(os.environ, {"PATH": self.real_path})
+        patch.start()
+        self.addCleanup(patch.stop)
+        self.out = tempfile.mkdtemp(dir=self.tmp)
+        return image
+
+    def remove_containers(self, run_id):
+        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=io.prefect.flow-run-id=%s" % run_id],
+                             capture_output=True, text=True, timeout=60).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f"] + ids, capture_output=True, timeout=60)
+        return ids
+
+    def test_real_engine_an_option_for_an_image_or_in_the_command_gives_no_privileged_container(self):
+        image = self.real_engine()
+        caps = "sh -c 'grep CapEff /proc/self/status > /out/ran'"
+        for hostile, command in (("--privileged", "%s %s" % (image, caps)),
+                                 ("--volume=/:/host", "%s %s" % (image, caps)),
+                                 (image, "--privileged " + caps)):
+            with self.subTest(image=hostile, command=command):
+                out = tempfile.mkdtemp(dir=self.tmp)
+                marker = os.path.join(out, "ran")
+                run, state = self.docker_run(image=hostile, image_pull_policy="Never",
+                                             volumes=["%s:/out" % out], command=command)
+                created = self.remove_containers(run)
+                self.assertFalse(os.path.exists(marker), "a container ran: %s" % (
+                    read(marker) if os.path.exists(marker) else ""))
+                self.assertEqual(state["type"], "CRASHED")
+                if hostile != image:
+                    self.assertEqual(created, [])
+                    self.assertIn("'image' %r is not a docker image reference" % hostile,
+                                  state["message"])
+                else:  # the container's argv: docker cannot find an executable "--privileged"
+                    self.assertIn("status code 127", state["message"])
+
+    def test_real_engine_the_container_gets_the_jobs_env_and_the_host_cli_does_not(self):
+        image = self.real_engine()
+        network = "agentpy-test-%s" % uuid.uuid4().hex[:8]
+        subprocess.run(["docker", "network", "create", network], check=True,
+                       capture_output=True, timeout=60)
+        self.addCleanup(subprocess.run, ["docker", "network", "rm", network],
+                        capture_output=True, timeout=60)
+        dump = ("python3 -c \"import json, os, time; json.dump(dict(os.environ), "
+                "open('/out/env.json', 'w')); time.sleep(3)\"")
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        for networks in ([], ["bridge", network]):
+            with self.subTest(networks=networks):
+                env_json = os.path.join(self.out, "env.json")
+                run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
+                    "image": image, "image_pull_policy": "Never", "command": dump, "networks": networks,
+                    "volumes": ["%s:/out" % self.out], "env": self.hostile_env()}), pool="pool")
+                self.addCleanup(self.remove_containers, run)
+                with RunningAgent(self.fake, "--key", self.SECRET):
+                    wait_for(lambda: os.path.exists(env_json) or final_type(self.fake, run) in agent_final(),
+                             timeout=60, what="the container's environment")
+                    host_side = self.host_processes_of(run)
+                    wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=60, what="a final state")
+                self.assertTrue(os.path.exists(env_json), self.fake.run(run)["state"])
+                with open(env_json) as handle:
+                    container_env = json.load(handle)
+                for name, value in self.hostile_env().items():
+                    self.assertEqual(container_env.get(name), value)
+                self.assertEqual(container_env.get("PREFECT_API_KEY"), self.SECRET)
+                self.assertTrue(host_side, "no docker CLI process of the run was found")
+                for cmdline, environ in host_side:
+                    self.assertNotIn(self.SECRET.encode(), cmdline + environ)
+                    for name, value in self.hostile_env().items():
+                        self.assertNotIn(("%s=%s\0" % (name, value)).encode(), environ)
+                self.assertFalse(os.path.exists(os.path.join(self.evil_bin, "ran")))
+                os.unlink(env_json)
+
+    @staticmethod
+    def host_processes_of(run_id):
+        """(cmdline, environ) of this mount namespace's processes marked with the run id:
+        the host-side docker CLI (and sh), not the container's processes."""
+        mine = os.readlink("/proc/self/ns/mnt")
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.readlink("/proc/%s/ns/mnt" % pid) != mine:
+                    continue
+                with open("/proc/%s/environ" % pid, "rb") as handle:
+                    environ = handle.read()
+                with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                    cmdline = handle.read()
+            except OSError:
+                continue
+            if b"PREFECT__FLOW_RUN_ID=%s\0" % run_id.encode() in environ:
+                found.append((cmdline, environ))
+        return found
 
 
 class SupervisordTests(AgentTestCase):
