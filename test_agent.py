@@ -4010,7 +4010,7 @@ class HostileDockerTests(AgentTestCase):
                  ({"env": {"BIG": "x" * 70000}}, "env.BIG is longer than docker's --env-file takes"),
                  ({"env": {"A B": "x"}}, "env has an invalid name 'A B'")]
         for extra, expected in cases:
-            with self.subTest(extra=extra):
+            with self.subTest(extra=extra), agent_log("WARNING"):
                 _, state = self.docker_run(**dict({"image": "i"}, **extra))
                 self.assertEqual(state["type"], "CRASHED")
                 self.assertIn(expected, state["message"])
@@ -4403,14 +4403,13 @@ class FileModeTests(AgentTestCase):
         os.chmod(os.path.join(bin_dir, "docker"), 0o755)
         self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
         run = self.fake.add_run(self.fake.add_deployment(self.fake.add_flow("f"), "d", job_variables={
-            "image": "i"}), pool="pool")
+            "image": "i", "env": {"FAKE_DOCKER_RUN": "wait"}}), pool="pool")
         state_dir = os.path.join(self.tmp, "state")
         cidfile = os.path.join(state_dir, "output", run + ".log.cid")
         killed = os.path.join(self.tmp, "killed-" + agent.container_name(self.fake.run(run)["name"], run))
         self.addCleanup(lambda: os.path.exists(self.tmp) and open(killed, "w").close())  # ends the fake
         with mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
-                                          "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls"),
-                                          "FAKE_DOCKER_RUN": "wait"}):
+                                          "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls")}):
             with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
                 wait_for(lambda: os.path.exists(cidfile) and
                          os.stat(cidfile).st_mode & 0o777 == 0o600, timeout=5, what="a 0600 cidfile")
