@@ -76,8 +76,12 @@ class Log:
         except (TypeError, ValueError):  # a bad format must not cost the line
             text = "%s %r" % (message, args)
         if with_traceback:
-            import traceback  # here: only an unexpected error needs it
-            text += "\n" + traceback.format_exc().rstrip()
+            handled = sys.exc_info()[1]
+            try:
+                import traceback  # here: only an unexpected error needs it
+                text += "\n" + traceback.format_exc().rstrip()
+            except Exception:  # out of descriptors, say: the import fails, the line must not
+                text += ": %r (no traceback: the traceback module cannot be loaded)" % (handled,)
         self.emit(level, text)
 
     def emit(self, level, text):

@@ -3419,6 +3419,19 @@ class SignalFloodTests(AgentTestCase):
         self.assertEqual(agent_proc.wait(4), 0, agent_proc.output())
 
 
+class ConnectionFloodTests(AgentTestCase):
+    """agent.py as a real process under a descriptor limit of 1,024 (the common soft limit)."""
+
+    def test_an_unexpected_error_is_logged_though_the_traceback_module_cannot_load(self):
+        with agent_log("ERROR") as lines, mock.patch.dict(sys.modules, {"traceback": None}):
+            try:
+                raise ValueError("the bug")
+            except ValueError:
+                agent.log.exception("the agent stopped on an unexpected error")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("ValueError('the bug')", lines[0])
+
+
 class EndedWhileDownTests(AgentTestCase):
     """Runs whose process ended while no agent was running."""
 
