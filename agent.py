@@ -99,6 +99,39 @@ class Log:
 
 log = Log()
 
+#: errno values that mean no file descriptor is left: for the agent (EMFILE), the host (ENFILE).
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+class DescriptorShortage:
+    """Says once that the agent has run out of file descriptors, however many opens, accepts,
+    pipes and sockets fail meanwhile: one line per episode, which ends once QUIET_SECONDS
+    pass without such a failure. Whoever fails carries on and tries again later. Every
+    thread calls it."""
+
+    QUIET_SECONDS = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_failure = None
+
+    def noted(self, what, exc):
+        """Whether `exc` is a shortage of descriptors; the first of an episode is logged."""
+        if getattr(exc, "errno", None) not in OUT_OF_DESCRIPTORS:
+            return False
+        with self._lock:
+            now, last = time.monotonic(), self._last_failure
+            self._last_failure = now
+        if last is None or now - last >= self.QUIET_SECONDS:
+            log.error("out of file descriptors: %s failed (%s); the agent carries on, tries "
+                      "again, and says no more of it until %.0f s pass without such a failure "
+                      "(raise the limit, ulimit -n, if it recurs)", what, exc.strerror or exc,
+                      self.QUIET_SECONDS)
+        return True
+
+
+descriptor_shortage = DescriptorShortage()
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -121,6 +154,8 @@ DEFAULT_CANCEL_GRACE_SECONDS = 30.0
 STOP_GRACE_SECONDS = 5.0
 #: How long an exiting agent keeps trying to deliver owed reports (the journal keeps the rest).
 REPORT_FLUSH_SECONDS = 10.0
+#: Seconds before a start that found no file descriptor free is tried again.
+START_RETRY_SECONDS = 1.0
 
 
 class UsageError(Exception):
@@ -730,6 +765,7 @@ class PrefectAPI:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                descriptor_shortage.noted("a connection to the Prefect API", exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 if attempt > retries or (refused and not self._reached and attempt > 1):
@@ -1429,6 +1465,11 @@ class LaunchError(Exception):
     """The run's process could not be started at all."""
 
 
+class OutOfDescriptors(LaunchError):
+    """The run's process could not be started only because no file descriptor was free: it
+    never began, and nothing of the attempt is left (no output file, no temporary directory)."""
+
+
 class Child:
     """One flow-run process the agent watches: started by it, or adopted after a restart."""
 
@@ -1446,6 +1487,7 @@ class Child:
         self.output_path, self.stream_output = output_path, stream_output
         self.temp_dir, self.argv_text = temp_dir, argv_text
         self.output = None
+        self.reopen_from_end = None  # how to open the output again, when it could not be
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
         self.partial = b""
         self.behind = False  # output is waiting that the last look left for the next
@@ -1463,9 +1505,12 @@ class Child:
             # Unbuffered: the supervisor reads in big chunks anyway, and a buffer per child
             # would cost 8 KB of memory for each of hundreds of running flows.
             self.output = open(self.output_path, "rb", buffering=0)
-        except OSError:
+        except OSError as exc:
             self.output = None
+            if descriptor_shortage.noted("opening the output of run %s" % self.run_id, exc):
+                self.reopen_from_end = from_end  # the supervisor tries again next tick
             return
+        self.reopen_from_end = None
         if from_end:
             size = os.fstat(self.output.fileno()).st_size
             self.output.seek(max(0, size - 8192))
@@ -1558,8 +1603,8 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         raise LaunchError("working directory %r does not exist" % cwd)
     else:
         temp_dir = None
-    import subprocess  # here, not at the top: start-up time (see random_uuid)
     try:
+        import subprocess  # here, not at the top: start-up time (see random_uuid)
         # The output file exists before anything starts: a restart that finds none knows
         # that the run never began (Agent._recover_start).
         with open(output_path, "ab") as output:
@@ -1571,6 +1616,9 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     except PermissionError:
         reason = "command %r is not executable (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except (OSError, ValueError) as exc:
+        if descriptor_shortage.noted("starting run %s" % run_id, exc):
+            _remove_unstarted(output_path, temp_dir)
+            raise OutOfDescriptors(exc)
         reason = "cannot start %s: %s" % (_argv_text(job.argv), exc)
     else:
         child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
@@ -1581,6 +1629,18 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         return child
     _remove(temp_dir)
     raise LaunchError(reason)
+
+
+def _remove_unstarted(output_path, temp_dir):
+    """Undo a start that failed before its process began: with no output file, a restart
+    knows that it never began. The temporary directory is still empty, and rmdir needs no
+    descriptor (shutil.rmtree does)."""
+    for remove, path in ((os.unlink, output_path), (os.rmdir, temp_dir)):
+        try:
+            if path:
+                remove(path)
+        except OSError:
+            pass
 
 
 def run_processes(sessions):
@@ -1732,6 +1792,8 @@ class ControlChannel:
         except OSError as exc:
             if listener is not None:
                 listener.close()
+            if descriptor_shortage.noted("listening for flow-run engines", exc):
+                return False
             log.warning("cannot listen on loopback for flow-run engines (%s): cancelled runs "
                         "will get SIGTERM without notice, and may report Crashed first", exc)
             return False
@@ -1799,8 +1861,9 @@ class ControlChannel:
             except OSError as exc:
                 # Out of descriptors, say: the engine waits in the backlog and, failing
                 # that, gets SIGTERM without notice. Listening on would spin the supervisor.
-                log.warning("cannot accept a flow-run engine's connection: %s; not accepting "
-                            "for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
+                if not descriptor_shortage.noted("accepting a flow-run engine's connection", exc):
+                    log.warning("cannot accept a flow-run engine's connection: %s; not "
+                                "accepting for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
                 self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
                 return
             sock.setblocking(False)
@@ -2003,6 +2066,8 @@ class Supervisor(threading.Thread):
         busy = False
         for child in children:
             self._adopt_helpers(child)
+            if child.reopen_from_end is not None:
+                child.open_output(child.reopen_from_end)
             busy = self._read(child) or busy
             if child.cidfile and child.container_id is None:
                 self._note_container_id(child)
@@ -2662,7 +2727,7 @@ class Journal:
 
     def _failed(self, exc):
         text = "cannot write the journal %s: %s" % (self.path, exc.strerror or exc)
-        if self.failure is None:
+        if self.failure is None and not descriptor_shortage.noted("writing the journal", exc):
             log.error("%s; claiming no new runs until it can be written (retrying every %g s); "
                       "running runs are still watched and reported", text, self.RETRY_SECONDS)
         self.failure = text
@@ -3372,7 +3437,13 @@ class Agent:
         run_id = run["id"]
         run_name = run.get("name") or run_id
         output = self.journal.output_path(run_id)
-        temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
+        try:
+            temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
+        except OSError as exc:  # its first call imports tempfile, which takes descriptors
+            if not descriptor_shortage.noted("starting run %s" % run_id, exc):
+                raise
+            self._start_later(run, job)
+            return
         try:
             self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),
                                 output=output, temp_dir=temp_dir, run_name=run_name,
@@ -3386,6 +3457,10 @@ class Agent:
             job.env = dict(job.env, **self.supervisor.channel.register(run_id))
         try:
             child = start_process(run_id, run_name, job, output, temp_dir)
+        except OutOfDescriptors:
+            self.supervisor.channel.forget(run_id)
+            self._start_later(run, job)
+            return
         except LaunchError as exc:
             self.supervisor.channel.forget(run_id)
             self._crash_unstarted(run_id, exc)
@@ -3399,6 +3474,14 @@ class Agent:
         where = ("container %s" % child.container) if child.container else "process %d" % child.pid
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, where, _argv_text(job.argv)))
+
+    def _start_later(self, run, job):
+        """Try a start that failed for want of file descriptors again soon. The run never
+        began and keeps its claim: crashing it would lose it, and handing it back would offer
+        it to this same agent, with an API round trip and a log line per attempt. A stop hands
+        it back like any run waiting for its time."""
+        self.timetable.add(run["id"], time.monotonic() + START_RETRY_SECONDS,
+                           lambda: self._start(run, job))
 
     def _hand_back_held_runs(self):
         """On stop, runs claimed ahead of their time go back to the pool as Scheduled (for

@@ -3422,6 +3422,41 @@ class SignalFloodTests(AgentTestCase):
 class ConnectionFloodTests(AgentTestCase):
     """agent.py as a real process under a descriptor limit of 1,024 (the common soft limit)."""
 
+    AGENT_LIMIT = 1024
+    FLOOD = 3000  # idle connections to each of the health port and the control channel
+
+    def setUp(self):
+        super().setUp()
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 2 * self.FLOOD + 1000  # the flood and the fake API server's own connections
+        if soft < needed:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                hard_wanted = needed
+            else:
+                hard_wanted = hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard_wanted))
+            except (ValueError, OSError):
+                require_real("a descriptor limit of %d for the test process" % needed)
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        self.health_port = free_port()
+
+    def start_agent(self):
+        limited = ("import os,resource,sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+                   "os.execv(sys.argv[1], sys.argv[1:])" % (self.AGENT_LIMIT, self.AGENT_LIMIT))
+        return AgentProcess(self, self.fake, "--agent-address",
+                            "http://127.0.0.1:%d" % self.health_port, prefix=(PY, "-c", limited))
+
+    def run_to_completion(self, dep, what, timeout=20):
+        run_id = self.fake.add_run(dep, pool="pool")
+        wait_for(lambda: final_type(self.fake, run_id) == "COMPLETED", timeout=timeout, what=what)
+
+    def assert_alive_and_quiet(self, agent_proc):
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+        self.assertNotIn("Traceback", agent_proc.output())
+
     def test_an_unexpected_error_is_logged_though_the_traceback_module_cannot_load(self):
         with agent_log("ERROR") as lines, mock.patch.dict(sys.modules, {"traceback": None}):
             try:
@@ -3430,6 +3465,35 @@ class ConnectionFloodTests(AgentTestCase):
                 agent.log.exception("the agent stopped on an unexpected error")
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("ValueError('the bug')", lines[0])
+
+    def test_running_out_of_descriptors_costs_one_log_line_and_no_run(self):
+        import resource
+        dep = self.deployment(command=marker_command(self.markers, REPORT_STATES, "RUNNING",
+                                                     "COMPLETED"))
+        agent_proc = self.start_agent()
+        self.run_to_completion(dep, "a run before the shortage")
+        # On Python 3.8 a thread that ends while no descriptor is free aborts the process
+        # (glibc loads libgcc_s to end it): let release_freed_memory's, due 1 s after
+        # start-up, end first.
+        time.sleep(1.2)
+        pid = agent_proc.proc.pid
+        used = {int(fd) for fd in os.listdir("/proc/%d/fd" % pid)}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        # Every descriptor the agent opens from now on fails with EMFILE.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, self.AGENT_LIMIT))
+        probe = socket.create_connection(("127.0.0.1", self.health_port))  # cannot be accepted
+        self.addCleanup(probe.close)
+        starved = self.fake.add_run(dep, pool="pool")
+        wait_for(lambda: final_type(self.fake, starved) == "PENDING", what="the run claimed")
+        time.sleep(1.5)  # its start, tried again meanwhile, fails like the accepts
+        self.assertNotIn(starved, self.started_ids())
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (self.AGENT_LIMIT, self.AGENT_LIMIT))
+        wait_for(lambda: final_type(self.fake, starved) == "COMPLETED", timeout=20,
+                 what="the run that could not start at first")
+        wait_for(lambda: health_of(self.health_port)[0] == 200, what="health 200 again")
+        self.run_to_completion(dep, "a run after the shortage")
+        self.assert_alive_and_quiet(agent_proc)
+        self.assertEqual(agent_proc.output().count("open files"), 1, agent_proc.output())
 
 
 class EndedWhileDownTests(AgentTestCase):
