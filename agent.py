@@ -1754,7 +1754,11 @@ class ControlChannel:
 
     The agent speaks protocol version one: the engine sends its token and a line, a 5-byte
     hello that is answered with "version one, no capabilities", and acknowledges an intent
-    byte with "a". Only the supervisor thread touches the sockets."""
+    byte with "a". Only the supervisor thread touches the sockets.
+
+    An engine sends its token as soon as it connects, so a connection that has not logged
+    in within LOGIN_SECONDS is dropped, and beyond MAX_LOGINS waiting the oldest is: a flood
+    of idle connections holds at most MAX_LOGINS descriptors and never the supervisor."""
 
     HELLO = b"\x00PF"
     HELLO_SIZE = 5
@@ -1762,6 +1766,10 @@ class ControlChannel:
     CANCEL, ACK = b"c", b"a"
     ACK_SECONDS = 1.0  # Prefect's runner waits as long for the acknowledgement
     LOGIN_SECONDS = 5.0
+    #: With the health server's 64, a flood to both holds 128 descriptors: a limit of 1,024
+    #: leaves the rest to runs (an output file and an engine connection each), the journal
+    #: and the API. A burst of starts fits: each engine logs in as soon as it is accepted.
+    MAX_LOGINS = 64
     ACCEPT_PAUSE_SECONDS = 1.0
 
     def __init__(self):
@@ -1805,6 +1813,15 @@ class ControlChannel:
             accepting = self._listener is not None and time.monotonic() >= self._accept_paused_until
             listening = [self._listener] if accepting else []
             return listening + list(self._logins) + [entry[0] for entry in self._engines.values()]
+
+    def seconds_to_look(self):
+        """Seconds until the channel needs a look though nothing arrives (the oldest login's
+        deadline, the end of a pause in accepting), or None."""
+        with self._lock:
+            due = [deadline for _, deadline in list(self._logins.values())[:1]]
+            if self._listener is not None and self._accept_paused_until > time.monotonic():
+                due.append(self._accept_paused_until)
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def tell_cancel(self, run_id):
         """Announce the cancellation to run_id's engine; False if it is not connected."""
@@ -1853,7 +1870,7 @@ class ControlChannel:
             entry[0].close()
 
     def _accept(self):
-        while True:
+        for _ in range(self.MAX_LOGINS):  # then the supervisor's tick: no flood holds it here
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
@@ -1866,9 +1883,12 @@ class ControlChannel:
                                 "accepting for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
                 self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
                 return
+            if len(self._logins) >= self.MAX_LOGINS:
+                self._drop_login(next(iter(self._logins)))  # the oldest: an engine sends at once
             sock.setblocking(False)
             with self._lock:
                 self._logins[sock] = (b"", time.monotonic() + self.LOGIN_SECONDS)
+            self._login(sock)  # an engine's token is usually there already
 
     def _drop_login(self, sock):
         with self._lock:
@@ -2045,6 +2065,9 @@ class Supervisor(threading.Thread):
     def _wait(self, timeout):
         """Wait for a wake-up, an engine on the control channel, or the timeout; returns
         (woken, runs whose engine acknowledged a cancellation notice)."""
+        look = self.channel.seconds_to_look()
+        if look is not None and (timeout is None or look < timeout):
+            timeout = look
         try:
             readable = _wait_readable([self._wake_r] + self.channel.sockets(), timeout)
             acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
@@ -3926,33 +3949,134 @@ def health_report(agent, now=None):
     return 503, body
 
 
+class HealthServer(threading.Thread):
+    """GET /api/health on one address, answered from its own thread.
+
+    One thread polls every connection, rather than http.server's thread per connection: an
+    idle connection costs a descriptor, never a thread. A probe sends its request as soon as
+    it connects, so one silent for REQUEST_SECONDS is dropped, and beyond MAX_CONNECTIONS the
+    oldest is, to admit the newest: a flood of idle connections holds at most
+    MAX_CONNECTIONS descriptors, and cannot keep a real probe out once it ends."""
+
+    #: See ControlChannel.MAX_LOGINS for how this leaves descriptors to the agent's own work.
+    MAX_CONNECTIONS = 64
+    REQUEST_SECONDS = 5.0
+    MAX_REQUEST_BYTES = 8192
+    ACCEPT_PAUSE_SECONDS = 0.5
+    REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+               503: "Service Unavailable"}
+
+    def __init__(self, agent, host, port):
+        super().__init__(name="health", daemon=True)
+        self._agent = agent
+        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except OSError:
+            self._listener.close()
+            raise
+        self.server_address = self._listener.getsockname()
+        self._waiting = {}  # socket -> (request so far, deadline), oldest first
+        self._accept_paused_until = 0.0
+        self._stopping = False
+
+    def close(self):
+        """Stop serving and wait until the thread has closed every socket."""
+        self._stopping = True
+        try:
+            self._listener.shutdown(socket.SHUT_RD)  # wakes the poll
+        except OSError:
+            pass
+        self.join()
+
+    def run(self):
+        while not self._stopping:
+            now = time.monotonic()
+            sockets = list(self._waiting)
+            due = [deadline for _, deadline in list(self._waiting.values())[:1]]
+            if now >= self._accept_paused_until:
+                sockets.append(self._listener)
+            else:
+                due.append(self._accept_paused_until)
+            for sock in _wait_readable(sockets, max(0.0, min(due) - now) if due else None):
+                if sock is self._listener:
+                    self._accept()
+                elif sock in self._waiting:
+                    self._read(sock)
+            now = time.monotonic()
+            for sock, (_, deadline) in list(self._waiting.items()):
+                if now >= deadline:
+                    self._drop(sock)
+        for sock in [self._listener] + list(self._waiting):
+            sock.close()
+
+    def _accept(self):
+        for _ in range(self.MAX_CONNECTIONS):  # then the timeouts: no flood holds it here
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # Out of descriptors, or this connection's own trouble: listening on would spin.
+                if not self._stopping:
+                    descriptor_shortage.noted("accepting a health check", exc)
+                    self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
+                return
+            if len(self._waiting) >= self.MAX_CONNECTIONS:
+                self._drop(next(iter(self._waiting)))
+            sock.setblocking(False)
+            self._waiting[sock] = (b"", time.monotonic() + self.REQUEST_SECONDS)
+            self._read(sock)  # a probe's request is usually there already
+
+    def _drop(self, sock):
+        del self._waiting[sock]
+        sock.close()
+
+    def _read(self, sock):
+        data = _recv(sock)
+        if data is None:
+            return
+        request, deadline = self._waiting[sock]
+        request += data
+        if not data or len(request) > self.MAX_REQUEST_BYTES:
+            self._drop(sock)
+        elif b"\r\n\r\n" in request or b"\n\n" in request:
+            del self._waiting[sock]
+            self._answer(sock, request)
+        else:
+            self._waiting[sock] = (request, deadline)
+
+    def _answer(self, sock, request):
+        words = request.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(words) != 3:
+            status, body = 400, {"detail": "not an HTTP request"}
+        elif words[0] != "GET":
+            status, body = 405, {"detail": "only GET is answered"}
+        elif words[1].split("?")[0].rstrip("/") != "/api/health":
+            status, body = 404, {"detail": "not found; try /api/health"}
+        else:
+            try:
+                status, body = health_report(self._agent)
+            except Exception:  # a bug of ours must not stop the health checks
+                log.exception("answering a health check failed")
+                status, body = 503, {"status": "unhealthy", "reason": "see the agent's log"}
+        data = json.dumps(body).encode()
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                "Connection: close\r\n\r\n" % (status, self.REASONS[status], len(data)))
+        try:
+            sock.send(head.encode() + data)  # a few hundred bytes: a new connection takes them
+        except OSError:
+            pass
+        sock.close()
+
+
 def start_health_server(agent, host, port):
     """Serve GET /api/health on host:port from a daemon thread; returns the server."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class HealthHandler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.split("?")[0].rstrip("/") != "/api/health":
-                self._answer(404, {"detail": "not found; try /api/health"})
-                return
-            self._answer(*health_report(agent))
-
-        def _answer(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass  # health probes every few seconds would drown the agent's own log
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("HealthServer", (ThreadingHTTPServer,),
-                        {"address_family": family, "daemon_threads": True})
-    server = server_class((host, port), HealthHandler)
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    server = HealthServer(agent, host, port)
+    server.start()
     return server
 
 
