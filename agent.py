@@ -77,11 +77,16 @@ class Log:
             text = "%s %r" % (message, args)
         text = escape_controls(text)
         if with_traceback:
-            import traceback  # here: only an unexpected error needs it
-            # Indented: an exception's message may hold newlines (from a server, say), and
-            # no line after the first may start the way a log line of its own does.
-            text += "".join("\n  " + escape_controls(line)
-                            for line in traceback.format_exc().rstrip().split("\n"))
+            handled = sys.exc_info()[1]
+            try:
+                import traceback  # here: only an unexpected error needs it
+                # Indented: an exception's message may hold newlines (from a server, say),
+                # and no line after the first may start the way a log line of its own does.
+                text += "".join("\n  " + escape_controls(line)
+                                for line in traceback.format_exc().rstrip().split("\n"))
+            except Exception:  # out of descriptors, say: the import fails, the line must not
+                text += escape_controls(": %r (no traceback: the traceback module cannot be "
+                                        "loaded)" % (handled,))
         self.emit(level, text)
 
     def emit(self, level, text):
@@ -122,6 +127,39 @@ def _escape_control(match):
         "\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char))
 
 
+#: errno values that mean no file descriptor is left: for the agent (EMFILE), the host (ENFILE).
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+class DescriptorShortage:
+    """Says once that the agent has run out of file descriptors, however many opens, accepts,
+    pipes and sockets fail meanwhile: one line per episode, which ends once QUIET_SECONDS
+    pass without such a failure. Whoever fails carries on and tries again later. Every
+    thread calls it."""
+
+    QUIET_SECONDS = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_failure = None
+
+    def noted(self, what, exc):
+        """Whether `exc` is a shortage of descriptors; the first of an episode is logged."""
+        if getattr(exc, "errno", None) not in OUT_OF_DESCRIPTORS:
+            return False
+        with self._lock:
+            now, last = time.monotonic(), self._last_failure
+            self._last_failure = now
+        if last is None or now - last >= self.QUIET_SECONDS:
+            log.error("out of file descriptors: %s failed (%s); the agent carries on, tries "
+                      "again, and says no more of it until %.0f s pass without such a failure "
+                      "(raise the limit, ulimit -n, if it recurs)", what, exc.strerror or exc,
+                      self.QUIET_SECONDS)
+        return True
+
+
+descriptor_shortage = DescriptorShortage()
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -144,6 +182,8 @@ DEFAULT_CANCEL_GRACE_SECONDS = 30.0
 STOP_GRACE_SECONDS = 5.0
 #: How long an exiting agent keeps trying to deliver owed reports (the journal keeps the rest).
 REPORT_FLUSH_SECONDS = 10.0
+#: Seconds before a start that found no file descriptor free is tried again.
+START_RETRY_SECONDS = 1.0
 
 
 class UsageError(Exception):
@@ -788,6 +828,7 @@ class PrefectAPI:
                 # A refused connection before we ever reached the server means a wrong URL:
                 # fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                descriptor_shortage.noted("a connection to the Prefect API", exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 if attempt > retries or (refused and not self._reached and attempt > 1):
@@ -1608,6 +1649,11 @@ class LaunchError(Exception):
     """The run's process could not be started at all."""
 
 
+class OutOfDescriptors(LaunchError):
+    """The run's process could not be started only because no file descriptor was free: it
+    never began, and nothing of the attempt is left (no output file, no temporary directory)."""
+
+
 class Child:
     """One flow-run process the agent watches: started by it, or adopted after a restart."""
 
@@ -1628,6 +1674,7 @@ class Child:
         self.prefix = "[%s] " % escape_controls(str(run_name))
         self.temp_dir, self.argv_text = temp_dir, argv_text
         self.output = None
+        self.reopen_from_end = None  # how to open the output again, when it could not be
         self.tail = collections.deque(maxlen=self.TAIL_LINES)
         self.partial = b""
         self.behind = False  # output is waiting that the last look left for the next
@@ -1645,9 +1692,12 @@ class Child:
             # Unbuffered: the supervisor reads in big chunks anyway, and a buffer per child
             # would cost 8 KB of memory for each of hundreds of running flows.
             self.output = open(self.output_path, "rb", buffering=0)
-        except OSError:
+        except OSError as exc:
             self.output = None
+            if descriptor_shortage.noted("opening the output of run %s" % self.run_id, exc):
+                self.reopen_from_end = from_end  # the supervisor tries again next tick
             return
+        self.reopen_from_end = None
         if from_end:
             size = os.fstat(self.output.fileno()).st_size
             self.output.seek(max(0, size - 8192))
@@ -1776,9 +1826,9 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         raise LaunchError("working directory %r does not exist" % cwd)
     else:
         temp_dir = None
-    import subprocess  # here, not at the top: start-up time (see random_uuid)
-    stdin = subprocess.DEVNULL
+    stdin = None
     try:
+        import subprocess  # here, not at the top: start-up time (see random_uuid)
         if job.env_file is not None:
             stdin = _memory_file(job.env_file)
         # The output file exists before anything starts: a restart that finds none knows
@@ -1786,7 +1836,8 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         output = open_private(output_path, os.O_WRONLY | os.O_APPEND)
         try:
             process = subprocess.Popen(
-                job.argv, cwd=cwd, env=job.env, stdin=stdin, stdout=output,
+                job.argv, cwd=cwd, env=job.env, stdout=output,
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         finally:
             os.close(output)
@@ -1795,6 +1846,9 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
     except PermissionError:
         reason = "command %r is not executable (argv: %s)" % (job.argv[0], _argv_text(job.argv))
     except (OSError, ValueError) as exc:
+        if descriptor_shortage.noted("starting run %s" % run_id, exc):
+            _remove_unstarted(output_path, temp_dir)
+            raise OutOfDescriptors(exc)
         reason = "cannot start %s: %s" % (_argv_text(job.argv), exc)
     else:
         child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
@@ -1804,7 +1858,7 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         child.open_output()
         return child
     finally:
-        if stdin is not subprocess.DEVNULL:
+        if stdin is not None:
             stdin.close()
     _remove(temp_dir)
     raise LaunchError(reason)
@@ -1822,6 +1876,18 @@ def _memory_file(data):
     handle.write(data)
     handle.seek(0)
     return handle
+
+
+def _remove_unstarted(output_path, temp_dir):
+    """Undo a start that failed before its process began: with no output file, a restart
+    knows that it never began. The temporary directory is still empty, and rmdir needs no
+    descriptor (shutil.rmtree does)."""
+    for remove, path in ((os.unlink, output_path), (os.rmdir, temp_dir)):
+        try:
+            if path:
+                remove(path)
+        except OSError:
+            pass
 
 
 def run_processes(sessions):
@@ -1935,7 +2001,11 @@ class ControlChannel:
 
     The agent speaks protocol version one: the engine sends its token and a line, a 5-byte
     hello that is answered with "version one, no capabilities", and acknowledges an intent
-    byte with "a". Only the supervisor thread touches the sockets."""
+    byte with "a". Only the supervisor thread touches the sockets.
+
+    An engine sends its token as soon as it connects, so a connection that has not logged
+    in within LOGIN_SECONDS is dropped, and beyond MAX_LOGINS waiting the oldest is: a flood
+    of idle connections holds at most MAX_LOGINS descriptors and never the supervisor."""
 
     HELLO = b"\x00PF"
     HELLO_SIZE = 5
@@ -1943,6 +2013,10 @@ class ControlChannel:
     CANCEL, ACK = b"c", b"a"
     ACK_SECONDS = 1.0  # Prefect's runner waits as long for the acknowledgement
     LOGIN_SECONDS = 5.0
+    #: With the health server's 64, a flood to both holds 128 descriptors: a limit of 1,024
+    #: leaves the rest to runs (an output file and an engine connection each), the journal
+    #: and the API. A burst of starts fits: each engine logs in as soon as it is accepted.
+    MAX_LOGINS = 64
     ACCEPT_PAUSE_SECONDS = 1.0
 
     def __init__(self):
@@ -1973,6 +2047,8 @@ class ControlChannel:
         except OSError as exc:
             if listener is not None:
                 listener.close()
+            if descriptor_shortage.noted("listening for flow-run engines", exc):
+                return False
             log.warning("cannot listen on loopback for flow-run engines (%s): cancelled runs "
                         "will get SIGTERM without notice, and may report Crashed first", exc)
             return False
@@ -1984,6 +2060,15 @@ class ControlChannel:
             accepting = self._listener is not None and time.monotonic() >= self._accept_paused_until
             listening = [self._listener] if accepting else []
             return listening + list(self._logins) + [entry[0] for entry in self._engines.values()]
+
+    def seconds_to_look(self):
+        """Seconds until the channel needs a look though nothing arrives (the oldest login's
+        deadline, the end of a pause in accepting), or None."""
+        with self._lock:
+            due = [deadline for _, deadline in list(self._logins.values())[:1]]
+            if self._listener is not None and self._accept_paused_until > time.monotonic():
+                due.append(self._accept_paused_until)
+        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def tell_cancel(self, run_id):
         """Announce the cancellation to run_id's engine; False if it is not connected."""
@@ -2032,7 +2117,7 @@ class ControlChannel:
             entry[0].close()
 
     def _accept(self):
-        while True:
+        for _ in range(self.MAX_LOGINS):  # then the supervisor's tick: no flood holds it here
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
@@ -2040,13 +2125,17 @@ class ControlChannel:
             except OSError as exc:
                 # Out of descriptors, say: the engine waits in the backlog and, failing
                 # that, gets SIGTERM without notice. Listening on would spin the supervisor.
-                log.warning("cannot accept a flow-run engine's connection: %s; not accepting "
-                            "for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
+                if not descriptor_shortage.noted("accepting a flow-run engine's connection", exc):
+                    log.warning("cannot accept a flow-run engine's connection: %s; not "
+                                "accepting for %g s", exc, self.ACCEPT_PAUSE_SECONDS)
                 self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
                 return
+            if len(self._logins) >= self.MAX_LOGINS:
+                self._drop_login(next(iter(self._logins)))  # the oldest: an engine sends at once
             sock.setblocking(False)
             with self._lock:
                 self._logins[sock] = (b"", time.monotonic() + self.LOGIN_SECONDS)
+            self._login(sock)  # an engine's token is usually there already
 
     def _drop_login(self, sock):
         with self._lock:
@@ -2223,6 +2312,9 @@ class Supervisor(threading.Thread):
     def _wait(self, timeout):
         """Wait for a wake-up, an engine on the control channel, or the timeout; returns
         (woken, runs whose engine acknowledged a cancellation notice)."""
+        look = self.channel.seconds_to_look()
+        if look is not None and (timeout is None or look < timeout):
+            timeout = look
         try:
             readable = _wait_readable([self._wake_r] + self.channel.sockets(), timeout)
             acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
@@ -2244,6 +2336,8 @@ class Supervisor(threading.Thread):
         busy = False
         for child in children:
             self._adopt_helpers(child)
+            if child.reopen_from_end is not None:
+                child.open_output(child.reopen_from_end)
             busy = self._read(child) or busy
             if child.cidfile and child.container_id is None:
                 self._note_container_id(child)
@@ -2917,7 +3011,7 @@ class Journal:
 
     def _failed(self, exc):
         text = "cannot write the journal %s: %s" % (self.path, exc.strerror or exc)
-        if self.failure is None:
+        if self.failure is None and not descriptor_shortage.noted("writing the journal", exc):
             log.error("%s; claiming no new runs until it can be written (retrying every %g s); "
                       "running runs are still watched and reported", text, self.RETRY_SECONDS)
         self.failure = text
@@ -3639,7 +3733,13 @@ class Agent:
         run_id = run["id"]
         run_name = run.get("name") or run_id
         output = self.journal.output_path(run_id)
-        temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
+        try:
+            temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
+        except OSError as exc:  # its first call imports tempfile, which takes descriptors
+            if not descriptor_shortage.noted("starting run %s" % run_id, exc):
+                raise
+            self._start_later(run, job)
+            return
         try:
             self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),
                                 output=output, temp_dir=temp_dir, run_name=run_name,
@@ -3653,6 +3753,10 @@ class Agent:
             job.env = dict(job.env, **self.supervisor.channel.register(run_id))
         try:
             child = start_process(run_id, run_name, job, output, temp_dir)
+        except OutOfDescriptors:
+            self.supervisor.channel.forget(run_id)
+            self._start_later(run, job)
+            return
         except LaunchError as exc:
             self.supervisor.channel.forget(run_id)
             self._crash_unstarted(run_id, exc)
@@ -3666,6 +3770,14 @@ class Agent:
         where = ("container %s" % child.container) if child.container else "process %d" % child.pid
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, where, _argv_text(job.argv)))
+
+    def _start_later(self, run, job):
+        """Try a start that failed for want of file descriptors again soon. The run never
+        began and keeps its claim: crashing it would lose it, and handing it back would offer
+        it to this same agent, with an API round trip and a log line per attempt. A stop hands
+        it back like any run waiting for its time."""
+        self.timetable.add(run["id"], time.monotonic() + START_RETRY_SECONDS,
+                           lambda: self._start(run, job))
 
     def _hand_back_held_runs(self):
         """On stop, runs claimed ahead of their time go back to the pool as Scheduled (for
@@ -4112,33 +4224,134 @@ def health_report(agent, now=None):
     return 503, body
 
 
+class HealthServer(threading.Thread):
+    """GET /api/health on one address, answered from its own thread.
+
+    One thread polls every connection, rather than http.server's thread per connection: an
+    idle connection costs a descriptor, never a thread. A probe sends its request as soon as
+    it connects, so one silent for REQUEST_SECONDS is dropped, and beyond MAX_CONNECTIONS the
+    oldest is, to admit the newest: a flood of idle connections holds at most
+    MAX_CONNECTIONS descriptors, and cannot keep a real probe out once it ends."""
+
+    #: See ControlChannel.MAX_LOGINS for how this leaves descriptors to the agent's own work.
+    MAX_CONNECTIONS = 64
+    REQUEST_SECONDS = 5.0
+    MAX_REQUEST_BYTES = 8192
+    ACCEPT_PAUSE_SECONDS = 0.5
+    REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+               503: "Service Unavailable"}
+
+    def __init__(self, agent, host, port):
+        super().__init__(name="health", daemon=True)
+        self._agent = agent
+        self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind((host, port))
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except OSError:
+            self._listener.close()
+            raise
+        self.server_address = self._listener.getsockname()
+        self._waiting = {}  # socket -> (request so far, deadline), oldest first
+        self._accept_paused_until = 0.0
+        self._stopping = False
+
+    def close(self):
+        """Stop serving and wait until the thread has closed every socket."""
+        self._stopping = True
+        try:
+            self._listener.shutdown(socket.SHUT_RD)  # wakes the poll
+        except OSError:
+            pass
+        self.join()
+
+    def run(self):
+        while not self._stopping:
+            now = time.monotonic()
+            sockets = list(self._waiting)
+            due = [deadline for _, deadline in list(self._waiting.values())[:1]]
+            if now >= self._accept_paused_until:
+                sockets.append(self._listener)
+            else:
+                due.append(self._accept_paused_until)
+            for sock in _wait_readable(sockets, max(0.0, min(due) - now) if due else None):
+                if sock is self._listener:
+                    self._accept()
+                elif sock in self._waiting:
+                    self._read(sock)
+            now = time.monotonic()
+            for sock, (_, deadline) in list(self._waiting.items()):
+                if now >= deadline:
+                    self._drop(sock)
+        for sock in [self._listener] + list(self._waiting):
+            sock.close()
+
+    def _accept(self):
+        for _ in range(self.MAX_CONNECTIONS):  # then the timeouts: no flood holds it here
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # Out of descriptors, or this connection's own trouble: listening on would spin.
+                if not self._stopping:
+                    descriptor_shortage.noted("accepting a health check", exc)
+                    self._accept_paused_until = time.monotonic() + self.ACCEPT_PAUSE_SECONDS
+                return
+            if len(self._waiting) >= self.MAX_CONNECTIONS:
+                self._drop(next(iter(self._waiting)))
+            sock.setblocking(False)
+            self._waiting[sock] = (b"", time.monotonic() + self.REQUEST_SECONDS)
+            self._read(sock)  # a probe's request is usually there already
+
+    def _drop(self, sock):
+        del self._waiting[sock]
+        sock.close()
+
+    def _read(self, sock):
+        data = _recv(sock)
+        if data is None:
+            return
+        request, deadline = self._waiting[sock]
+        request += data
+        if not data or len(request) > self.MAX_REQUEST_BYTES:
+            self._drop(sock)
+        elif b"\r\n\r\n" in request or b"\n\n" in request:
+            del self._waiting[sock]
+            self._answer(sock, request)
+        else:
+            self._waiting[sock] = (request, deadline)
+
+    def _answer(self, sock, request):
+        words = request.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(words) != 3:
+            status, body = 400, {"detail": "not an HTTP request"}
+        elif words[0] != "GET":
+            status, body = 405, {"detail": "only GET is answered"}
+        elif words[1].split("?")[0].rstrip("/") != "/api/health":
+            status, body = 404, {"detail": "not found; try /api/health"}
+        else:
+            try:
+                status, body = health_report(self._agent)
+            except Exception:  # a bug of ours must not stop the health checks
+                log.exception("answering a health check failed")
+                status, body = 503, {"status": "unhealthy", "reason": "see the agent's log"}
+        data = json.dumps(body).encode()
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                "Connection: close\r\n\r\n" % (status, self.REASONS[status], len(data)))
+        try:
+            sock.send(head.encode() + data)  # a few hundred bytes: a new connection takes them
+        except OSError:
+            pass
+        sock.close()
+
+
 def start_health_server(agent, host, port):
     """Serve GET /api/health on host:port from a daemon thread; returns the server."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class HealthHandler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.split("?")[0].rstrip("/") != "/api/health":
-                self._answer(404, {"detail": "not found; try /api/health"})
-                return
-            self._answer(*health_report(agent))
-
-        def _answer(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass  # health probes every few seconds would drown the agent's own log
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("HealthServer", (ThreadingHTTPServer,),
-                        {"address_family": family, "daemon_threads": True})
-    server = server_class((host, port), HealthHandler)
-    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    server = HealthServer(agent, host, port)
+    server.start()
     return server
 
 

@@ -2070,8 +2070,7 @@ class PoolTests(AgentTestCase):
         self.fake.add_pool("pool")
         with RunningAgent(self.fake) as running:
             server = agent.start_health_server(running.agent, "127.0.0.1", 0)
-            self.addCleanup(server.server_close)
-            self.addCleanup(server.shutdown)
+            self.addCleanup(server.close)
             host, port = server.server_address[:2]
             self.assertEqual(host, "127.0.0.1")
             wait_for(lambda: running.agent.last_poll, what="first poll")
@@ -3426,6 +3425,152 @@ class SignalFloodTests(AgentTestCase):
         time.sleep(1.5)  # well into the retries of a poll (0.5 + 1 + 2 + 4 + 8 s of backoff)
         agent_proc.signal(signal.SIGTERM)
         self.assertEqual(agent_proc.wait(4), 0, agent_proc.output())
+
+
+class ConnectionFloodTests(AgentTestCase):
+    """agent.py as a real process under a descriptor limit of 1,024 (the common soft limit)."""
+
+    AGENT_LIMIT = 1024
+    FLOOD = 3000  # idle connections to each of the health port and the control channel
+
+    def setUp(self):
+        super().setUp()
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = 2 * self.FLOOD + 1000  # the flood and the fake API server's own connections
+        if soft < needed:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                hard_wanted = needed
+            else:
+                hard_wanted = hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard_wanted))
+            except (ValueError, OSError):
+                require_real("a descriptor limit of %d for the test process" % needed)
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        self.health_port = free_port()
+
+    def start_agent(self):
+        limited = ("import os,resource,sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
+                   "os.execv(sys.argv[1], sys.argv[1:])" % (self.AGENT_LIMIT, self.AGENT_LIMIT))
+        return AgentProcess(self, self.fake, "--agent-address",
+                            "http://127.0.0.1:%d" % self.health_port, prefix=(PY, "-c", limited))
+
+    def run_to_completion(self, dep, what, timeout=20):
+        run_id = self.fake.add_run(dep, pool="pool")
+        wait_for(lambda: final_type(self.fake, run_id) == "COMPLETED", timeout=timeout, what=what)
+
+    def idle_connections(self, port):
+        """FLOOD connections to port that never send a byte (the last ones may still be
+        waiting in the handshake), closed when the test ends."""
+        connections = []
+        for _ in range(self.FLOOD):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            connections.append(sock)
+        return connections
+
+    def assert_alive_and_quiet(self, agent_proc):
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+        self.assertNotIn("Traceback", agent_proc.output())
+
+    def test_floods_of_idle_connections_stop_no_run_and_no_health_check(self):
+        port_file = os.path.join(self.tmp, "control-port")
+        dep = self.deployment(command=marker_command(
+            self.markers, "open(sys.argv.pop(1), 'w').write(os.environ['PREFECT__CONTROL_PORT'])\n"
+            + REPORT_STATES, port_file, "RUNNING", "COMPLETED"))
+        agent_proc = self.start_agent()
+        self.run_to_completion(dep, "a run before the flood")
+        flood = self.idle_connections(self.health_port) + self.idle_connections(int(read(port_file)))
+        for number in range(3):
+            self.run_to_completion(dep, "run %d during the flood" % number)
+        for sock in flood:
+            sock.close()
+        ended = time.monotonic()
+        self.assertEqual(health_of(self.health_port)[0], 200, agent_proc.output())
+        self.assertLess(time.monotonic() - ended, 1.0)
+        self.run_to_completion(dep, "a run after the flood")
+        self.assert_alive_and_quiet(agent_proc)
+        self.assertNotIn("open files", agent_proc.output())
+
+    def servers_in_this_process(self):
+        """The ports of a health server and of a control channel, served here."""
+        supervisor = agent.Supervisor(lambda child: None)
+        supervisor.start()
+        self.addCleanup(supervisor.join, 5)
+        self.addCleanup(supervisor.stop)
+        health = agent.start_health_server(None, "127.0.0.1", 0)
+        self.addCleanup(health.close)
+        control_port = int(supervisor.channel.register("run")["PREFECT__CONTROL_PORT"])
+        supervisor.wake()  # to listen, as a run's start does
+        return health.server_address[1], control_port
+
+    def connect(self, port):
+        sock = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(sock.close)
+        return sock
+
+    def assert_closed_by_the_agent(self, sock):
+        sock.settimeout(5)
+        self.assertEqual(sock.recv(1), b"")
+
+    def test_a_connection_that_sends_nothing_is_closed_after_a_timeout(self):
+        with mock.patch.object(agent.HealthServer, "REQUEST_SECONDS", 0.2), \
+                mock.patch.object(agent.ControlChannel, "LOGIN_SECONDS", 0.2):
+            for port in self.servers_in_this_process():
+                self.assert_closed_by_the_agent(self.connect(port))
+
+    def test_beyond_the_cap_the_oldest_idle_connection_is_closed(self):
+        with mock.patch.object(agent.HealthServer, "MAX_CONNECTIONS", 3), \
+                mock.patch.object(agent.ControlChannel, "MAX_LOGINS", 3):
+            for port in self.servers_in_this_process():
+                oldest, *newer = [self.connect(port) for _ in range(4)]
+                self.assert_closed_by_the_agent(oldest)
+                for sock in newer:
+                    sock.setblocking(False)
+                    with self.assertRaises(BlockingIOError):
+                        sock.recv(1)
+
+    def test_an_unexpected_error_is_logged_though_the_traceback_module_cannot_load(self):
+        with agent_log("ERROR") as lines, mock.patch.dict(sys.modules, {"traceback": None}):
+            try:
+                raise ValueError("the bug")
+            except ValueError:
+                agent.log.exception("the agent stopped on an unexpected error")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("ValueError('the bug')", lines[0])
+
+    def test_running_out_of_descriptors_costs_one_log_line_and_no_run(self):
+        import resource
+        dep = self.deployment(command=marker_command(self.markers, REPORT_STATES, "RUNNING",
+                                                     "COMPLETED"))
+        agent_proc = self.start_agent()
+        self.run_to_completion(dep, "a run before the shortage")
+        # On Python 3.8 a thread that ends while no descriptor is free aborts the process
+        # (glibc loads libgcc_s to end it): let release_freed_memory's, due 1 s after
+        # start-up, end first.
+        time.sleep(1.2)
+        pid = agent_proc.proc.pid
+        used = {int(fd) for fd in os.listdir("/proc/%d/fd" % pid)}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        # Every descriptor the agent opens from now on fails with EMFILE.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, self.AGENT_LIMIT))
+        probe = socket.create_connection(("127.0.0.1", self.health_port))  # cannot be accepted
+        self.addCleanup(probe.close)
+        starved = self.fake.add_run(dep, pool="pool")
+        wait_for(lambda: final_type(self.fake, starved) == "PENDING", what="the run claimed")
+        time.sleep(1.5)  # its start, tried again meanwhile, fails like the accepts
+        self.assertNotIn(starved, self.started_ids())
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (self.AGENT_LIMIT, self.AGENT_LIMIT))
+        wait_for(lambda: final_type(self.fake, starved) == "COMPLETED", timeout=20,
+                 what="the run that could not start at first")
+        wait_for(lambda: health_of(self.health_port)[0] == 200, what="health 200 again")
+        self.run_to_completion(dep, "a run after the shortage")
+        self.assert_alive_and_quiet(agent_proc)
+        self.assertEqual(agent_proc.output().count("open files"), 1, agent_proc.output())
 
 
 class EndedWhileDownTests(AgentTestCase):
