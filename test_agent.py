@@ -4087,10 +4087,12 @@ class DockerTests(AgentTestCase):
 
     def test_without_a_docker_cli_the_run_crashes_saying_so(self):
         os.unlink(self.docker)
-        with mock.patch.dict(os.environ, {"PATH": os.path.dirname(self.docker)}):
+        with mock.patch.dict(os.environ, {"PATH": os.path.dirname(self.docker)}), \
+                agent_log("WARNING") as lines:
             _, state = self.docker_run(image="i")
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("command 'docker' not found", state["message"])
+        self.assertEqual(sum("docker' not found" in line for line in lines), 1, lines)
 
 
 # A `docker` a job's PATH could point at: it leaves a marker and exits 0.
