@@ -419,6 +419,10 @@ class HTTPConnection:
     only for an https API."""
 
     MAX_HEADER_LINES = 200
+    #: Hex digits only: int(text, 16) also takes "-1" (which read() takes as "to the end",
+    #: past MAX_RESPONSE_BYTES), "+a", "0x1f" and "1_0".
+    CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]+")
+    CONTENT_LENGTH = re.compile(r"[0-9]+")
 
     def __init__(self, host, port, tls_host=None, tunnel=None, timeout=None):
         self.host, self.port = host, port  # where the socket goes: the API, or its proxy
@@ -523,7 +527,7 @@ class HTTPConnection:
             return self._read_chunked(status), keep_alive
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not self.CONTENT_LENGTH.fullmatch(length):
                 raise ProtocolError("bad Content-Length %r" % length[:50])
             if int(length) > MAX_RESPONSE_BYTES:
                 raise AnswerTooLarge(status)
@@ -537,24 +541,24 @@ class HTTPConnection:
         return data, False
 
     def _read_chunked(self, status):
-        chunks, size = [], 0
+        body = bytearray()  # not a list of chunks: 1-byte chunks would cost 40 times their size
         while True:
-            text = self._read_line().split(b";")[0].strip()
-            try:
-                length = int(text, 16)
-            except ValueError:
+            text = self._read_line().split(b";")[0].rstrip(b" \t\r\n")
+            if not self.CHUNK_SIZE.fullmatch(text):
                 raise ProtocolError("bad chunk size %r" % text[:50])
+            length = int(text, 16)
             if length == 0:
-                while self._read_line() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            size += length
-            if size > MAX_RESPONSE_BYTES:
+                for _ in range(self.MAX_HEADER_LINES):
+                    if self._read_line() in (b"\r\n", b"\n", b""):  # the trailers' end
+                        return bytes(body)
+                raise ProtocolError("more than %d trailer lines in the answer"
+                                    % self.MAX_HEADER_LINES)
+            if len(body) + length > MAX_RESPONSE_BYTES:
                 raise AnswerTooLarge(status)
             chunk = self._file.read(length)
             if len(chunk) < length:
                 raise ServerClosed("the server closed the connection mid-answer")
-            chunks.append(chunk)
+            body += chunk
             self._read_line()  # the CRLF after each chunk
 
 

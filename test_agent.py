@@ -1814,6 +1814,106 @@ class ClientTests(unittest.TestCase):
                 self.assertNotIn("\n", str(caught.exception))
 
 
+class HostileAnswerTests(AgentTestCase):
+    """Nothing the API answers can brick the agent: bodies built to blow up memory
+    (issue 12, point 4)."""
+
+    def raw_server(self, answer):
+        """A loopback server that reads each request and calls answer(connection); its URL."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        self.addCleanup(listener.close)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn, conn.makefile("rb") as reader:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n") and reader.peek(1):
+                        head += reader.read(1)
+                    length = re.search(rb"Content-Length: (\d+)", head)
+                    reader.read(int(length.group(1)) if length else 0)  # else a close resets
+                    try:
+                        answer(conn)
+                    except OSError:
+                        pass  # the client hung up on a refused answer
+
+        threading.Thread(target=serve, daemon=True).start()
+        return "http://127.0.0.1:%d/api" % listener.getsockname()[1]
+
+    def in_a_fresh_python(self, url, call):
+        """(outcome, peak RSS growth in MiB) of `call` (code using `api`) in a new interpreter,
+        whose peak memory is its own."""
+        code = textwrap.dedent("""\
+            import json, resource, sys
+            sys.path.insert(0, %r)
+            import agent
+            api = agent.PrefectAPI(%r, max_retries=0)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                outcome = repr(%s)
+            except Exception as exc:
+                outcome = "%%s: %%s" %% (type(exc).__name__, exc)
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            print(json.dumps([outcome, grown / 1024.0]))
+            """) % (HERE, url, call)
+        done = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, timeout=120)
+        return json.loads(done.stdout.decode())
+
+    # -- 4. the memory cap ----------------------------------------------------------
+
+    def test_a_chunk_size_of_minus_one_is_refused_with_bounded_memory(self):
+        """int("-1", 16) is -1, and read(-1) reads to the end: 400 MiB went into memory."""
+        def stream(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n")
+            block = b"[" * (1 << 20)
+            for _ in range(400):
+                conn.sendall(block)
+
+        outcome, grown = self.in_a_fresh_python(self.raw_server(stream), "api.read_flow('x')")
+        self.assertIn("bad chunk size", outcome)
+        self.assertLess(grown, 100, "peak memory grew by %.0f MiB" % grown)
+
+    def test_only_hex_digits_make_a_chunk_size(self):
+        for size in (b"+1", b" 1", b"0x1", b"1_0", b"-0", b"+a", b"1 1"):
+            with self.subTest(size=size):
+                url = self.raw_server(lambda conn: conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size +
+                    b"\r\n" + b"7" * 16 + b"\r\n0\r\n\r\n"))
+                api = agent.PrefectAPI(url, max_retries=0)
+                self.addCleanup(api.close)
+                with self.assertRaises(agent.APIUnreachable) as caught:
+                    api.read_flow("x")
+                self.assertIn("bad chunk size", str(caught.exception))
+        url = self.raw_server(lambda conn: conn.sendall(  # extensions, upper-case digits
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"a ;x=y\r\n[1, 2, 3, \r\n00B\r\n4, 5, 6, 7]\r\n0\r\n\r\n"))
+        api = agent.PrefectAPI(url, max_retries=0)
+        self.addCleanup(api.close)
+        self.assertEqual(api.request("GET", "/x"), [1, 2, 3, 4, 5, 6, 7])
+
+    def test_the_size_cap_holds_however_the_body_arrives(self):
+        body = b" " * (agent.MAX_RESPONSE_BYTES + 1)
+        half = agent.MAX_RESPONSE_BYTES // 2 + 1
+        framings = {
+            "content-length": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+            "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                       (b"%x\r\n" % half + b" " * half + b"\r\n") * 2 + b"0\r\n\r\n",
+            "read to the close": b"HTTP/1.0 200 OK\r\n\r\n" + body}
+        for framing, answer in framings.items():
+            with self.subTest(framing=framing):
+                api = agent.PrefectAPI(self.raw_server(lambda conn: conn.sendall(answer)),
+                                       max_retries=0)
+                self.addCleanup(api.close)
+                with self.assertRaises(agent.APIError) as caught:
+                    api.read_flow("x")
+                self.assertIn("larger than", str(caught.exception))
+
+
 # -- 3. pool and queues; 7. health --------------------------------------------------
 
 
