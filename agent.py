@@ -3332,7 +3332,9 @@ class Agent:
 
     def _submit(self, run):
         """Read what the run needs, claim it, and start it only if the server says it is ours.
-        Reads come first so that an API failure leaves the run for the next poll, unclaimed."""
+        Reads come first so that an API failure leaves the run for the next poll, unclaimed;
+        a run or answer the agent refuses would be refused again, so that run is claimed and
+        crashed with the reason."""
         run_id = run["id"]
         refused = run.get(REFUSED)
         deployment, flow_name = {}, None

@@ -2029,9 +2029,9 @@ class HostileAnswerTests(AgentTestCase):
                 for run in (own, of_deployment, at_limit):
                     wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30,
                              what="run %s ended" % run)
-                running.agent.stop()
+                running.agent.on_signal(signal.SIGTERM)
                 running.thread.join(30)
-                self.assertFalse(running.thread.is_alive(), "the stop never completed")
+                self.assertFalse(running.thread.is_alive(), "SIGTERM's drain never completed")
         self.assertEqual(running.exit_code, 0)
         self.assertEqual(final_type(self.fake, at_limit), "COMPLETED")
         for run in (own, of_deployment):
