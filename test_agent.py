@@ -2081,7 +2081,7 @@ class HostileAnswerTests(AgentTestCase):
                 polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
                 wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) >= polls + 3,
                          what="three more polls")
-                self.assertEqual(running.agent.journal.entries(), {})
+                wait_for(lambda: running.agent.journal.entries() == {}, what="an empty journal")
         for bad in (deep, damaged, "../../../../x"):
             self.assertEqual(len([line for line in logged if bad in line]), 1,
                              [line[:200] for line in logged if bad in line])
