@@ -443,6 +443,15 @@ def parse_config(args, environ):
 RETRY_STATUSES = (408, 429, 502, 503, 504)
 #: A response larger than this is refused rather than parsed.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+#: Lists and objects nested deeper than this in an answer (or one run of a poll's answer) are
+#: refused: a Prefect 3.8 server refuses job variables nested deeper than about 250 levels, and
+#: half that keeps copy.deepcopy and the journal (2 Python frames a level) far from the
+#: recursion limit of 1000.
+MAX_JSON_DEPTH = 128
+#: An answer with more commas, "{" and "[" than this (a bound on the values json.loads would
+#: make) is refused unparsed: a poll of 200 runs holds tens of thousands, and a million values
+#: cost under 100 MB, where 32 MiB of [{},{},...] (ten million) cost 850 MB.
+MAX_JSON_VALUES = 1000000
 REQUEST_TIMEOUT_SECONDS = 60
 #: A connection idle longer than this is reopened rather than reused: Prefect Cloud's load
 #: balancer drops connections idle for 30 s, and may not say so. Before that, a connection is
@@ -476,6 +485,11 @@ class ServerClosed(ConnectionError):
     """The server closed the connection before it answered."""
 
 
+class AnswerRefused(APIError):
+    """A 2xx answer whose JSON the agent will not use (nested too deeply, too many values):
+    asking again would get the same."""
+
+
 class AnswerTooLarge(ProtocolError):
     def __init__(self, status):
         super().__init__("answer larger than %d bytes, refused" % MAX_RESPONSE_BYTES)
@@ -500,6 +514,10 @@ class HTTPConnection:
     only for an https API."""
 
     MAX_HEADER_LINES = 200
+    #: Hex digits only: int(text, 16) also takes "-1" (which read() takes as "to the end",
+    #: past MAX_RESPONSE_BYTES), "+a", "0x1f" and "1_0".
+    CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]+")
+    CONTENT_LENGTH = re.compile(r"[0-9]+")
 
     def __init__(self, host, port, tls_host=None, tunnel=None, timeout=None):
         self.host, self.port = host, port  # where the socket goes: the API, or its proxy
@@ -605,7 +623,7 @@ class HTTPConnection:
             return self._read_chunked(status), keep_alive
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not self.CONTENT_LENGTH.fullmatch(length):
                 raise ProtocolError("bad Content-Length %r" % length[:50])
             if int(length) > MAX_RESPONSE_BYTES:
                 raise AnswerTooLarge(status)
@@ -619,24 +637,24 @@ class HTTPConnection:
         return data, False
 
     def _read_chunked(self, status):
-        chunks, size = [], 0
+        body = bytearray()  # not a list of chunks: 1-byte chunks would cost 40 times their size
         while True:
-            text = self._read_line().split(b";")[0].strip()
-            try:
-                length = int(text, 16)
-            except ValueError:
+            text = self._read_line().split(b";")[0].rstrip(b" \t\r\n")
+            if not self.CHUNK_SIZE.fullmatch(text):
                 raise ProtocolError("bad chunk size %r" % text[:50])
+            length = int(text, 16)
             if length == 0:
-                while self._read_line() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            size += length
-            if size > MAX_RESPONSE_BYTES:
+                for _ in range(self.MAX_HEADER_LINES):
+                    if self._read_line() in (b"\r\n", b"\n", b""):  # the trailers' end
+                        return bytes(body)
+                raise ProtocolError("more than %d trailer lines in the answer"
+                                    % self.MAX_HEADER_LINES)
+            if len(body) + length > MAX_RESPONSE_BYTES:
                 raise AnswerTooLarge(status)
             chunk = self._file.read(length)
             if len(chunk) < length:
                 raise ServerClosed("the server closed the connection mid-answer")
-            chunks.append(chunk)
+            body += chunk
             self._read_line()  # the CRLF after each chunk
 
 
@@ -692,14 +710,14 @@ def basic_auth(userinfo):
 def _error_detail(body):
     """The human part of a Prefect error body, or the start of whatever came back."""
     try:
-        parsed = json.loads(body.decode("utf-8", "replace"))
-    except (ValueError, RecursionError):
+        parsed = _load_json(body)
+    except ValueError:
         parsed = None
     if isinstance(parsed, dict):
         for field in ("detail", "exception_message"):
             if parsed.get(field):
                 return _one_line(parsed[field], 300)
-    text = " ".join(body.decode("utf-8", "replace").split())
+    text = " ".join(body[:4096].decode("utf-8", "replace").split())
     return (text[:200] + "...") if len(text) > 200 else (text or "(empty body)")
 
 
@@ -812,11 +830,13 @@ class PrefectAPI:
 
     # -- transport ------------------------------------------------------------
 
-    def request(self, method, path, body=None, retries=None):
+    def request(self, method, path, body=None, retries=None, max_depth=MAX_JSON_DEPTH):
         """Send one request; return the parsed JSON answer (None for an empty one).
 
         Retries transport errors and RETRY_STATUSES with backoff. Raises AuthRefused, APIError
-        (any other non-2xx answer, or a 2xx that is not JSON) or APIUnreachable."""
+        (any other non-2xx answer, or a 2xx that is not JSON), AnswerRefused (JSON nested deeper
+        than `max_depth` or too large to parse; None: the caller checks its parts) or
+        APIUnreachable."""
         retries = self.max_retries if retries is None else retries
         attempt = 0
         csrf_retried = False
@@ -862,8 +882,10 @@ class PrefectAPI:
             if not raw.strip():
                 return None
             try:
-                return json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError):
+                return _load_json(raw, max_depth)
+            except _Refused as exc:
+                raise AnswerRefused(method, path, status, str(exc))
+            except ValueError:
                 raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
 
     def give_up_retries_when(self, stopping, wakeup):
@@ -1038,18 +1060,32 @@ class PrefectAPI:
         return True
 
     def scheduled_runs(self, pool, queues, scheduled_before):
+        """The runs to claim, each with a UUID "id". A run the agent cannot start comes back as
+        {"id": ..., "name": ..., REFUSED: why}, to be claimed and crashed with the reason
+        rather than polled for ever; an entry without a UUID id is skipped. One log line per
+        answer tells what was skipped."""
         body = {"scheduled_before": isoformat(scheduled_before)}
         if queues:
             body["work_queue_names"] = queues
-        answer = self.request("POST", "/work_pools/%s/get_scheduled_flow_runs" % _quote(pool), body)
-        runs = []
-        for item in _expect_list(answer, "scheduled runs"):
+        path = "/work_pools/%s/get_scheduled_flow_runs" % _quote(pool)
+        # Depth is checked run by run: one deep run must not keep the others from being claimed.
+        answer = _expect_list(self.request("POST", path, body, max_depth=None), "scheduled runs")
+        runs, skipped, first_problem = [], 0, None
+        for item in answer:
             run = item.get("flow_run") if isinstance(item, dict) else None
-            if isinstance(run, dict) and isinstance(run.get("id"), str) and all(
-                    isinstance(run.get(key), (str, type(None))) for key in ("deployment_id", "flow_id")):
-                runs.append(run)
+            problem = _run_problem(run)
+            if problem and not (isinstance(run, dict) and _is_uuid(run.get("id"))):
+                skipped += 1
+                first_problem = first_problem or problem
+            elif problem:
+                name = run.get("name") if isinstance(run.get("name"), str) else None
+                runs.append({"id": run["id"], "name": name, REFUSED: problem})
             else:
-                log.warning("ignoring a malformed entry in the scheduled runs answer: %.200r", item)
+                run.pop(REFUSED, None)
+                runs.append(run)
+        if skipped:
+            log.warning("skipped %s of %s runs in the answer to POST %s: first problem: %s",
+                        format(skipped, ","), format(len(answer), ","), path, first_problem)
         return runs
 
     def set_state(self, run_id, state_type, message=None, name=None, force=False,
@@ -1060,25 +1096,25 @@ class PrefectAPI:
                              transition_id=transition_id or random_uuid())
         state = {"type": state_type, "name": name, "message": message, "data": data,
                  "state_details": state_details}
-        answer = self.request("POST", "/flow_runs/%s/set_state" % run_id,
-                              {"state": state, "force": force})
+        path = "/flow_runs/%s/set_state" % _quote(run_id)
+        answer = self.request("POST", path, {"state": state, "force": force})
         if not isinstance(answer, dict) or answer.get("status") not in (
                 "ACCEPT", "REJECT", "ABORT", "WAIT"):
-            raise APIError("POST", "/flow_runs/%s/set_state" % run_id, 200,
-                           "not an orchestration result: %.200r" % (answer,))
+            raise APIError("POST", path, 200, "not an orchestration result: %.200r" % (answer,))
         return answer
 
     def read_run(self, run_id):
-        return _expect_dict(self.request("GET", "/flow_runs/" + run_id), "flow run")
+        return _expect_dict(self.request("GET", "/flow_runs/" + _quote(run_id)), "flow run")
 
     def set_infrastructure_pid(self, run_id, pid):
-        self.request("PATCH", "/flow_runs/" + run_id, {"infrastructure_pid": pid})
+        self.request("PATCH", "/flow_runs/" + _quote(run_id), {"infrastructure_pid": pid})
 
     def read_deployment(self, deployment_id):
-        return _expect_dict(self.request("GET", "/deployments/" + deployment_id), "deployment")
+        return _expect_dict(self.request("GET", "/deployments/" + _quote(deployment_id)),
+                            "deployment")
 
     def read_flow(self, flow_id):
-        return _expect_dict(self.request("GET", "/flows/" + flow_id), "flow")
+        return _expect_dict(self.request("GET", "/flows/" + _quote(flow_id)), "flow")
 
     def read_variable(self, name):
         answer = self._get_or_none("/variables/name/" + _quote(name))
@@ -1108,6 +1144,8 @@ def _obj(value):
 
 
 def _quote(name):
+    """`name` as one URL path segment: every path segment built from server data goes
+    through here, so no "/" or ".." in it can change the path."""
     return urllib.parse.quote(name, safe="")
 
 
@@ -1118,14 +1156,77 @@ def _expect_list(answer, what):
 
 
 def _expect_id(value, what):
-    if not isinstance(value, str):
-        raise APIError("", "flow run", 200, "its %s is not a string: %.100r" % (what, value))
+    if not _is_uuid(value):
+        raise APIError("", "flow run", 200, "its %s is not a UUID: %s" % (what, _id_text(value)))
 
 
 def _expect_dict(answer, what):
     if not isinstance(answer, dict):
         raise APIError("", what, 200, "expected a JSON object, got %.200r" % (answer,))
     return answer
+
+
+class _Refused(ValueError):
+    """JSON the agent will not parse or keep (see MAX_JSON_DEPTH, MAX_JSON_VALUES)."""
+
+
+def _load_json(raw, max_depth=MAX_JSON_DEPTH):
+    """The JSON value `raw` (bytes) holds. ValueError if it is not JSON; _Refused if it holds
+    more than MAX_JSON_VALUES values or nests deeper than `max_depth` (None: any depth that
+    json.loads can parse)."""
+    if raw.count(b",") + raw.count(b"{") + raw.count(b"[") > MAX_JSON_VALUES:
+        raise _Refused("more than %s JSON values, refused" % format(MAX_JSON_VALUES, ","))
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise _Refused("nested too deeply to parse, refused")
+    if max_depth is not None and _nested_deeper(value, max_depth):
+        raise _Refused("nested deeper than %d levels, refused" % max_depth)
+    return value
+
+
+def _nested_deeper(value, limit):
+    """Whether lists and objects nest more than `limit` deep in `value`; level by level, not
+    recursively, so that any depth json.loads returns is measured safely."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(limit):
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return bool(level)
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _id_text(value):
+    """An id from the API, for a log line (a nested list could not even be printed)."""
+    return ("%.100r" % value) if isinstance(value, str) else "(a JSON %s)" % type(value).__name__
+
+
+def _is_uuid(value):
+    """Whether `value` is a UUID as Prefect writes its ids: only such ids go into URL paths."""
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
+
+
+#: The key of the reason in a run that scheduled_runs hands over only to be crashed.
+REFUSED = "agent.py: refused"
+
+
+def _run_problem(run):
+    """Why a run from a poll's answer cannot be started (None when it can)."""
+    if not isinstance(run, dict):
+        return "an entry is not {\"flow_run\": {...}}"
+    for key in ("id", "deployment_id", "flow_id"):
+        value = run.get(key)
+        if (value is not None or key == "id") and not _is_uuid(value):
+            return "its %s %s is not a UUID" % (key, _id_text(value))
+    if _nested_deeper(run, MAX_JSON_DEPTH):
+        return ("the flow run from the API nests lists and objects deeper than %d levels"
+                % MAX_JSON_DEPTH)
+    return None
 
 
 ###############################################################################
@@ -2848,6 +2949,13 @@ class Journal:
                     log.error("journal %s: line %d is damaged; it and what follows are "
                               "ignored", self.path, number)
                 break
+        # Deeper than any run the API client lets through (a run, in an entry): copying it
+        # would fail at every start. Such an entry is dropped, and the journal rewritten.
+        for run_id in [r for r, entry in runs.items() if _nested_deeper(entry, MAX_JSON_DEPTH + 1)]:
+            log.error("journal %s: run %s: skipped and dropped its entry, which nests deeper "
+                      "than %d levels", self.path, _id_text(run_id), MAX_JSON_DEPTH + 1)
+            del runs[run_id]
+            whole = False
         return runs, logs, changes, whole
 
     @staticmethod
@@ -3589,11 +3697,20 @@ class Agent:
 
     def _submit(self, run):
         """Read what the run needs, claim it, and start it only if the server says it is ours.
-        Reads come first so that an API failure leaves the run for the next poll, unclaimed."""
+        Reads come first so that an API failure leaves the run for the next poll, unclaimed;
+        a run or answer the agent refuses would be refused again, so that run is claimed and
+        crashed with the reason."""
         run_id = run["id"]
+        refused = run.get(REFUSED)
+        deployment, flow_name = {}, None
         try:
-            deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
-            flow_name = self._flow_name(run.get("flow_id"))
+            if refused is None:
+                try:
+                    if run.get("deployment_id"):
+                        deployment = self._deployment(run["deployment_id"])
+                    flow_name = self._flow_name(run.get("flow_id"))
+                except AnswerRefused as exc:  # every read would be refused the same way
+                    refused = str(exc)
             claimed = self._claim(run)
         except APIError as exc:
             self._release_slot(run_id)
@@ -3609,7 +3726,9 @@ class Agent:
         except JournalError:  # logged by the journal, once; claims wait until it is writable
             self._release_slot(run_id)
             return
-        if claimed:
+        if claimed and refused:
+            self._crash_unstarted(run_id, refused)
+        elif claimed:
             self._launch(run, deployment, flow_name)
         else:
             self._release_slot(run_id)
@@ -3697,6 +3816,9 @@ class Agent:
                     self._release_slot(run_id)
 
     def _submit_claimed(self, run):
+        if run.get(REFUSED):
+            self._crash_unstarted(run["id"], run[REFUSED])
+            return
         try:
             deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
             flow_name = self._flow_name(run.get("flow_id"))
@@ -4033,11 +4155,22 @@ class Agent:
         for run_id, entry in entries.items():
             if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
                 continue
+            if not _is_uuid(run_id):  # it would go into URL paths
+                log.error("journal: skipped and dropped the entry of %s: not a flow run id",
+                          _id_text(run_id))
+                self.journal.forget(run_id)
+                continue
             try:
                 self._recover_entry(run_id, entry)
             except APIError as exc:  # the API will never take it (deleted run, ...): let it go
                 log.warning("run %s: dropping it from the journal: %s", run_id, exc)
                 self._forget(run_id)
+            except (APIUnreachable, AuthRefused, UsageError, JournalError):
+                raise  # recovery is tried again on the next pass
+            except Exception as exc:  # a damaged entry must not stop recovering the rest
+                log.error("run %s: skipped and dropped its journal entry, which cannot be "
+                          "used: %s", run_id, _describe(exc))
+                self.journal.forget(run_id)
         self._recovered = True
 
     def _recover_entry(self, run_id, entry):
@@ -4103,7 +4236,7 @@ class Agent:
         if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
             if self._reserve_slot(run_id):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
-                self._submit_claimed(dict(_obj(entry.get("run")), **run))
+                self._submit_claimed(dict(_obj(entry.get("run")), **dict(run, id=run_id)))
             return
         if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
             self.reporter.call(run_id, "cancelling a run that was never started",

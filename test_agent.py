@@ -264,6 +264,8 @@ class _Handler(QuietHandler):
             status, data, ctype, extra = fault["response"]
         elif fault["kind"] != "drop" or fault["process"]:
             status, data, ctype, extra = fake._dispatch(self.command, self.path, headers, body)
+        if fault["kind"] == "edit" and status == 200:
+            data = json.dumps(fault["response"](json.loads(data))).encode()
         if fault["kind"] == "drop":
             self.close_connection = True
             return
@@ -473,6 +475,11 @@ class FakePrefect(object):
 
     def raw_next(self, path_contains, status, body_bytes, content_type="text/html"):
         self._add_fault("raw", 1, path_contains, (status, body_bytes, content_type, {}))
+
+    def edit_answers(self, path_contains, edit, n=10 ** 9):
+        """Serve edit(answer) instead of each 200 answer (a JSON value) to a matching request:
+        what a broken or hostile API would send."""
+        self._add_fault("edit", n, path_contains, edit)
 
     def clear_faults(self):
         with self._lock:
@@ -1821,6 +1828,274 @@ class ClientTests(unittest.TestCase):
                     api.read_pool("pool")
                 self.assertIn("not JSON", str(caught.exception))
                 self.assertNotIn("\n", str(caught.exception))
+
+
+def nested(levels, leaf="x"):
+    """`leaf` inside `levels` objects: {"a": {"a": ... leaf}}."""
+    value = leaf
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+class HostileAnswerTests(AgentTestCase):
+    """Nothing the API answers can brick the agent: deep nesting, bodies built to blow up
+    memory, floods of bad entries, ids that are not ids (issue 12, points 3 to 5)."""
+
+    def raw_server(self, answer):
+        """A loopback server that reads each request and calls answer(connection); its URL."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        self.addCleanup(listener.close)
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn, conn.makefile("rb") as reader:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n") and reader.peek(1):
+                        head += reader.read(1)
+                    length = re.search(rb"Content-Length: (\d+)", head)
+                    reader.read(int(length.group(1)) if length else 0)  # else a close resets
+                    try:
+                        answer(conn)
+                    except OSError:
+                        pass  # the client hung up on a refused answer
+
+        threading.Thread(target=serve, daemon=True).start()
+        return "http://127.0.0.1:%d/api" % listener.getsockname()[1]
+
+    def in_a_fresh_python(self, url, call):
+        """(outcome, peak RSS growth in MiB) of `call` (code using `api`) in a new interpreter,
+        whose peak memory is its own."""
+        code = textwrap.dedent("""\
+            import json, resource, sys
+            sys.path.insert(0, %r)
+            import agent
+            api = agent.PrefectAPI(%r, max_retries=0)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                outcome = repr(%s)
+            except Exception as exc:
+                outcome = "%%s: %%s" %% (type(exc).__name__, exc)
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+            print(json.dumps([outcome, grown / 1024.0]))
+            """) % (HERE, url, call)
+        done = subprocess.run([PY, "-c", code], stdout=subprocess.PIPE, timeout=120)
+        return json.loads(done.stdout.decode())
+
+    # -- 4. the memory cap ----------------------------------------------------------
+
+    def test_a_chunk_size_of_minus_one_is_refused_with_bounded_memory(self):
+        """int("-1", 16) is -1, and read(-1) reads to the end: 400 MiB went into memory."""
+        def stream(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n")
+            block = b"[" * (1 << 20)
+            for _ in range(400):
+                conn.sendall(block)
+
+        outcome, grown = self.in_a_fresh_python(self.raw_server(stream), "api.read_flow('x')")
+        self.assertIn("bad chunk size", outcome)
+        self.assertLess(grown, 100, "peak memory grew by %.0f MiB" % grown)
+
+    def test_only_hex_digits_make_a_chunk_size(self):
+        for size in (b"+1", b" 1", b"0x1", b"1_0", b"-0", b"+a", b"1 1"):
+            with self.subTest(size=size):
+                url = self.raw_server(lambda conn: conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + size +
+                    b"\r\n" + b"7" * 16 + b"\r\n0\r\n\r\n"))
+                api = agent.PrefectAPI(url, max_retries=0)
+                self.addCleanup(api.close)
+                with self.assertRaises(agent.APIUnreachable) as caught:
+                    api.read_flow("x")
+                self.assertIn("bad chunk size", str(caught.exception))
+        url = self.raw_server(lambda conn: conn.sendall(  # extensions, upper-case digits
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"a ;x=y\r\n[1, 2, 3, \r\n00B\r\n4, 5, 6, 7]\r\n0\r\n\r\n"))
+        api = agent.PrefectAPI(url, max_retries=0)
+        self.addCleanup(api.close)
+        self.assertEqual(api.request("GET", "/x"), [1, 2, 3, 4, 5, 6, 7])
+
+    def test_the_size_cap_holds_however_the_body_arrives(self):
+        body = b" " * (agent.MAX_RESPONSE_BYTES + 1)
+        half = agent.MAX_RESPONSE_BYTES // 2 + 1
+        framings = {
+            "content-length": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+            "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                       (b"%x\r\n" % half + b" " * half + b"\r\n") * 2 + b"0\r\n\r\n",
+            "read to the close": b"HTTP/1.0 200 OK\r\n\r\n" + body}
+        for framing, answer in framings.items():
+            with self.subTest(framing=framing):
+                api = agent.PrefectAPI(self.raw_server(lambda conn: conn.sendall(answer)),
+                                       max_retries=0)
+                self.addCleanup(api.close)
+                with self.assertRaises(agent.APIError) as caught:
+                    api.read_flow("x")
+                self.assertIn("larger than", str(caught.exception))
+
+    def test_an_answer_of_millions_of_tiny_values_is_refused_unparsed(self):
+        """32 MiB of [{},{},...] made 850 MiB of dicts."""
+        body = b"[" + b"{}," * ((agent.MAX_RESPONSE_BYTES - 10) // 3) + b"{}]"
+
+        def answer(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+        outcome, grown = self.in_a_fresh_python(
+            self.raw_server(answer), "api.scheduled_runs('pool', [], agent.utcnow())")
+        self.assertIn("AnswerRefused", outcome)
+        self.assertIn("more than 1,000,000 JSON values", outcome)
+        self.assertLess(grown, 100, "peak memory grew by %.0f MiB" % grown)
+
+    def test_many_bad_entries_in_a_poll_cost_one_log_line(self):
+        self.fake.add_pool("pool")
+        good = self.fake.add_run()
+        self.fake.edit_answers("get_scheduled_flow_runs", lambda runs: [{}] * 100000 + runs)
+        api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
+        with agent_log("INFO") as logged:
+            runs = api.scheduled_runs("pool", [], agent.utcnow())
+        self.assertEqual([run["id"] for run in runs], [good])
+        self.assertEqual(len(logged), 1, logged[:3])
+        self.assertIn("skipped 100,000 of 100,001 runs in the answer to POST "
+                      "/work_pools/pool/get_scheduled_flow_runs: first problem: ", logged[0])
+
+    # -- 5. ids that go into URL paths ---------------------------------------------
+
+    def test_an_id_that_is_not_a_uuid_never_reaches_a_path(self):
+        """An id of ../../../../x was sent as POST /api/flow_runs/../../../../x/set_state."""
+        dep = self.deployment(command=marker_command(self.markers))
+        good = self.fake.add_run(dep)
+        bad_deployment = self.fake.add_run(dep)
+        not_an_id = dict(self.fake.run(good), id="../../../../x", state=None)
+
+        def hostile(runs):
+            for item in runs:
+                if item["flow_run"]["id"] == bad_deployment:
+                    item["flow_run"]["deployment_id"] = "../../../../d"
+            return runs + [{"flow_run": not_an_id}]
+
+        self.fake.edit_answers("get_scheduled_flow_runs", hostile)
+        with agent_log("INFO") as logged:
+            with RunningAgent(self.fake):
+                wait_for(lambda: good in self.started_ids(), what="the good run started")
+                wait_for(lambda: final_type(self.fake, bad_deployment) == "CRASHED",
+                         what="the run with a bad deployment id crashed")
+                polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
+                wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) > polls,
+                         what="another poll")
+        self.assertEqual(self.started_ids(), [good])
+        self.assertFalse([r[1] for r in self.fake.requests if "../" in r[1] or "%2F" in r[1]])
+        self.assertIn("its deployment_id '../../../../d' is not a UUID",
+                      self.fake.run(bad_deployment)["state"]["message"])
+        named = [line for line in logged if "../../../../x" in line]
+        self.assertTrue(named and all("first problem: its id '../../../../x' is not a UUID" in line
+                                      for line in named), named)
+        self.assertLessEqual(len(named), len(self.fake.calls("POST", "get_scheduled_flow_runs")))
+
+    def test_ids_from_the_api_are_quoted_in_every_path(self):
+        api = agent.PrefectAPI(self.fake.url, max_retries=0)
+        self.addCleanup(api.close)
+        for call in (lambda: api.read_run("../x"), lambda: api.read_flow("../x"),
+                     lambda: api.read_deployment("../x"), lambda: api.set_state("../x", "PENDING"),
+                     lambda: api.set_infrastructure_pid("../x", "h:1")):
+            with self.assertRaises(agent.APIError):
+                call()
+        paths = [r[1] for r in self.fake.requests]
+        self.assertEqual(len(paths), 5)
+        self.assertTrue(all("..%2Fx" in path and "../" not in path for path in paths), paths)
+
+    # -- 3. deep nesting ----------------------------------------------------------
+
+    def test_runs_nested_too_deeply_are_crashed_with_the_reason_and_the_rest_run(self):
+        """job_variables nested 500 levels deep parsed, then broke copy.deepcopy: the run
+        stayed Pending for ever and its slot leaked, so a stop never completed."""
+        limit = agent.MAX_JSON_DEPTH
+        report = py_command(REPORT_STATES, "RUNNING", "COMPLETED")
+        own = self.fake.add_run(self.deployment(command=report))
+        deep_deployment = self.deployment(command=report)
+        of_deployment = self.fake.add_run(deep_deployment)
+        at_limit = self.fake.add_run(self.deployment(), job_variables={
+            "command": report, "deep": nested(limit - 2)})  # the run object: limit levels
+
+        def deep_run(runs):
+            for item in runs:
+                if item["flow_run"]["id"] == own:
+                    item["flow_run"]["job_variables"]["deep"] = nested(500)
+            return runs
+
+        def deep_deployment_answer(deployment):
+            deployment["job_variables"]["deep"] = nested(500)
+            return deployment
+
+        self.fake.edit_answers("get_scheduled_flow_runs", deep_run)
+        self.fake.edit_answers("/deployments/" + deep_deployment, deep_deployment_answer)
+        with agent_log("ERROR"):
+            with RunningAgent(self.fake) as running:
+                for run in (own, of_deployment, at_limit):
+                    wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30,
+                             what="run %s ended" % run)
+                running.agent.on_signal(signal.SIGTERM)
+                running.thread.join(30)
+                self.assertFalse(running.thread.is_alive(), "SIGTERM's drain never completed")
+        self.assertEqual(running.exit_code, 0)
+        self.assertEqual(final_type(self.fake, at_limit), "COMPLETED")
+        for run in (own, of_deployment):
+            state = self.fake.run(run)["state"]
+            self.assertEqual(state["type"], "CRASHED")
+            self.assertIn("deeper than %d levels" % limit, state["message"])
+
+    def test_values_nested_to_the_limit_pass_every_step(self):
+        """What the API client lets through, the job configuration, the journal (written,
+        copied, reloaded) and the template resolution all handle."""
+        limit = agent.MAX_JSON_DEPTH
+        run = {"id": str(uuid.uuid4()), "job_variables": {"deep": nested(limit - 2)}}
+        self.assertFalse(agent._nested_deeper(run, limit))
+        self.assertIsNone(agent._run_problem(run))
+        self.assertIsNotNone(agent._run_problem(dict(run, job_variables=nested(limit))))
+        template = {"job_configuration": {"env": "{{ env }}", "labels": "{{ deep }}",
+                                          "name": "in {{ deep }}"}, "variables": {}}
+        config = agent.resolve_job_configuration(template, run["job_variables"])
+        self.assertEqual(config["labels"], nested(limit - 2))
+        self.assertEqual(copy.deepcopy(config)["name"], "in " + json.dumps(nested(limit - 2)))
+        journal = agent.Journal(self.tmp, "pool")
+        journal.update(run["id"], phase="claiming", run=agent._run_summary(run))
+        self.assertEqual(journal.get(run["id"])["run"]["job_variables"], run["job_variables"])
+        journal.close()
+        with agent_log("WARNING") as logged:
+            again = agent.Journal(self.tmp, "pool")
+        self.addCleanup(again.close)
+        self.assertEqual(again.entries()[run["id"]]["run"]["job_variables"], run["job_variables"])
+        self.assertEqual(logged, [])
+
+    def test_a_poisoned_journal_costs_a_line_per_bad_entry_and_the_agent_claims_on(self):
+        """After a restart, recovery raised on every pass (41,820 log lines in 8 s) and the
+        agent never claimed again."""
+        deep, damaged = str(uuid.uuid4()), str(uuid.uuid4())
+        state_dir = self.journal_with({
+            deep: {"phase": "claiming", "transition_id": "t", "run": {
+                "id": deep, "job_variables": {"deep": nested(500)}}},
+            damaged: {"phase": "starting", "host": "elsewhere", "output": ["not", "a", "path"]},
+            "../../../../x": {"phase": "claiming", "transition_id": "t",
+                              "run": {"id": "../../../../x"}}})
+        run = self.fake.add_run(self.deployment(command=py_command(
+            REPORT_STATES, "RUNNING", "COMPLETED")))
+        with agent_log("INFO") as logged:
+            with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+                wait_for(lambda: final_type(self.fake, run) == "COMPLETED", timeout=30,
+                         what="a new run claimed and finished")
+                polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
+                wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) >= polls + 3,
+                         what="three more polls")
+                wait_for(lambda: running.agent.journal.entries() == {}, what="an empty journal")
+        for bad in (deep, damaged, "../../../../x"):
+            self.assertEqual(len([line for line in logged if bad in line]), 1,
+                             [line[:200] for line in logged if bad in line])
+        self.assertFalse([line for line in logged if "unexpected" in line or "Traceback" in line])
+        self.assertFalse([r[1] for r in self.fake.requests if "../" in r[1] or deep in r[1]])
 
 
 # -- 3. pool and queues; 7. health --------------------------------------------------
