@@ -487,7 +487,12 @@ class ServerClosed(ConnectionError):
 
 class AnswerRefused(APIError):
     """A 2xx answer whose JSON the agent will not use (nested too deeply, too many values):
-    asking again would get the same."""
+    asking again would get the same. `unparsable` holds the answer when json.loads itself
+    could not go as deep as it nests, so that a caller can still take what it can."""
+
+    def __init__(self, method, path, status, detail, unparsable=None):
+        super().__init__(method, path, status, detail)
+        self.unparsable = unparsable
 
 
 class AnswerTooLarge(ProtocolError):
@@ -827,6 +832,7 @@ class PrefectAPI:
         self.last_success = None
         self.failing_since = None  # the first failed attempt since the last success
         self._stoppable_connection = None  # see give_up_retries_when
+        self._skipped_note = None  # what the last poll's answer had that was skipped
 
     # -- transport ------------------------------------------------------------
 
@@ -884,7 +890,8 @@ class PrefectAPI:
             try:
                 return _load_json(raw, max_depth)
             except _Refused as exc:
-                raise AnswerRefused(method, path, status, str(exc))
+                raise AnswerRefused(method, path, status, str(exc),
+                                    raw if exc.unparsable else None)
             except ValueError:
                 raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
 
@@ -1069,11 +1076,20 @@ class PrefectAPI:
             body["work_queue_names"] = queues
         path = "/work_pools/%s/get_scheduled_flow_runs" % _quote(pool)
         # Depth is checked run by run: one deep run must not keep the others from being claimed.
-        answer = _expect_list(self.request("POST", path, body, max_depth=None), "scheduled runs")
+        try:
+            answer = self.request("POST", path, body, max_depth=None)
+        except AnswerRefused as exc:
+            if exc.unparsable is None:
+                raise
+            answer = _array_items(exc.unparsable)
         runs, skipped, first_problem = [], 0, None
-        for item in answer:
-            run = item.get("flow_run") if isinstance(item, dict) else None
-            problem = _run_problem(run)
+        for item in _expect_list(answer, "scheduled runs"):
+            if isinstance(item, _Unparsable):
+                run = {"id": item.run_id}
+                problem = "the flow run from the API nests lists and objects too deeply to parse"
+            else:
+                run = item.get("flow_run") if isinstance(item, dict) else None
+                problem = _run_problem(run)
             if problem and not (isinstance(run, dict) and _is_uuid(run.get("id"))):
                 skipped += 1
                 first_problem = first_problem or problem
@@ -1083,9 +1099,11 @@ class PrefectAPI:
             else:
                 run.pop(REFUSED, None)
                 runs.append(run)
-        if skipped:
-            log.warning("skipped %s of %s runs in the answer to POST %s: first problem: %s",
-                        format(skipped, ","), format(len(answer), ","), path, first_problem)
+        note = skipped and "skipped %s of %s runs in the answer to POST %s: first problem: %s" % (
+            format(skipped, ","), format(len(answer), ","), path, first_problem)
+        if note and note != self._skipped_note:  # a server that keeps sending it: said once
+            log.warning("%s", note)
+        self._skipped_note = note
         return runs
 
     def set_state(self, run_id, state_type, message=None, name=None, force=False,
@@ -1104,7 +1122,10 @@ class PrefectAPI:
         return answer
 
     def read_run(self, run_id):
-        return _expect_dict(self.request("GET", "/flow_runs/" + _quote(run_id)), "flow run")
+        """The run as the API has it, at any depth json.loads can parse: most callers want
+        only its state; one that uses more checks it with _run_problem."""
+        return _expect_dict(self.request("GET", "/flow_runs/" + _quote(run_id), max_depth=None),
+                            "flow run")
 
     def set_infrastructure_pid(self, run_id, pid):
         self.request("PATCH", "/flow_runs/" + _quote(run_id), {"infrastructure_pid": pid})
@@ -1169,6 +1190,10 @@ def _expect_dict(answer, what):
 class _Refused(ValueError):
     """JSON the agent will not parse or keep (see MAX_JSON_DEPTH, MAX_JSON_VALUES)."""
 
+    def __init__(self, reason, unparsable=False):
+        super().__init__(reason)
+        self.unparsable = unparsable  # nested deeper than json.loads can go
+
 
 def _load_json(raw, max_depth=MAX_JSON_DEPTH):
     """The JSON value `raw` (bytes) holds. ValueError if it is not JSON; _Refused if it holds
@@ -1179,7 +1204,7 @@ def _load_json(raw, max_depth=MAX_JSON_DEPTH):
     try:
         value = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise _Refused("nested too deeply to parse, refused")
+        raise _Refused("nested too deeply to parse, refused", unparsable=True)
     if max_depth is not None and _nested_deeper(value, max_depth):
         raise _Refused("nested deeper than %d levels, refused" % max_depth)
     return value
@@ -1196,6 +1221,53 @@ def _nested_deeper(value, limit):
         if not level:
             return False
     return bool(level)
+
+
+#: A JSON string (and the colon that makes it a key), or a bracket: all _array_items looks at.
+_JSON_TOKEN = re.compile(rb'("(?:[^"\\]|\\.)*")(\s*:)?|[][{}]')
+
+
+class _Unparsable:
+    """An item of a JSON array nested too deeply to parse, and its flow_run's id if seen."""
+
+    def __init__(self, run_id):
+        self.run_id = run_id
+
+
+def _array_items(raw):
+    """The items of the JSON array `raw`, one json.loads each: an item nested deeper than
+    json.loads can go (about 1,000 levels on Python 3.8, 1,500 on 3.12) becomes _Unparsable
+    with its "flow_run" "id", so that one such run does not hide the others for ever.
+    Only called after json.loads failed on the whole; the tokens are bounded by
+    MAX_JSON_VALUES, which the answer passed."""
+    items, depth, keys, start, run_id, id_next = [], 0, {}, None, None, False
+    for token in _JSON_TOKEN.finditer(raw):
+        text = token.group(1) or token.group()
+        if text in (b"[", b"{"):
+            depth += 1
+            if depth == 2:
+                start, run_id, keys = token.start(), None, {}
+        elif text in (b"]", b"}"):
+            if depth == 2:
+                items.append(_array_item(raw[start:token.end()], run_id))
+            depth -= 1
+        elif token.group(2):  # a key
+            keys[depth] = text
+            id_next = depth == 3 and keys.get(2) == b'"flow_run"' and text == b'"id"'
+            continue
+        elif id_next and run_id is None:
+            run_id = text[1:-1].decode("utf-8", "replace")
+        id_next = False
+    return items
+
+
+def _array_item(raw, run_id):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        return _Unparsable(run_id)
+    except ValueError:
+        return None
 
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -4069,7 +4141,14 @@ class Agent:
         if kind == "restore":
             self._restore_final_state(run_id, owed.get("transition_id"))
             return
-        state = _obj(self.api.read_run(run_id).get("state"))
+        try:
+            state = _obj(self.api.read_run(run_id).get("state"))
+        except AnswerRefused:
+            if kind not in ("crash", "check"):
+                raise
+            # A run the API cannot even serve readably can run nowhere: report it anyway.
+            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+            return
         if kind == "release":
             self._release_claim(run_id, state, owed)
         elif kind == "cancelled":
@@ -4230,13 +4309,20 @@ class Agent:
             self.supervisor.kill_leftovers_later(stop_leftovers(found, kill_at))
 
     def _recover_claim(self, run_id, entry):
-        run = self.api.read_run(run_id)
+        try:
+            run = self.api.read_run(run_id)
+        except AnswerRefused as exc:  # it may be ours; it can run nowhere
+            if self._reserve_slot(run_id, ignore_limit=True):
+                self._crash_unstarted(run_id, exc)
+            return
         state = _obj(run.get("state"))
         details = _obj(state.get("state_details"))
         if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
             if self._reserve_slot(run_id):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
-                self._submit_claimed(dict(_obj(entry.get("run")), **dict(run, id=run_id)))
+                run = dict(_obj(entry.get("run")), **dict(run, id=run_id))
+                problem = _run_problem(run)
+                self._submit_claimed(dict(run, **{REFUSED: problem}) if problem else run)
             return
         if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
             self.reporter.call(run_id, "cancelling a run that was never started",

@@ -265,7 +265,8 @@ class _Handler(QuietHandler):
         elif fault["kind"] != "drop" or fault["process"]:
             status, data, ctype, extra = fake._dispatch(self.command, self.path, headers, body)
         if fault["kind"] == "edit" and status == 200:
-            data = json.dumps(fault["response"](json.loads(data))).encode()
+            data = fault["response"](json.loads(data))
+            data = data if isinstance(data, bytes) else json.dumps(data).encode()
         if fault["kind"] == "drop":
             self.close_connection = True
             return
@@ -478,7 +479,7 @@ class FakePrefect(object):
 
     def edit_answers(self, path_contains, edit, n=10 ** 9):
         """Serve edit(answer) instead of each 200 answer (a JSON value) to a matching request:
-        what a broken or hostile API would send."""
+        what a broken or hostile API would send. An edit may return the body as bytes."""
         self._add_fault("edit", n, path_contains, edit)
 
     def clear_faults(self):
@@ -1957,7 +1958,8 @@ class HostileAnswerTests(AgentTestCase):
         api = agent.PrefectAPI(self.fake.url)
         self.addCleanup(api.close)
         with agent_log("INFO") as logged:
-            runs = api.scheduled_runs("pool", [], agent.utcnow())
+            for _ in range(3):  # a server that keeps sending it is told of once
+                runs = api.scheduled_runs("pool", [], agent.utcnow())
         self.assertEqual([run["id"] for run in runs], [good])
         self.assertEqual(len(logged), 1, logged[:3])
         self.assertIn("skipped 100,000 of 100,001 runs in the answer to POST "
@@ -2096,6 +2098,42 @@ class HostileAnswerTests(AgentTestCase):
                              [line[:200] for line in logged if bad in line])
         self.assertFalse([line for line in logged if "unexpected" in line or "Traceback" in line])
         self.assertFalse([r[1] for r in self.fake.requests if "../" in r[1] or deep in r[1]])
+
+    #: Deeper than json.loads goes on any Python here (3.8 stops near 1,000 levels, 3.13 later).
+    UNPARSABLE = b'{"a":' * 20000 + b"1" + b"}" * 20000
+
+    def unparsable_where(self, marker):
+        return lambda answer: json.dumps(answer).encode().replace(b'"%s"' % marker.encode(), self.UNPARSABLE)
+
+    def test_a_run_nested_deeper_than_json_can_parse_is_crashed_and_hides_no_other(self):
+        """One such run made every poll fail, so no run of the pool was claimed again."""
+        report = py_command(REPORT_STATES, "RUNNING", "COMPLETED")
+        deep = self.fake.add_run(self.deployment(command=report), job_variables={"deep": "DEEP"})
+        good = self.fake.add_run(self.deployment(command=report))
+        self.fake.edit_answers("get_scheduled_flow_runs", self.unparsable_where("DEEP"))
+        self.fake.edit_answers("/flow_runs/" + deep, self.unparsable_where("DEEP"))
+        with agent_log("WARNING"), RunningAgent(self.fake):
+            for run in (deep, good):
+                wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30,
+                         what="run %s ended" % run)
+        self.assertEqual(final_type(self.fake, good), "COMPLETED")
+        state = self.fake.run(deep)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("too deeply to parse", state["message"])
+
+    def test_a_claimed_run_the_api_serves_unparsable_is_crashed_after_a_restart(self):
+        """Recovery dropped it from the journal, and it stayed Pending for ever."""
+        run = self.fake.add_run(self.deployment(), job_variables={"deep": "DEEP"})
+        self.fake.set_run_state(run, "PENDING")
+        self.fake.edit_answers("/flow_runs/" + run, self.unparsable_where("DEEP"))
+        state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": "t",
+                                             "run": {"id": run}}})
+        with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30,
+                     what="the run ended")
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("too deeply to parse", state["message"])
 
 
 # -- 3. pool and queues; 7. health --------------------------------------------------
