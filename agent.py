@@ -1581,8 +1581,6 @@ IMAGE_REFERENCE = re.compile(
 CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 #: Sizes as docker reads them (go-units RAMInBytes): 512m, 1.5g, 1024...
 MEMORY_SIZE = re.compile(r"\d+(?:\.\d+)* ?[kKmMgGtTpP]?[iI]?[bB]?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 #: docker's --env-file reader (a Go bufio.Scanner) refuses longer lines (docker 28 and 20.10 CLIs).
 ENV_FILE_LINE_LIMIT = 65535
 
@@ -1715,7 +1713,8 @@ def _image_reference(image):
 
 def _docker_value(value, field):
     """`value` as the value of a docker CLI option, refused when it makes no sense as one."""
-    if not isinstance(value, str) or not value or value.startswith("-") or _CONTROL.search(value):
+    if not isinstance(value, str) or not value or value.startswith("-") or \
+            re.search(CONTROL_CHARACTERS, value):
         raise JobConfigError("job variable %r has an invalid value %.100r: it must be a "
                              "non-empty string that does not start with '-' and holds no "
                              "control character" % (field, value))
@@ -1742,7 +1741,7 @@ def _label_words(labels, custom_labels):
     merged = dict(labels)
     merged.update(custom_labels)
     for key, value in merged.items():
-        if not key or key.startswith("-") or "=" in key or _SPACE_OR_CONTROL.search(key):
+        if not key or key.startswith("-") or "=" in key or _has_space_or_control(key):
             raise JobConfigError("job variable 'labels' has an invalid key %.100r: it must not "
                                  "be empty, start with '-', or hold '=', spaces or control "
                                  "characters" % key)
@@ -1751,12 +1750,16 @@ def _label_words(labels, custom_labels):
     return ["--label=%s=%s" % item for item in sorted(merged.items())]
 
 
+def _has_space_or_control(text):
+    return re.search(r"\s", text) or re.search(CONTROL_CHARACTERS, text)
+
+
 def _env_file(env):
     """The container's variables as docker's --env-file reads them, which the CLI does on the
     client side: one NAME=VALUE per line, UTF-8, no quoting, so no line breaks in values."""
     lines = []
     for key, value in sorted(env.items()):
-        if key.startswith("#") or _SPACE_OR_CONTROL.search(key):
+        if key.startswith("#") or _has_space_or_control(key):
             raise JobConfigError("job variable env has an invalid name %.100r for a container: "
                                  "no spaces, control characters or leading '#'" % key)
         if "\n" in value or "\r" in value:

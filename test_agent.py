@@ -1667,10 +1667,7 @@ class ClientTests(unittest.TestCase):
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
             b"HTTP/1.0 200 OK\r\n\r\n{\"id\": \"x\"}"]  # no length: ends with the connection
         connections = []
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(5)
-        self.addCleanup(listener.close)
+        listener = loopback_listener(self)
 
         def serve():
             while answers:
@@ -1845,10 +1842,7 @@ class HostileAnswerTests(AgentTestCase):
 
     def raw_server(self, answer):
         """A loopback server that reads each request and calls answer(connection); its URL."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(5)
-        self.addCleanup(listener.close)
+        listener = loopback_listener(self)
 
         def serve():
             while True:
@@ -5062,6 +5056,15 @@ def require_real(what):
     if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
         raise AssertionError("AGENT_TEST_REQUIRE_REAL=1 but this test needs " + what)
     raise unittest.SkipTest("needs " + what)
+
+
+def loopback_listener(test):
+    """A listening socket on a free loopback port, closed when `test` ends."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    test.addCleanup(listener.close)
+    return listener
 
 
 def free_port():
