@@ -42,6 +42,7 @@ import copy
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -81,8 +82,9 @@ NON_UUID_ID = "../../../../hostile-x"
 HOSTILE_ANSWERS = ("nested 900 deep", "100,000 bad entries", "non-UUID run id",
                    "chunk size -1", "Content-Length 1 GiB", "32 MiB of {}")
 #: Log lines the agent may write in the half second after one hostile answer (it had written
-#: 100,000 for one answer of bad entries); normal faults in that window count too.
+#: 100,000 for one answer of bad entries); lines of normal faults in that window count too.
 HOSTILE_LINES_LIMIT = 5
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: A 32 MiB answer of `[{},{},...]` once took the agent to 853 MiB.
 HOSTILE_PEAK_RSS_MIB = 200
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # agent.py's cap on an answer
@@ -630,10 +632,12 @@ class Soak:
         with open(self.agent_log, "rb") as handle:
             raw = handle.read()
         lines = raw.decode("utf-8", "replace").splitlines()
-        forged = sum(1 for line in lines if "| agent | forged" in line)
+        forged = sum(1 for line in lines if line.startswith(HOSTILE_NAME.split("\n", 1)[1]))
+        # Lines about the soak's own runs are the normal traffic's, not a hostile answer's.
         warnings = [seconds_of_day(parts[0]) for parts in (line.split(" | ", 3) for line in lines)
                     if len(parts) == 4 and parts[2] == "agent"
-                    and parts[1].strip() in ("WARNING", "ERROR")]
+                    and parts[1].strip() in ("WARNING", "ERROR")
+                    and not set(UUID_TEXT.findall(parts[3])) & set(self.runs)]
         warnings = [t for t in warnings if t is not None]
         served = self.fake.hostile_served
         per_answer = collections.defaultdict(list)
