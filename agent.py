@@ -3933,9 +3933,10 @@ class Agent:
         try:
             temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
         except OSError as exc:  # its first call imports tempfile, which takes descriptors
-            if not descriptor_shortage.noted("starting run %s" % run_id, exc):
-                raise
-            self._start_later(run, job)
+            if descriptor_shortage.noted("starting run %s" % run_id, exc):
+                self._start_later(run, job)
+            else:  # no usable temporary directory (tempfile says FileNotFoundError)
+                self._crash_unstarted(run_id, "no temporary working directory: %s" % exc)
             return
         try:
             self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),

@@ -2639,6 +2639,18 @@ class JobConfigurationTests(unittest.TestCase):
 
 
 class RunningTests(AgentTestCase):
+    def test_a_run_with_no_temporary_directory_to_run_in_crashes_saying_so(self):
+        """tempfile found no usable directory: logged as unexpected, and the run stayed Pending."""
+        run = self.fake.add_run(self.deployment())
+        no_directory = FileNotFoundError(2, "No usable temporary directory found")
+        with mock.patch.object(agent, "temp_dir_for", side_effect=no_directory), \
+                agent_log("WARNING") as logged, RunningAgent(self.fake):
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+        state = self.fake.run(run)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("no temporary working directory", state["message"])
+        self.assertFalse([line for line in logged if "unexpected" in line], logged)
+
     def test_child_gets_the_run_environment_and_pid_is_recorded(self):
         out = os.path.join(self.tmp, "env.json")
         code = ("import json,os,sys; json.dump({k: os.environ.get(k) for k in ('PREFECT__FLOW_RUN_ID',"
