@@ -1419,7 +1419,15 @@ def final_type(fake, run_id):
 
 
 class AgentTestCase(unittest.TestCase):
+    """A fake API and a temporary directory per test. The agent's own log lines are kept off
+    the test output (AGENT_TEST_SHOW_LOG=1 shows them): a green run should not print pages;
+    a test that asserts on them takes them with agent_log()."""
+
     def setUp(self):
+        if not os.environ.get("AGENT_TEST_SHOW_LOG"):
+            quiet = mock.patch.object(agent.log, "emit", lambda level, text: None)
+            quiet.start()
+            self.addCleanup(quiet.stop)
         self.fake = FakePrefect()
         self.fake.start()
         self.addCleanup(self.fake.stop)
@@ -4770,8 +4778,10 @@ class HostileTextTests(AgentTestCase):
     the operator's terminal; a flow's own output is passed on as the flow printed it."""
 
     def logged(self, call):
+        """What `call` writes on the agent's stderr, through Log.emit itself."""
         err = io.StringIO()
-        with mock.patch.object(agent.log, "level", agent.INFO), mock.patch("sys.stderr", err):
+        with mock.patch.object(agent.log, "level", agent.INFO), mock.patch("sys.stderr", err), \
+                mock.patch.object(agent.log, "emit", agent.Log.emit.__get__(agent.log)):
             call()
         return err.getvalue()
 

@@ -37,6 +37,7 @@ Stdlib only, CPython 3.8+, traffic only to 127.0.0.1.
 """
 
 import argparse
+import bisect
 import collections
 import copy
 import json
@@ -628,22 +629,29 @@ class Soak:
 
 
     def report_hostile(self):
-        """Print what the hostile answers cost; True if any cost too much."""
+        """Print what the hostile answers cost; True if any cost too much. The log is read a
+        line at a time: an agent that logs every bad entry writes a gigabyte."""
+        forged_start = HOSTILE_NAME.split("\n", 1)[1].encode()
+        forged = escapes = 0
+        warnings = []  # seconds of day of the WARNING+ lines not about the soak's own runs
+        own_runs = set(self.runs)
         with open(self.agent_log, "rb") as handle:
-            raw = handle.read()
-        lines = raw.decode("utf-8", "replace").splitlines()
-        forged = sum(1 for line in lines if line.startswith(HOSTILE_NAME.split("\n", 1)[1]))
-        # Lines about the soak's own runs are the normal traffic's, not a hostile answer's.
-        warnings = [seconds_of_day(parts[0]) for parts in (line.split(" | ", 3) for line in lines)
-                    if len(parts) == 4 and parts[2] == "agent"
-                    and parts[1].strip() in ("WARNING", "ERROR")
-                    and not set(UUID_TEXT.findall(parts[3])) & set(self.runs)]
-        warnings = [t for t in warnings if t is not None]
+            for line in handle:
+                escapes += line.count(b"\x1b")
+                forged += line.startswith(forged_start)
+                if line[12:25] not in (b" | WARNING | ", b" | ERROR   | "):
+                    continue
+                parts = line[:300].decode("utf-8", "replace").split(" | ", 3)
+                if len(parts) == 4 and parts[2] == "agent" and \
+                        not set(UUID_TEXT.findall(parts[3])) & own_runs:
+                    warnings.append(seconds_of_day(parts[0]))
+        warnings = sorted(t for t in warnings if t is not None)
         served = self.fake.hostile_served
         per_answer = collections.defaultdict(list)
         for when, kind in served:
             start = seconds_of_day_at(when)
-            per_answer[kind].append(sum(1 for t in warnings if start <= t < start + 0.5))
+            per_answer[kind].append(bisect.bisect_left(warnings, start + 0.5)
+                                    - bisect.bisect_left(warnings, start))
         print("\nhostile answers (served / most WARNING+ lines within 0.5 s of one):")
         for kind in HOSTILE_ANSWERS:
             counts = per_answer.get(kind, [])
@@ -653,14 +661,14 @@ class Soak:
         rows = [("hostile answers served", len(served)),
                 ("most log lines after one hostile answer (limit %d)" % HOSTILE_LINES_LIMIT, worst),
                 ("agent peak RSS MiB (limit %d)" % HOSTILE_PEAK_RSS_MIB, "%.0f" % peak_mib),
-                ("raw ESC bytes in the agent's log", raw.count(b"\x1b")),
+                ("raw ESC bytes in the agent's log", escapes),
                 ("forged lines in the agent's log", forged),
                 ("requests whose path carried the non-UUID id", self.fake.non_uuid_paths)]
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
             print("%-*s  %s" % (width, key, value))
         return bool(worst > HOSTILE_LINES_LIMIT or peak_mib > HOSTILE_PEAK_RSS_MIB or forged
-                    or b"\x1b" in raw or self.fake.non_uuid_paths or not served)
+                    or escapes or self.fake.non_uuid_paths or not served)
 
 
 def seconds_of_day(stamp):
