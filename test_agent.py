@@ -5799,7 +5799,7 @@ class AgentFuzzTest(FuzzTestCase):
         routes = {name: list(answers) for name, answers in routes.items()}
         proposed = {"transition_id": transition_id}
 
-        def request(method, path, body=None, retries=None):
+        def request(method, path, body=None, retries=None, max_depth=agent.MAX_JSON_DEPTH):
             if path.endswith("/set_state") and isinstance(body, dict) and \
                     isinstance(body.get("state"), dict) and not body.get("force"):
                 proposed["transition_id"] = (body["state"].get("state_details") or {}).get(
