@@ -521,8 +521,8 @@ class HTTPConnection:
     MAX_HEADER_LINES = 200
     #: Hex digits only: int(text, 16) also takes "-1" (which read() takes as "to the end",
     #: past MAX_RESPONSE_BYTES), "+a", "0x1f" and "1_0".
-    CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]+")
-    CONTENT_LENGTH = re.compile(r"[0-9]+")
+    CHUNK_SIZE = rb"[0-9a-fA-F]+"
+    CONTENT_LENGTH = r"[0-9]+"
 
     def __init__(self, host, port, tls_host=None, tunnel=None, timeout=None):
         self.host, self.port = host, port  # where the socket goes: the API, or its proxy
@@ -628,7 +628,7 @@ class HTTPConnection:
             return self._read_chunked(status), keep_alive
         length = headers.get("content-length")
         if length is not None:
-            if not self.CONTENT_LENGTH.fullmatch(length):
+            if not re.fullmatch(self.CONTENT_LENGTH, length):
                 raise ProtocolError("bad Content-Length %r" % length[:50])
             if int(length) > MAX_RESPONSE_BYTES:
                 raise AnswerTooLarge(status)
@@ -645,7 +645,7 @@ class HTTPConnection:
         body = bytearray()  # not a list of chunks: 1-byte chunks would cost 40 times their size
         while True:
             text = self._read_line().split(b";")[0].rstrip(b" \t\r\n")
-            if not self.CHUNK_SIZE.fullmatch(text):
+            if not re.fullmatch(self.CHUNK_SIZE, text):
                 raise ProtocolError("bad chunk size %r" % text[:50])
             length = int(text, 16)
             if length == 0:
@@ -1224,7 +1224,7 @@ def _nested_deeper(value, limit):
 
 
 #: A JSON string (and the colon that makes it a key), or a bracket: all _array_items looks at.
-_JSON_TOKEN = re.compile(rb'("(?:[^"\\]|\\.)*")(\s*:)?|[][{}]')
+_JSON_TOKEN = rb'("(?:[^"\\]|\\.)*")(\s*:)?|[][{}]'
 
 
 class _Unparsable:
@@ -1241,7 +1241,7 @@ def _array_items(raw):
     Only called after json.loads failed on the whole; the tokens are bounded by
     MAX_JSON_VALUES, which the answer passed."""
     items, depth, keys, start, run_id, id_next = [], 0, {}, None, None, False
-    for token in _JSON_TOKEN.finditer(raw):
+    for token in re.finditer(_JSON_TOKEN, raw):
         text = token.group(1) or token.group()
         if text in (b"[", b"{"):
             depth += 1
@@ -1270,7 +1270,7 @@ def _array_item(raw, run_id):
         return None
 
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 def _id_text(value):
@@ -1280,7 +1280,7 @@ def _id_text(value):
 
 def _is_uuid(value):
     """Whether `value` is a UUID as Prefect writes its ids: only such ids go into URL paths."""
-    return isinstance(value, str) and _UUID.fullmatch(value) is not None
+    return isinstance(value, str) and re.fullmatch(_UUID, value) is not None
 
 
 #: The key of the reason in a run that scheduled_runs hands over only to be crashed.
@@ -1572,15 +1572,17 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 _DOMAIN_PART = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 #: Docker's image reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
-IMAGE_REFERENCE = re.compile(
+#: Patterns here stay strings, compiled (and cached by re) at first use: compiling them all
+#: at import would add a millisecond to every start-up.
+IMAGE_REFERENCE = (
     r"(?:(?:{d}(?:\.{d})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?/)?{p}(?:/{p})*"
     r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
     r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{{32,}})?"
     .format(d=_DOMAIN_PART, p=_PATH_PART))
 #: Docker's container name grammar (the daemon refuses any other).
-CONTAINER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+CONTAINER_NAME = r"[a-zA-Z0-9][a-zA-Z0-9_.-]+"
 #: Sizes as docker reads them (go-units RAMInBytes): 512m, 1.5g, 1024...
-MEMORY_SIZE = re.compile(r"\d+(?:\.\d+)* ?[kKmMgGtTpP]?[iI]?[bB]?")
+MEMORY_SIZE = r"\d+(?:\.\d+)* ?[kKmMgGtTpP]?[iI]?[bB]?"
 #: docker's --env-file reader (a Go bufio.Scanner) refuses longer lines (docker 28 and 20.10 CLIs).
 ENV_FILE_LINE_LIMIT = 65535
 
@@ -1671,7 +1673,7 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
     if network_mode is None and not networks and api_host in LOOPBACK_HOSTS:
         network_mode = "host"  # the server listens on this host's loopback (Prefect does this)
     name = config.get("name") or container_name
-    if not isinstance(name, str) or not CONTAINER_NAME.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(CONTAINER_NAME, name):
         raise JobConfigError("job variable 'name' %.100r is not a docker container name "
                              "([a-zA-Z0-9][a-zA-Z0-9_.-]+)" % (name,))
     argv = docker.argv("run", "--name=" + name, "--cidfile=" + cidfile,
@@ -1705,7 +1707,7 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
 def _image_reference(image):
     if not isinstance(image, str) or not image.strip():
         raise JobConfigError("job variable 'image' must name the image to run, got %.100r" % (image,))
-    if not IMAGE_REFERENCE.fullmatch(image):
+    if not re.fullmatch(IMAGE_REFERENCE, image):
         raise JobConfigError("job variable 'image' %.100r is not a docker image reference "
                              "([host[:port]/]path[:tag][@digest], the path in lower case)" % image)
     return image
@@ -1724,7 +1726,7 @@ def _docker_value(value, field):
 def _memory_size(value, field):
     text = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
     unlimited = field == "memswap_limit" and text == "-1"
-    if not isinstance(text, str) or not (unlimited or MEMORY_SIZE.fullmatch(text)):
+    if not isinstance(text, str) or not (unlimited or re.fullmatch(MEMORY_SIZE, text)):
         raise JobConfigError("job variable %r must be a size such as 512m%s, got %.100r"
                              % (field, " (or -1)" if field == "memswap_limit" else "", value))
     return text
