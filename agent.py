@@ -1084,12 +1084,7 @@ class PrefectAPI:
             answer = _array_items(exc.unparsable)
         runs, skipped, first_problem = [], 0, None
         for item in _expect_list(answer, "scheduled runs"):
-            if isinstance(item, _Unparsable):
-                run = {"id": item.run_id}
-                problem = "the flow run from the API nests lists and objects too deeply to parse"
-            else:
-                run = item.get("flow_run") if isinstance(item, dict) else None
-                problem = _run_problem(run)
+            run, problem = _poll_entry(item)
             if problem and not (isinstance(run, dict) and _is_uuid(run.get("id"))):
                 skipped += 1
                 first_problem = first_problem or problem
@@ -1285,6 +1280,15 @@ def _is_uuid(value):
 
 #: The key of the reason in a run that scheduled_runs hands over only to be crashed.
 REFUSED = "agent.py: refused"
+
+
+def _poll_entry(item):
+    """(the flow run, why it cannot be started or None) of one item of a poll's answer."""
+    if isinstance(item, _Unparsable):
+        return {"id": item.run_id}, ("the flow run from the API nests lists and objects too "
+                                     "deeply to parse")
+    run = item.get("flow_run") if isinstance(item, dict) else None
+    return run, _run_problem(run)
 
 
 def _run_problem(run):
