@@ -2941,13 +2941,14 @@ class Journal:
 
     def __init__(self, directory, pool):
         try:
-            if not make_private_dir(directory):
-                self._warn_if_open(directory)
+            made = make_private_dir(directory)
             self.output_dir = os.path.join(directory, "output")
             make_private_dir(self.output_dir)
             self._lock = self._take_slot(directory, pool)
         except OSError as exc:
             raise UsageError("cannot use --state-dir %r: %s" % (directory, exc.strerror or exc))
+        if not made:  # only once the directory is usable: else the error is the one line
+            self._warn_if_open(directory)
         self.directory = directory
         self._mutex = threading.Lock()
         self._entries, self._logs, self._changes, whole = self._load()

@@ -4906,6 +4906,14 @@ class FileModeTests(AgentTestCase):
                                  if warned else [])
                 self.assertEqual(os.stat(state_dir).st_mode & 0o777, mode, "left as it was")
 
+    def test_a_state_directory_that_cannot_be_used_costs_its_one_error_line_only(self):
+        state_dir = os.path.join(self.tmp, "state")
+        os.mkdir(state_dir, 0o755)  # would be warned about, were it usable
+        os.mkdir(os.path.join(state_dir, "journal-pool-0.json.lock"))  # the journal's lock
+        with agent_log("WARNING") as lines, self.assertRaises(agent.UsageError):
+            agent.Journal(state_dir, "pool")
+        self.assertEqual(lines, [])
+
     def test_a_journal_an_older_agent_left_readable_is_made_private(self):
         state_dir = os.path.join(self.tmp, "state")
         os.mkdir(state_dir, 0o700)
