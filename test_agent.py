@@ -4213,22 +4213,29 @@ elif args[0] == "run":
 '''
 
 
+def fake_docker_on_path(test):
+    """A fake docker CLI (FAKE_DOCKER) first on PATH while `test` runs: its path, and the
+    file where it records each call."""
+    bin_dir = os.path.join(test.tmp, "bin")
+    os.mkdir(bin_dir)
+    docker = os.path.join(bin_dir, "docker")
+    with open(docker, "w") as handle:
+        handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
+    os.chmod(docker, 0o755)
+    record = os.path.join(test.tmp, "docker-calls")
+    patch = mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                                         "FAKE_DOCKER_RECORD": record})
+    patch.start()
+    test.addCleanup(patch.stop)
+    return docker, record
+
+
 class DockerTests(AgentTestCase):
     """Docker pools, with a fake docker CLI on PATH that records every call."""
 
     def setUp(self):
         super().setUp()
-        bin_dir = os.path.join(self.tmp, "bin")
-        os.mkdir(bin_dir)
-        self.docker = os.path.join(bin_dir, "docker")
-        with open(self.docker, "w") as handle:
-            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
-        os.chmod(self.docker, 0o755)
-        self.record = os.path.join(self.tmp, "docker-calls")
-        patch = mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + os.environ["PATH"],
-                                             "FAKE_DOCKER_RECORD": self.record})
-        patch.start()
-        self.addCleanup(patch.stop)
+        self.docker, self.record = fake_docker_on_path(self)
 
     def calls(self, subcommand):
         if not os.path.exists(self.record):
@@ -4437,22 +4444,12 @@ class HostileDockerTests(AgentTestCase):
     def setUp(self):
         super().setUp()
         self.real_path = os.environ["PATH"]
-        bin_dir = os.path.join(self.tmp, "bin")
-        os.mkdir(bin_dir)
-        self.docker = os.path.join(bin_dir, "docker")
-        with open(self.docker, "w") as handle:
-            handle.write("#!%s\n%s" % (PY, FAKE_DOCKER))
-        os.chmod(self.docker, 0o755)
-        self.record = os.path.join(self.tmp, "docker-calls")
+        self.docker, self.record = fake_docker_on_path(self)
         self.evil_bin = os.path.join(self.tmp, "evil-bin")
         os.mkdir(self.evil_bin)
         with open(os.path.join(self.evil_bin, "docker"), "w") as handle:
             handle.write(EVIL_DOCKER)
         os.chmod(os.path.join(self.evil_bin, "docker"), 0o755)
-        patch = mock.patch.dict(os.environ, {"PATH": bin_dir + os.pathsep + self.real_path,
-                                             "FAKE_DOCKER_RECORD": self.record})
-        patch.start()
-        self.addCleanup(patch.stop)
 
     calls = DockerTests.calls
     docker_run = DockerTests.docker_run
