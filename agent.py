@@ -831,7 +831,7 @@ class PrefectAPI:
         self._reached = False
         self.last_success = None
         self.failing_since = None  # the first failed attempt since the last success
-        self._stoppable_connection = None  # see give_up_retries_when
+        self._stoppable_connections = {}  # thread id -> its connection; see give_up_retries_when
         self._skipped_note = None  # what the last poll's answer had that was skipped
 
     # -- transport ------------------------------------------------------------
@@ -895,23 +895,40 @@ class PrefectAPI:
             except ValueError:
                 raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
 
-    def give_up_retries_when(self, stopping, wakeup):
+    def give_up_retries_when(self, stopping, wakeup, interruptible=True):
         """From now on, this thread's retries end as soon as stopping() is true: `wakeup`
         (a Wakeup) is woken when it turns true, and cuts the wait before a retry short;
-        interrupt() cuts the request it waits on short."""
+        if `interruptible`, interrupt() cuts the request it waits on short."""
         self._local.stopping, self._local.wakeup = stopping, wakeup
+        self._local.interruptible = interruptible
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and interruptible:
+            self._stoppable_connections[threading.get_ident()] = connection
 
     def interrupt(self):
-        """End the request that the thread of give_up_retries_when waits on, if any: a
-        silent server would hold a stop for the whole request timeout. Signal-safe: a
-        shutdown() takes no lock; the connection is opened anew for the next request."""
-        connection = self._stoppable_connection
-        sock = connection.sock if connection is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # closed meanwhile
+        """End the requests that threads of give_up_retries_when wait on, if any: a silent
+        server would hold a stop for the whole request timeout. Signal-safe: list() of a
+        dict is one step for other threads and handlers alike, and a shutdown() takes no
+        lock; a connection is opened anew for its thread's next request."""
+        for connection in list(self._stoppable_connections.values()):
+            sock = connection.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
+
+    def end_thread(self):
+        """Close the calling thread's connection and forget its stop settings, for a thread
+        that is about to end (or to sit idle): the server need not keep it open for nobody."""
+        connection = getattr(self._local, "connection", None)
+        self._stoppable_connections.pop(threading.get_ident(), None)
+        self._local.__dict__.clear()
+        if connection is not None:
+            connection.close()
+            with self._connections_lock:
+                if connection in self._connections:
+                    self._connections.remove(connection)
 
     def _pause(self, seconds, method, path):
         stopping = getattr(self._local, "stopping", None)
@@ -989,8 +1006,8 @@ class PrefectAPI:
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
-            if getattr(local, "stopping", None) is not None:
-                self._stoppable_connection = connection
+            if getattr(local, "interruptible", False):
+                self._stoppable_connections[threading.get_ident()] = connection
         elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS or connection.dropped():
             # Reopened now rather than found dead mid-request. A server may still close it in
             # the instant before our request lands: _exchange then sends it again, once.
@@ -3238,6 +3255,9 @@ class Reporter:
     WORKERS = 4
     #: Log lines wait up to this for more to share their request (the UI orders by time).
     LOG_BATCH_SECONDS = 0.2
+    #: A delivery thread idle this long closes its connection: its next request would open a
+    #: new one anyway (KEEPALIVE_IDLE_SECONDS), and an idle agent keeps only the loop's.
+    IDLE_CLOSE_SECONDS = KEEPALIVE_IDLE_SECONDS
 
     def __init__(self, api):
         self.api = api
@@ -3334,12 +3354,9 @@ class Reporter:
     def _deliver_forever(self):
         while True:
             with self._ready:
-                work = self._take()
-                while work is None:
-                    if self._stopping.is_set():
-                        return
-                    self._ready.wait(self.LOG_BATCH_SECONDS if self._logs else None)
-                    work = self._take()
+                work = self._wait_for_work()
+                if work is None:
+                    return
                 self._busy += 1
             try:
                 self._deliver(*work)
@@ -3349,6 +3366,21 @@ class Reporter:
                 with self._ready:
                     self._busy -= 1
                     self._ready.notify_all()
+
+    def _wait_for_work(self):
+        """The next work (the lock held), once there is some; None when stopping."""
+        idle_since = time.monotonic()
+        while True:
+            work = self._take()
+            if work is not None or self._stopping.is_set():
+                return work
+            if self._logs:
+                self._ready.wait(self.LOG_BATCH_SECONDS)
+            elif idle_since is None:
+                self._ready.wait()
+            elif not self._ready.wait(idle_since + self.IDLE_CLOSE_SECONDS - time.monotonic()):
+                self.api.end_thread()
+                idle_since = None
 
     def _take(self):
         """The next work (the lock held): a batch of log lines, or the head call of the run
@@ -3443,6 +3475,106 @@ class Wakeup:
         self._lock.acquire(timeout=min(max(0.0, seconds), threading.TIMEOUT_MAX))
 
 
+#: A poll's claims, and the reads they need, go out on at most this many connections at
+#: once: the agent loop's own and, while a burst lasts, up to seven more, each held by a
+#: thread that ends with the burst. A claim costs a round trip plus the server's time for
+#: it; eight in flight keep busy a server that needs 30 ms a claim behind a 200 ms round
+#: trip, and stay inside what Prefect's server runs at once (a database pool of 5 plus 10
+#: overflow on 3.8.8): past that, requests only queue at the server.
+DISPATCH_CONNECTIONS = 8
+
+
+class Dispatcher:
+    """Calls work(item) for a burst of items on up to DISPATCH_CONNECTIONS threads at once,
+    in the items' order of taking. The agent loop thread calls run() and works too, so one
+    item costs no thread and no new connection; the other threads are the dispatcher's own,
+    and each closes its connection as it ends with the burst: an idle agent keeps one.
+    stop() is signal-safe: it only wakes the threads' retry waits. A request in flight is
+    not cut, so a stop waits for it: a round trip, or REQUEST_TIMEOUT_SECONDS at most."""
+
+    def __init__(self, api, stopping):
+        self.api = api
+        self._stopping = stopping
+        self._wakeups = []  # one per dispatch thread: stop() cuts their retry waits short
+
+    def run(self, items, work, between=None, every=None):
+        """work(item) returns False to take no more items (those not taken are left).
+        `between()` runs on this thread every `every` seconds while the burst lasts. The
+        first exception that work or between raises ends the burst, and is raised here once
+        every thread has ended."""
+        burst = _Burst(items)
+        threads = [threading.Thread(target=self._work_on_thread, args=(burst, work),
+                                    name="dispatch-%d" % number, daemon=True)
+                   for number in range(1, min(DISPATCH_CONNECTIONS, len(burst.items)))]
+        for thread in threads:
+            thread.start()
+        between_at = time.monotonic() + every if between else float("inf")
+        while True:
+            self._work(burst, work, lambda: time.monotonic() >= between_at)
+            threads = [thread for thread in threads if thread.is_alive()]
+            if not threads and (not burst.items or burst.failure is not None):
+                break
+            if time.monotonic() >= between_at:
+                if burst.failure is None:
+                    burst.guard(between)
+                between_at = time.monotonic() + every
+            elif threads:
+                threads[0].join(min(1.0, between_at - time.monotonic()))
+        if burst.failure is not None:
+            raise burst.failure
+
+    def stop(self):
+        for wakeup in list(self._wakeups):
+            wakeup.wake()
+
+    def _work_on_thread(self, burst, work):
+        wakeup = Wakeup()
+        self._wakeups.append(wakeup)
+        # A claim in flight is left to finish: cut, it could land unseen and leave its run
+        # Pending until the next start. Retries end, so a stop waits one request at most.
+        self.api.give_up_retries_when(self._stopping, wakeup, interruptible=False)
+        try:
+            self._work(burst, work)
+        finally:
+            self.api.end_thread()
+            self._wakeups.remove(wakeup)
+
+    @staticmethod
+    def _work(burst, work, between_is_due=None):
+        while burst.failure is None:
+            if between_is_due is not None and between_is_due():
+                return  # run() calls `between`, then comes back
+            item = burst.take()
+            if item is _Burst.EMPTY or not burst.guard(work, item):
+                return
+
+
+class _Burst:
+    """The items of one Dispatcher.run() and its outcome, shared by its threads."""
+
+    EMPTY = object()
+
+    def __init__(self, items):
+        self.items = collections.deque(items)
+        self.failure = None  # the first exception raised by work or between
+
+    def take(self):
+        try:
+            return self.items.popleft()  # atomic: no lock needed between the threads
+        except IndexError:
+            return self.EMPTY
+
+    def guard(self, call, *args):
+        """call(*args); False (and the burst ends) when it says so or raises."""
+        try:
+            if call(*args) is not False:
+                return True
+        except BaseException as exc:
+            self.failure = self.failure or exc
+        self.items.clear()
+        return False
+
+
 class Agent:
     """Polls the pool, claims runs, starts them and reports how they ended."""
 
@@ -3453,6 +3585,7 @@ class Agent:
         self.docker = DockerCLI(os.environ)
         self.reporter = Reporter(self.api)
         self.timetable = Timetable()
+        self.dispatcher = Dispatcher(self.api, lambda: self._stopping)
         self.supervisor = Supervisor(
             self._child_exited, self.journal.end_batch, console=console,
             reap_orphans=os.getpid() == 1,
@@ -3481,6 +3614,7 @@ class Agent:
         self.last_contact = None  # last loop pass that reached the API (polls, heartbeats)
         self._deployments = {}
         self._flows = {}
+        self._failed_reads = None  # while a poll's runs are claimed: id -> its read's error
         self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
 
     # -- life cycle -----------------------------------------------------------
@@ -3569,6 +3703,7 @@ class Agent:
         self._stopping = True
         self._wakeup.wake()
         self._retry_wakeup.wake()
+        self.dispatcher.stop()
         self.api.interrupt()
 
     def force_stop(self):
@@ -3741,24 +3876,54 @@ class Agent:
                 self.reporter.resume()
 
     def _claim_all(self, runs):
-        check_at = time.monotonic() + self.config.poll_seconds
+        """Claim a poll's runs, up to DISPATCH_CONNECTIONS at once, in the poll's order. The
+        deployments and flows they need are read first, each once; cancellations are checked
+        once a poll interval while a long burst lasts."""
+        self._failed_reads = {}
+        try:
+            self.dispatcher.run(self._shared_reads(runs), lambda read: read())
+            self.dispatcher.run(runs, self._claim_one, between=self._check_cancellations,
+                                every=self.config.poll_seconds)
+        finally:
+            self._failed_reads = None
+
+    def _shared_reads(self, runs):
+        """A read for each deployment and flow that the runs need and no cache holds. A read
+        that fails is remembered for this poll (_failed_reads): each of its runs meets the same
+        error without asking again."""
+        reads = {}
         for run in runs:
-            if self._stopping or self.journal.failure:
-                break
-            if time.monotonic() >= check_at:  # a long burst of claims: cancellations too
-                self._check_cancellations()
-                check_at = time.monotonic() + self.config.poll_seconds
-            if not self._reserve_slot(run["id"]):
-                if self.config.limit and self.in_flight_count() >= self.config.limit:
-                    break
+            if run.get(REFUSED) is not None:
                 continue
-            try:
-                self._submit(run)
-            except Exception as exc:
-                self._release_slot(run["id"])
-                if isinstance(exc, (AuthRefused, UsageError)):
-                    raise
-                log.exception("run %s: submitting failed unexpectedly", run["id"])
+            deployment_id, flow_id = run.get("deployment_id"), run.get("flow_id")
+            if deployment_id and not self._cached_deployment(deployment_id):
+                reads[deployment_id] = lambda i=deployment_id: self._read_quietly(self._deployment, i)
+            if flow_id and flow_id not in self._flows:
+                reads[flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
+        return list(reads.values())
+
+    @staticmethod
+    def _read_quietly(read, key):
+        try:
+            read(key)
+        except (APIError, APIUnreachable):
+            pass  # kept in _failed_reads; each run that needs it says so
+
+    def _claim_one(self, run):
+        """Claim and launch one run of a burst (on a dispatch thread, or the agent loop's);
+        False when the burst should take no more runs."""
+        if self._stopping or self.journal.failure:
+            return False
+        if not self._reserve_slot(run["id"]):
+            return not (self.config.limit and self.in_flight_count() >= self.config.limit)
+        try:
+            return self._submit(run)
+        except Exception as exc:
+            self._release_slot(run["id"])
+            if isinstance(exc, (AuthRefused, UsageError)):
+                raise
+            log.exception("run %s: submitting failed unexpectedly", run["id"])
+            return True
 
     def in_flight_count(self):
         return len(self._in_flight)  # no lock: a signal handler asks, and len() is atomic
@@ -3781,7 +3946,7 @@ class Agent:
         """Read what the run needs, claim it, and start it only if the server says it is ours.
         Reads come first so that an API failure leaves the run for the next poll, unclaimed;
         a run or answer the agent refuses would be refused again, so that run is claimed and
-        crashed with the reason."""
+        crashed with the reason. False when the API is unreachable: the burst stops there."""
         run_id = run["id"]
         refused = run.get(REFUSED)
         deployment, flow_name = {}, None
@@ -3800,20 +3965,21 @@ class Agent:
                 self._cancel_orphan(run)
             else:
                 log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
-            return
+            return True
         except APIUnreachable as exc:
             self._release_slot(run_id)
             log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
-            return
+            return False
         except JournalError:  # logged by the journal, once; claims wait until it is writable
             self._release_slot(run_id)
-            return
+            return False
         if claimed and refused:
             self._crash_unstarted(run_id, refused)
         elif claimed:
             self._launch(run, deployment, flow_name)
         else:
             self._release_slot(run_id)
+        return True
 
     def _claim(self, run):
         """Propose PENDING. True only when the run ends up PENDING by our proposal."""
@@ -3919,6 +4085,9 @@ class Agent:
     def _launch(self, run, deployment, flow_name):
         """Prepare the run's job now; start it at its scheduled time, or at once if it is due."""
         run_id = run["id"]
+        if self._stopping and not self.config.run_once:  # a claim in flight when told to stop
+            self._hand_back(run_id, "agent.py was stopped while the run was being claimed")
+            return
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
             job = self._job_for(run, deployment, flow_name)
@@ -4030,14 +4199,17 @@ class Agent:
                 labels[label] = flow_run_env[key]
         return labels
 
+    def _cached_deployment(self, deployment_id):
+        # Deployments change rarely but are read for every run: cached per sync period.
+        cached = self._deployments.get(deployment_id)
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
     def _deployment(self, deployment_id):
         _expect_id(deployment_id, "deployment_id")
-        # Deployments change rarely but are read for every run: cache per sync period.
-        cached = self._deployments.get(deployment_id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
-        deployment = self.api.read_deployment(deployment_id)
-        self._deployments[deployment_id] = (time.monotonic() + SYNC_SECONDS, deployment)
+        deployment = self._cached_deployment(deployment_id)
+        if deployment is None:
+            deployment = self._read_once(self.api.read_deployment, deployment_id)
+            self._deployments[deployment_id] = (time.monotonic() + SYNC_SECONDS, deployment)
         return deployment
 
     def _flow_name(self, flow_id):
@@ -4045,8 +4217,22 @@ class Agent:
             return None
         _expect_id(flow_id, "flow_id")
         if flow_id not in self._flows:
-            self._flows[flow_id] = self.api.read_flow(flow_id).get("name")
+            self._flows[flow_id] = self._read_once(self.api.read_flow, flow_id).get("name")
         return self._flows[flow_id]
+
+    def _read_once(self, read, object_id):
+        """read(object_id), unless it failed already during this poll's claims: that error
+        again (its traceback dropped, for each raise adds to it)."""
+        failed_reads = self._failed_reads
+        failed = failed_reads.get(object_id) if failed_reads is not None else None
+        if failed is not None:
+            raise failed.with_traceback(None)
+        try:
+            return read(object_id)
+        except (APIError, APIUnreachable) as exc:
+            if failed_reads is not None:
+                failed_reads[object_id] = exc
+            raise
 
     def _lookup_prefect(self, name):
         if name.startswith("prefect.variables."):

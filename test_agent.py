@@ -243,7 +243,25 @@ class _Handler(QuietHandler):
     # connection meet Nagle and delayed ACK, 40 ms a request that no real server costs.
     wbufsize = -1
 
+    def setup(self):
+        super().setup()
+        self.server.fake._connection_opened()
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.fake._connection_closed()
+
     def do_GET(self):
+        claim = self.path.endswith("/set_state")
+        self.server.fake._count_claims(+1 if claim else 0)
+        try:
+            self._handle()
+        finally:
+            self.server.fake._count_claims(-1 if claim else 0)
+
+    def _handle(self):
         fake = self.server.fake
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = dict((k.lower(), v) for k, v in self.headers.items())
@@ -252,6 +270,8 @@ class _Handler(QuietHandler):
         except ValueError:
             body = _BadJSON(raw)
         fault = fake._record(self.command, self.path, headers, body) or {"kind": None}
+        if fake.latency:  # a round trip's worth: recorded on arrival, handled after it
+            time.sleep(fake.latency)
         if fault["kind"] == "bytes":  # an answer that is not HTTP-conformant, sent as given
             try:
                 for piece in fault["response"]:
@@ -294,6 +314,9 @@ class FakePrefect(object):
         self._requests, self._faults, self._csrf_tokens = [], [], {}
         self._server = self.url = None
         self.errors = []  # tracebacks of requests the fake itself failed on (answered 500)
+        self.latency = 0.0  # seconds each request waits before it is handled: a round trip
+        self.connections_open = self.most_connections_open = 0
+        self.claims_in_flight = self.most_claims_in_flight = 0
         uid = r"([0-9a-fA-F-]{32,36})"
         self._routes = [(m, re.compile(p + "$"), f) for m, p, f in (
             ("GET", r"/version", lambda b, q: (200, "0.8.4")),
@@ -494,6 +517,20 @@ class FakePrefect(object):
         with self._lock:
             self._faults.append({"kind": kind, "left": n, "path": path_contains,
                                  "response": response, "process": process})
+
+    def _connection_opened(self):
+        with self._lock:
+            self.connections_open += 1
+            self.most_connections_open = max(self.most_connections_open, self.connections_open)
+
+    def _connection_closed(self):
+        with self._lock:
+            self.connections_open -= 1
+
+    def _count_claims(self, change):
+        with self._lock:
+            self.claims_in_flight += change
+            self.most_claims_in_flight = max(self.most_claims_in_flight, self.claims_in_flight)
 
     def _record(self, method, path, headers, body):
         with self._lock:
@@ -2572,6 +2609,88 @@ class ClaimTests(AgentTestCase):
 
 
 # -- 5. running ----------------------------------------------------------------------
+
+
+class DispatchTests(AgentTestCase):
+    """A poll's claims go out concurrently on a bounded number of connections, so a round
+    trip (the fake's latency) does not set the pace; every guarantee of a claim holds."""
+
+    def runs(self, count, extra=""):
+        dep = self.deployment(command=marker_command(self.markers, extra))
+        return [self.fake.add_run(dep, pool="pool") for _ in range(count)]
+
+    def test_a_burst_of_claims_is_concurrent_and_bounded(self):
+        self.fake.latency = 0.05
+        runs = self.runs(60)
+        with RunningAgent(self.fake):
+            wait_for(lambda: len(self.started_ids()) == len(runs), timeout=60, what="60 starts")
+        self.assertEqual(sorted(self.started_ids()), sorted(runs))  # each once
+        self.assertGreaterEqual(self.fake.most_claims_in_flight, 4)
+        self.assertLessEqual(self.fake.most_claims_in_flight, agent.DISPATCH_CONNECTIONS)
+        self.assertLessEqual(self.fake.most_connections_open,
+                             agent.DISPATCH_CONNECTIONS + agent.Reporter.WORKERS)
+
+    def test_an_idle_agent_keeps_one_connection(self):
+        self.fake.latency = 0.02
+        runs = self.runs(20)
+        with mock.patch.object(agent.Reporter, "IDLE_CLOSE_SECONDS", 0.5), RunningAgent(self.fake):
+            wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in runs),
+                     timeout=60, what="every run reported")  # exit 0 without a final state
+            wait_for(lambda: self.fake.connections_open == 1, timeout=10,
+                     what="the agent loop's connection alone")
+        self.assertGreater(self.fake.most_connections_open, agent.Reporter.WORKERS)
+
+    def test_the_reads_runs_share_are_made_once_per_poll_even_when_they_fail(self):
+        runs = self.runs(30)
+        self.fake.fail_next(10 ** 6, status=500, path_contains="/deployments/")
+        with RunningAgent(self.fake, "--run-once") as running:
+            wait_for(lambda: not running.thread.is_alive(), timeout=30, what="--run-once exit")
+        self.assertEqual(len(self.fake.calls("GET", "/deployments/")), 1)
+        self.assertEqual([final_type(self.fake, r) for r in runs], ["SCHEDULED"] * 30)
+        self.fake.clear_faults()
+        with RunningAgent(self.fake):
+            wait_for(lambda: len(self.started_ids()) == len(runs), timeout=60, what="30 starts")
+        self.assertEqual(len(self.fake.calls("GET", "/deployments/")), 2)
+        self.assertEqual(len(self.fake.calls("GET", "/flows/")), 2)  # one per agent
+
+    def test_limit_holds_while_claims_are_concurrent(self):
+        self.fake.latency = 0.05
+        runs = self.runs(20, "import time; time.sleep(0.5)")
+        peak = [0]
+        with RunningAgent(self.fake, "--limit", "3") as running:
+            def done():
+                peak[0] = max(peak[0], running.agent.in_flight_count())
+                return len(self.started_ids()) == len(runs) and not running.agent.in_flight_count()
+            wait_for(done, timeout=90, what="all runs")
+        self.assertEqual(peak[0], 3)
+        self.assertEqual(sorted(self.started_ids()), sorted(runs))
+
+    def test_an_unreachable_api_ends_the_burst(self):
+        """A claim whose answer is lost and whose run cannot be read means the API is gone:
+        the rest of the poll's runs wait for the next poll instead of each waiting out its
+        own retries."""
+        runs = self.runs(40)
+        self.fake.fail_next(10 ** 6, status=503, path_contains="/flow_runs/")
+        with RunningAgent(self.fake, "--run-once", api_retries=0) as running:
+            wait_for(lambda: not running.thread.is_alive(), timeout=30, what="--run-once exit")
+        self.assertLessEqual(len(self.fake.calls("POST", "/set_state")), agent.DISPATCH_CONNECTIONS)
+        self.assertEqual(self.started_ids(), [])
+
+    def test_claims_in_flight_when_the_agent_is_stopped_are_handed_back(self):
+        """The stop comes as the first claims reach the server, before any is answered: those
+        land, and their runs go back to the pool instead of starting or staying Pending."""
+        self.fake.latency = 0.5
+        runs = self.runs(40)
+        with RunningAgent(self.fake) as running:
+            wait_for(lambda: self.fake.calls("POST", "/set_state"), what="first claim")
+            running.agent.stop()
+            wait_for(lambda: not running.thread.is_alive(), timeout=10, what="agent exit")
+        self.assertEqual(running.exit_code, 0)
+        self.assertEqual(self.started_ids(), [])
+        self.assertEqual([final_type(self.fake, r) for r in runs], ["SCHEDULED"] * len(runs))
+        handed_back = [r for r in runs if self.fake.history(r) == ["SCHEDULED", "PENDING", "SCHEDULED"]]
+        self.assertTrue(handed_back)
+        self.assertLess(len(self.fake.calls("POST", "/set_state")), len(runs) + len(handed_back))
 
 
 class JobConfigurationTests(unittest.TestCase):
