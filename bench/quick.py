@@ -15,6 +15,11 @@ test_agent.FakePrefect and measures, in this order:
     zombies      children of the agent seen in state Z in samples >= 1 s apart
     peak RSS     VmHWM at the end, and its growth over the idle RSS
     stop         SIGTERM; the agent must exit 0 within 15 s
+    latency      a second agent against a fake that takes 50 ms to answer each request (a
+                 WAN round trip) with 200 runs waiting: from the answer to the first poll that
+                 returns them until the fake has answered the 200th claim. One run at a time
+                 that is 200 round trips (10 s and more); the limit (5 s) needs claims in
+                 flight together
     journal      the agent's Journal class (imported from --agent): ms to journal one exit
                  (fsync included) holding 10 runs and holding 1000; the cost must not grow
                  with the runs held
@@ -77,6 +82,10 @@ LIMIT_PUNCTUAL_P95_S = 1.0
 LIMIT_ZOMBIES = 0
 LIMIT_RSS_GROWTH_MB = 30.0
 LIMIT_JOURNAL_GROWTH = 3.0   # ms per exit holding 1000 runs / holding 10
+LIMIT_LATENCY_CLAIMS_S = 5.0
+LATENCY_S = 0.05
+LATENCY_RUNS = 200
+LATENCY_WAIT = 60.0
 JOURNAL_HELD = (10, 1000)
 JOURNAL_EXITS = 50
 
@@ -108,6 +117,24 @@ class TimedFake(FakePrefect):
     def polls_copy(self):
         with self._polls_lock:
             return list(self.polls)
+
+
+class LatencyFake(TimedFake):
+    """TimedFake that answers each request LATENCY_S late and notes when each claim (a
+    PENDING proposal) was answered."""
+
+    def __init__(self):
+        TimedFake.__init__(self)
+        self.latency = LATENCY_S
+        self.claims = []  # monotonic at each accepted claim's answer
+
+    def _dispatch(self, method, target, headers, body):
+        answer = TimedFake._dispatch(self, method, target, headers, body)
+        if (target.endswith("/set_state") and answer[0] < 300 and isinstance(body, dict)
+                and (body.get("state") or {}).get("type") == "PENDING"):
+            with self._polls_lock:
+                self.claims.append(time.monotonic())
+        return answer
 
 
 def read_markers(path):
@@ -166,23 +193,27 @@ class Quick:
         self.deployment = self.fake.add_deployment(flow_id, "quick", work_pool_name=POOL,
                                                    work_queue_name="default")
 
-    def start_agent(self):
-        argv = [sys.executable, self.args.agent, "start", "--api", self.fake.url, "--pool", POOL,
+    def spawn_agent(self, fake, name, log_path):
+        """agent.py in its own session against `fake`, with state and temp dirs named `name`."""
+        argv = [sys.executable, self.args.agent, "start", "--api", fake.url, "--pool", POOL,
                 "--name", "quick-agent", "--poll-interval", str(POLL_SECONDS),
                 "--prefetch-seconds", str(PREFETCH_SECONDS), "--hide-welcome",
-                "--state-dir", os.path.join(self.tmp, "state")]
+                "--state-dir", os.path.join(self.tmp, name + "-state")]
         env = dict(os.environ)
         for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
             env.pop(key, None)
         env["PYTHONUNBUFFERED"] = "1"
-        env["TMPDIR"] = os.path.join(self.tmp, "agent-tmp")  # the runs' working dirs
-        env["XDG_STATE_HOME"] = os.path.join(self.tmp, "xdg-state")
+        env["TMPDIR"] = os.path.join(self.tmp, name + "-tmp")  # the runs' working dirs
+        env["XDG_STATE_HOME"] = os.path.join(self.tmp, name + "-xdg-state")
         os.makedirs(env["TMPDIR"])
-        with open(self.agent_log, "wb") as log:
-            started = time.monotonic()
-            self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=self.tmp, env=env,
-                                          start_new_session=True)
+        with open(log_path, "wb") as log:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=self.tmp, env=env,
+                                    start_new_session=True)
+
+    def start_agent(self):
+        started = time.monotonic()
+        self.agent = self.spawn_agent(self.fake, "agent", self.agent_log)
         # Watch from the start: zombies of the first runs count too.
         self.watch = ZombieWatch(self.agent.pid)
         self.watch.start()
@@ -308,6 +339,36 @@ class Quick:
             self.figures["exit_code"] = None
             self.figures["stop_s"] = None
 
+    def claims_over_latency(self):
+        """A second agent and fake: LATENCY_RUNS runs waiting behind LATENCY_S a request."""
+        fake = LatencyFake()
+        fake.start()
+        agent = None
+        try:
+            fake.add_pool(POOL, base_job_template=PROCESS_POOL_TEMPLATE)
+            deployment = fake.add_deployment(fake.add_flow("latency-flow"), "latency",
+                                             work_pool_name=POOL, work_queue_name="default")
+            for _ in range(LATENCY_RUNS):
+                fake.add_run(deployment, pool=POOL, job_variables={"command": self.command()})
+            agent = self.spawn_agent(fake, "latency", self.agent_log + ".latency")
+            deadline = time.monotonic() + LATENCY_WAIT
+            while len(fake.claims) < LATENCY_RUNS and time.monotonic() < deadline:
+                if agent.poll() is not None:
+                    raise Abort("agent.py exited with %s during the latency case"
+                                % agent.returncode)
+                time.sleep(0.05)
+            carried = [p for p in fake.polls_copy() if p[3] > 0]
+            self.figures["latency_claimed"] = len(fake.claims)
+            self.figures["latency_claims_s"] = (
+                fake.claims[-1] - carried[0][1]
+                if carried and len(fake.claims) >= LATENCY_RUNS else None)
+        finally:
+            if agent is not None and agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait(5)
+            fake.stop()
+        self.fake.errors.extend(fake.errors)
+
     def alive(self, during):
         if self.agent.poll() is not None:
             raise Abort("agent.py exited with %s during %s" % (self.agent.returncode, during))
@@ -343,6 +404,9 @@ class Quick:
         else:
             self.checks.append(("exit code after SIGTERM", "not reached",
                                 "0 within %g s" % STOP_WAIT, None))
+        self.check("claim %d runs at %d ms a request (%d claimed)" % (
+            LATENCY_RUNS, LATENCY_S * 1000, f.get("latency_claimed", 0)),
+            f.get("latency_claims_s"), LIMIT_LATENCY_CLAIMS_S, unit=" s")
         self.check("fake-side errors", len(self.fake.errors), 0, "%d")
         few, many = (f.get("journal_ms_%d" % held) for held in JOURNAL_HELD)
         for held, value in zip(JOURNAL_HELD, (few, many)):
@@ -412,6 +476,7 @@ def main(argv=None):
         quick.settle()
         quick.stop_agent()
         quick.journal()
+        quick.claims_over_latency()
     except Abort as exc:
         quick.aborted = str(exc)
     finally:
