@@ -453,6 +453,9 @@ MAX_JSON_DEPTH = 128
 #: cost under 100 MB, where 32 MiB of [{},{},...] (ten million) cost 850 MB.
 MAX_JSON_VALUES = 1000000
 REQUEST_TIMEOUT_SECONDS = 60
+#: Once the agent is stopping, a request waits this long at most (and a claim in flight is
+#: cut after this long): a server that stops answering must not hold a stop for a minute.
+STOPPING_REQUEST_SECONDS = 5.0
 #: A connection idle longer than this is reopened rather than reused: Prefect Cloud's load
 #: balancer drops connections idle for 30 s, and may not say so. Before that, a connection is
 #: reused unless the server has closed it (uvicorn does at 5 s), which costs one poll().
@@ -546,6 +549,12 @@ class HTTPConnection:
         if not reusable:
             self.close()
         return status, answer_headers, data
+
+    def set_timeout(self, seconds):
+        """Seconds that connecting, and each wait for the server, may take from now on."""
+        self.timeout = seconds
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
     def dropped(self):
         """Whether the server closed this idle connection (or sent on it unasked, which
@@ -831,7 +840,7 @@ class PrefectAPI:
         self._reached = False
         self.last_success = None
         self.failing_since = None  # the first failed attempt since the last success
-        self._stoppable_connections = {}  # thread id -> its connection; see give_up_retries_when
+        self._stoppable = {}  # thread id -> (its connection, interruptible); give_up_retries_when
         self._skipped_note = None  # what the last poll's answer had that was skipped
 
     # -- transport ------------------------------------------------------------
@@ -902,17 +911,18 @@ class PrefectAPI:
         self._local.stopping, self._local.wakeup = stopping, wakeup
         self._local.interruptible = interruptible
         connection = getattr(self._local, "connection", None)
-        if connection is not None and interruptible:
-            self._stoppable_connections[threading.get_ident()] = connection
+        if connection is not None:
+            self._stoppable[threading.get_ident()] = (connection, interruptible)
 
-    def interrupt(self):
-        """End the requests that threads of give_up_retries_when wait on, if any: a silent
-        server would hold a stop for the whole request timeout. Signal-safe: list() of a
-        dict is one step for other threads and handlers alike, and a shutdown() takes no
-        lock; a connection is opened anew for its thread's next request."""
-        for connection in list(self._stoppable_connections.values()):
+    def interrupt(self, thread_ids=None):
+        """End the requests that the interruptible threads of give_up_retries_when (or the
+        threads `thread_ids`) wait on, if any: a silent server would hold a stop for the
+        whole request timeout. Signal-safe: list() of a dict is one step for other threads
+        and handlers alike, and a shutdown() takes no lock; a connection is opened anew for
+        its thread's next request."""
+        for thread_id, (connection, interruptible) in list(self._stoppable.items()):
             sock = connection.sock
-            if sock is not None:
+            if sock is not None and (thread_id in thread_ids if thread_ids else interruptible):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -922,7 +932,7 @@ class PrefectAPI:
         """Close the calling thread's connection and forget its stop settings, for a thread
         that is about to end (or to sit idle): the server need not keep it open for nobody."""
         connection = getattr(self._local, "connection", None)
-        self._stoppable_connections.pop(threading.get_ident(), None)
+        self._stoppable.pop(threading.get_ident(), None)
         self._local.__dict__.clear()
         if connection is not None:
             connection.close()
@@ -973,11 +983,13 @@ class PrefectAPI:
         if self._proxy and self._proxy[2] and parts.scheme == "http":
             headers["Proxy-Authorization"] = self._proxy[2]
         reused = connection.sock is not None
+        stopping = getattr(self._local, "stopping", None)
+        connection.set_timeout(STOPPING_REQUEST_SECONDS if stopping is not None and stopping()
+                               else REQUEST_TIMEOUT_SECONDS)
         try:
             try:
                 answer = connection.request(method, target, headers, data)
             except (ServerClosed, BrokenPipeError, ConnectionResetError):
-                stopping = getattr(self._local, "stopping", None)
                 if not reused or (stopping is not None and stopping()):  # or interrupted
                     raise
                 connection.close()
@@ -1006,8 +1018,8 @@ class PrefectAPI:
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
-            if getattr(local, "interruptible", False):
-                self._stoppable_connections[threading.get_ident()] = connection
+            if getattr(local, "stopping", None) is not None:
+                self._stoppable[threading.get_ident()] = (connection, local.interruptible)
         elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS or connection.dropped():
             # Reopened now rather than found dead mid-request. A server may still close it in
             # the instant before our request lands: _exchange then sends it again, once.
@@ -3476,21 +3488,22 @@ class Wakeup:
 
 
 #: A poll's claims, and the reads they need, go out on at most this many connections at
-#: once: the agent loop's own and, while a burst lasts, up to seven more, each held by a
-#: thread that ends with the burst. A claim costs a round trip plus the server's time for
-#: it; eight in flight keep busy a server that needs 30 ms a claim behind a 200 ms round
-#: trip, and stay inside what Prefect's server runs at once (a database pool of 5 plus 10
-#: overflow on 3.8.8): past that, requests only queue at the server.
+#: once, each held by a thread that ends with the burst (a burst of one goes on the agent
+#: loop's own). A claim costs a round trip plus the server's time for it; eight in flight
+#: keep busy a server that needs 30 ms a claim behind a 200 ms round trip, and stay inside
+#: what Prefect's server runs at once (a database pool of 5 plus 10 overflow on 3.8.8):
+#: past that, requests only queue at the server.
 DISPATCH_CONNECTIONS = 8
 
 
 class Dispatcher:
-    """Calls work(item) for a burst of items on up to DISPATCH_CONNECTIONS threads at once,
-    in the items' order of taking. The agent loop thread calls run() and works too, so one
-    item costs no thread and no new connection; the other threads are the dispatcher's own,
-    and each closes its connection as it ends with the burst: an idle agent keeps one.
-    stop() is signal-safe: it only wakes the threads' retry waits. A request in flight is
-    not cut, so a stop waits for it: a round trip, or REQUEST_TIMEOUT_SECONDS at most."""
+    """Calls work(item) for a burst of items, in their order, on up to DISPATCH_CONNECTIONS
+    threads at once. The agent loop thread calls run(); a single item runs on it, with its
+    warm connection. Otherwise the threads are the dispatcher's own, each closes its
+    connection as it ends with the burst (an idle agent keeps one), and the loop thread
+    watches them: it calls `between`, and on a stop lets the requests in flight finish, for
+    a claim cut short could land unseen, but cuts them after STOPPING_REQUEST_SECONDS.
+    stop() is signal-safe: it only wakes the threads' retry waits."""
 
     def __init__(self, api, stopping):
         self.api = api
@@ -3503,23 +3516,10 @@ class Dispatcher:
         first exception that work or between raises ends the burst, and is raised here once
         every thread has ended."""
         burst = _Burst(items)
-        threads = [threading.Thread(target=self._work_on_thread, args=(burst, work),
-                                    name="dispatch-%d" % number, daemon=True)
-                   for number in range(1, min(DISPATCH_CONNECTIONS, len(burst.items)))]
-        for thread in threads:
-            thread.start()
-        between_at = time.monotonic() + every if between else float("inf")
-        while True:
-            self._work(burst, work, lambda: time.monotonic() >= between_at)
-            threads = [thread for thread in threads if thread.is_alive()]
-            if not threads and (not burst.items or burst.failure is not None):
-                break
-            if time.monotonic() >= between_at:
-                if burst.failure is None:
-                    burst.guard(between)
-                between_at = time.monotonic() + every
-            elif threads:
-                threads[0].join(min(1.0, between_at - time.monotonic()))
+        if len(burst.items) > 1:
+            self._run_on_threads(burst, work, between, every)
+        else:
+            self._work(burst, work)
         if burst.failure is not None:
             raise burst.failure
 
@@ -3527,11 +3527,30 @@ class Dispatcher:
         for wakeup in list(self._wakeups):
             wakeup.wake()
 
+    def _run_on_threads(self, burst, work, between, every):
+        threads = [threading.Thread(target=self._work_on_thread, args=(burst, work),
+                                    name="dispatch-%d" % number, daemon=True)
+                   for number in range(min(DISPATCH_CONNECTIONS, len(burst.items)))]
+        for thread in threads:
+            thread.start()
+        between_at = time.monotonic() + every if between else float("inf")
+        cut_at = None
+        while threads:
+            now = time.monotonic()
+            if now >= between_at and burst.failure is None:
+                burst.guard(between)
+                between_at = time.monotonic() + every
+            if cut_at is None and self._stopping():
+                cut_at = now + STOPPING_REQUEST_SECONDS
+            elif cut_at is not None and now >= cut_at:  # and again for any request sent since
+                self.api.interrupt([thread.ident for thread in threads])
+                cut_at = now + STOPPING_REQUEST_SECONDS
+            threads[0].join(0.1)
+            threads = [thread for thread in threads if thread.is_alive()]
+
     def _work_on_thread(self, burst, work):
         wakeup = Wakeup()
         self._wakeups.append(wakeup)
-        # A claim in flight is left to finish: cut, it could land unseen and leave its run
-        # Pending until the next start. Retries end, so a stop waits one request at most.
         self.api.give_up_retries_when(self._stopping, wakeup, interruptible=False)
         try:
             self._work(burst, work)
@@ -3540,10 +3559,8 @@ class Dispatcher:
             self._wakeups.remove(wakeup)
 
     @staticmethod
-    def _work(burst, work, between_is_due=None):
+    def _work(burst, work):
         while burst.failure is None:
-            if between_is_due is not None and between_is_due():
-                return  # run() calls `between`, then comes back
             item = burst.take()
             if item is _Burst.EMPTY or not burst.guard(work, item):
                 return
@@ -3896,10 +3913,11 @@ class Agent:
             if run.get(REFUSED) is not None:
                 continue
             deployment_id, flow_id = run.get("deployment_id"), run.get("flow_id")
-            if deployment_id and not self._cached_deployment(deployment_id):
-                reads[deployment_id] = lambda i=deployment_id: self._read_quietly(self._deployment, i)
+            if deployment_id and self._cached_deployment(deployment_id) is None:
+                reads["deployment", deployment_id] = (
+                    lambda i=deployment_id: self._read_quietly(self._deployment, i))
             if flow_id and flow_id not in self._flows:
-                reads[flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
+                reads["flow", flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
         return list(reads.values())
 
     @staticmethod

@@ -270,7 +270,7 @@ class _Handler(QuietHandler):
         except ValueError:
             body = _BadJSON(raw)
         fault = fake._record(self.command, self.path, headers, body) or {"kind": None}
-        if fake.latency:  # a round trip's worth: recorded on arrival, handled after it
+        if fake.latency and fake.latency_path in self.path:  # recorded on arrival, handled after
             time.sleep(fake.latency)
         if fault["kind"] == "bytes":  # an answer that is not HTTP-conformant, sent as given
             try:
@@ -315,6 +315,7 @@ class FakePrefect(object):
         self._server = self.url = None
         self.errors = []  # tracebacks of requests the fake itself failed on (answered 500)
         self.latency = 0.0  # seconds each request waits before it is handled: a round trip
+        self.latency_path = ""  # ... each request whose path contains this
         self.connections_open = self.most_connections_open = 0
         self.claims_in_flight = self.most_claims_in_flight = 0
         uid = r"([0-9a-fA-F-]{32,36})"
@@ -2628,7 +2629,7 @@ class DispatchTests(AgentTestCase):
         self.assertGreaterEqual(self.fake.most_claims_in_flight, 4)
         self.assertLessEqual(self.fake.most_claims_in_flight, agent.DISPATCH_CONNECTIONS)
         self.assertLessEqual(self.fake.most_connections_open,
-                             agent.DISPATCH_CONNECTIONS + agent.Reporter.WORKERS)
+                             1 + agent.DISPATCH_CONNECTIONS + agent.Reporter.WORKERS)
 
     def test_an_idle_agent_keeps_one_connection(self):
         self.fake.latency = 0.02
@@ -2691,6 +2692,20 @@ class DispatchTests(AgentTestCase):
         handed_back = [r for r in runs if self.fake.history(r) == ["SCHEDULED", "PENDING", "SCHEDULED"]]
         self.assertTrue(handed_back)
         self.assertLess(len(self.fake.calls("POST", "/set_state")), len(runs) + len(handed_back))
+
+    def test_a_stop_while_claims_wait_on_a_silent_server_ends_in_seconds(self):
+        """Claims in flight are let finish, but not for the minute a request may take."""
+        self.fake.latency, self.fake.latency_path = 3600, "/set_state"  # claims never answered
+        runs = self.runs(40)
+        with RunningAgent(self.fake) as running:
+            wait_for(lambda: len(self.fake.calls("POST", "/set_state")) >= 8, what="claims sent")
+            stopped = time.monotonic()
+            running.agent.stop()
+            wait_for(lambda: not running.thread.is_alive(), timeout=30, what="agent exit")
+            self.assertLess(time.monotonic() - stopped, agent.REQUEST_TIMEOUT_SECONDS / 2)
+        self.assertEqual(running.exit_code, 0)
+        self.assertEqual(self.started_ids(), [])
+        self.assertEqual([final_type(self.fake, r) for r in runs], ["SCHEDULED"] * len(runs))
 
 
 class JobConfigurationTests(unittest.TestCase):
