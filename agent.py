@@ -3494,6 +3494,10 @@ class Wakeup:
 #: what Prefect's server runs at once (a database pool of 5 plus 10 overflow on 3.8.8):
 #: past that, requests only queue at the server.
 DISPATCH_CONNECTIONS = 8
+#: Prefect's server answers a poll with at most this many runs (its default limit, which is
+#: also its largest, on 3.8.8): after a full page that it claimed from, the agent polls again
+#: at once instead of a poll interval later.
+POLL_PAGE = 200
 
 
 class Dispatcher:
@@ -3632,6 +3636,7 @@ class Agent:
         self._deployments = {}
         self._flows = {}
         self._failed_reads = None  # while a poll's runs are claimed: id -> its read's error
+        self._claimed = []  # run ids the last poll's claims won (appended on several threads)
         self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
 
     # -- life cycle -----------------------------------------------------------
@@ -3671,10 +3676,10 @@ class Agent:
                 if beat_first:
                     self._heartbeat()
                 if time.monotonic() >= next_poll:
-                    if not self._stopping:
-                        self._poll(polled)
+                    more_waiting = not self._stopping and self._poll(polled)
                     self._check_cancellations()
-                    next_poll = time.monotonic() + self.config.poll_seconds * jitter(0.9, 1.1)
+                    next_poll = time.monotonic() + (
+                        0.0 if more_waiting else self.config.poll_seconds * jitter(0.9, 1.1))
                 if syncing and not beat_first:
                     self._heartbeat()
                 self.last_contact = time.monotonic()
@@ -3872,37 +3877,43 @@ class Agent:
         return utcnow() + datetime.timedelta(seconds=self.config.prefetch_seconds)
 
     def _poll(self, polled=None):
-        """Poll (or take the answer `polled` already holds) and claim what it returns."""
+        """Poll (or take the answer `polled` already holds) and claim what it returns. True
+        when more runs may be waiting: the answer was a full page, and runs were claimed
+        from it, with room for more."""
         if self.pool is None:
-            return
+            return False
         if self.config.match and not self.queues:
             self._resolve_queues()  # pick up a matching queue as soon as it appears
             if not self.queues:
                 self.last_poll = time.monotonic()  # polling [] would mean "every queue"
-                return
+                return False
         self._settle_unanswered_claims()
         runs = polled
         if runs is None:
             runs = self.api.scheduled_runs(self.config.pool, self.queues, self._horizon())
         self.last_poll = time.monotonic()
-        if runs:
-            self.reporter.pause()
-            try:
-                self._claim_all(runs)
-            finally:
-                self.reporter.resume()
+        if not runs:
+            return False
+        self.reporter.pause()
+        try:
+            claimed = self._claim_all(runs)
+        finally:
+            self.reporter.resume()
+        room = not self.config.limit or self.in_flight_count() < self.config.limit
+        return len(runs) >= POLL_PAGE and claimed > 0 and room
 
     def _claim_all(self, runs):
         """Claim a poll's runs, up to DISPATCH_CONNECTIONS at once, in the poll's order. The
         deployments and flows they need are read first, each once; cancellations are checked
-        once a poll interval while a long burst lasts."""
-        self._failed_reads = {}
+        once a poll interval while a long burst lasts. Returns how many it claimed."""
+        self._failed_reads, self._claimed = {}, []
         try:
             self.dispatcher.run(self._shared_reads(runs), lambda read: read())
             self.dispatcher.run(runs, self._claim_one, between=self._check_cancellations,
                                 every=self.config.poll_seconds)
         finally:
             self._failed_reads = None
+        return len(self._claimed)
 
     def _shared_reads(self, runs):
         """A read for each deployment and flow that the runs need and no cache holds. A read
@@ -3991,6 +4002,8 @@ class Agent:
         except JournalError:  # logged by the journal, once; claims wait until it is writable
             self._release_slot(run_id)
             return False
+        if claimed:
+            self._claimed.append(run_id)
         if claimed and refused:
             self._crash_unstarted(run_id, refused)
         elif claimed:

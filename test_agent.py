@@ -2631,6 +2631,17 @@ class DispatchTests(AgentTestCase):
         self.assertLessEqual(self.fake.most_connections_open,
                              1 + agent.DISPATCH_CONNECTIONS + agent.Reporter.WORKERS)
 
+    def test_a_full_page_of_runs_is_followed_by_the_next_page_at_once(self):
+        """The server answers a poll with 200 runs at most: the rest are asked for as soon as
+        those are claimed, not a poll interval later."""
+        dep = self.deployment(command="true")
+        due = agent.utcnow() + agent.datetime.timedelta(seconds=300)  # claimed, held, not run
+        runs = [self.fake.add_run(dep, pool="pool", when=due) for _ in range(450)]
+        with RunningAgent(self.fake, "--poll-interval", "600", "--prefetch-seconds", "900"):
+            wait_for(lambda: all(final_type(self.fake, r) == "PENDING" for r in runs),
+                     timeout=60, what="450 runs claimed")
+        self.assertEqual(len(self.fake.calls("POST", "/get_scheduled_flow_runs")), 3)  # 200, 200, 50
+
     def test_an_idle_agent_keeps_one_connection(self):
         self.fake.latency = 0.02
         runs = self.runs(20)
