@@ -1568,6 +1568,7 @@ def header_lines(bench, install):
         "settings: poll interval %s s, prefetch %s s, idle RSS after %s s, idle CPU over %s s" % (
             fmt_num(args.poll_interval), fmt_num(args.prefetch), fmt_num(args.idle_rss_after),
             fmt_num(args.idle_seconds)),
+        "database: %s" % bench.info.get("database", "the one behind --server"),
     ]
     for kind in KINDS:
         rounds = by_kind(bench.rounds, kind)
@@ -1766,8 +1767,10 @@ class WanBench(Bench):
             "wan": (False, marker_command(markers.path))})
         agent = None
         try:
+            created = time.monotonic()
             run_ids = self.create_runs(deployments["wan"], [now_iso(-WAN_SCHEDULED_AGO)] * count,
                                        CREATE_THREADS)
+            record["create_s"] = time.monotonic() - created
             agent = self.agent_process(kind, pool, workdir, api_url)
             wait_machine_quiet(WAN_SETTLE_TIMEOUT)
             t0 = agent.start()
@@ -1789,6 +1792,9 @@ class WanBench(Bench):
             if len(claims) == count:
                 record["all_claimed_s"] = max(claims.values()) - t0
             record["started_twice"] = markers.twice()
+            if record["started_twice"]:
+                self.problem("%s: %d runs started more than once" % (
+                    label, len(record["started_twice"])))
         except BenchError as exc:
             self.problem("%s did not complete: %s" % (label, exc))
             record["failed"] = str(exc)
@@ -1797,7 +1803,7 @@ class WanBench(Bench):
                 self.finish_agent(agent, record, markers)
             self.drop_pool(pool, deployments)
         log("%s: %s" % (label, ", ".join("%s=%s" % (k, fmt_value(record.get(k))) for k in (
-            "first_claim_s", "all_claimed_s", "all_started_s", "requests"))))
+            "create_s", "first_claim_s", "all_claimed_s", "all_started_s", "requests"))))
         return record
 
     def claim_times(self, run_ids):

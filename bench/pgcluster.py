@@ -62,7 +62,8 @@ class PostgresCluster:
         if os.geteuid() == 0:
             entry = pwd.getpwnam(self.user)
             os.chown(self.dir, entry.pw_uid, entry.pw_gid)
-            self.as_user = ["runuser", "-u", self.user, "--"]
+            runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # PATH may lack sbin
+            self.as_user = [runuser, "-u", self.user, "--"]
         self.run("initdb", "-D", self.data, "-U", DB_USER, "-A", "trust", "-E", "UTF8",
                  "--no-locale")
         self.port = port

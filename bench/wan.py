@@ -133,6 +133,9 @@ class LatencyProxy:
         self.port = None
         self.loop = None
         self.thread = None
+        # asyncio's streams let go of a connection's task once the client is gone, and the
+        # task would be collected (and complain) while its server side still runs.
+        self.tasks = set()
 
     def start(self):
         ready = threading.Event()
@@ -175,6 +178,9 @@ class LatencyProxy:
 
     async def _connection(self, client_reader, client_writer):
         accepted = time.monotonic()
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.target)
         except OSError:
