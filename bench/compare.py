@@ -1785,6 +1785,9 @@ class WanBench(Bench):
             record["requests"] = len(requests)
             record["requests_by_path"] = count_paths(requests)
             record["first_request_s"] = requests[0][0] - t0 if requests else None
+            # When each poll went out: a cell that waits for its next poll shows it here.
+            record["polls_s"] = [round(e[0] - t0, 3) for e in requests
+                                 if e[1] == "POST" and POLL_PATH in e[2]]
             claims = self.claim_times(run_ids)
             record["claimed"] = len(claims)
             if claims:
