@@ -2,7 +2,10 @@
 """Benchmark: agent.py against Prefect's own `prefect worker start --type process`.
 
     python bench/compare.py [--repeat 3] [--startup-samples 5] [--agent PATH] [--server URL]
-                            [--skip-scale] [--scale-runs 500] [--json PATH] [--write]
+                            [--skip-scale] [--scale-runs 500] [--database sqlite|postgres]
+                            [--json PATH] [--write]
+    python bench/compare.py --rtt-ms 0,80 [--wan-runs 100,500] [--wan-repeat 1]
+                            [--database sqlite,postgres] [--agent PATH] [--json PATH]
 
 Both agents run on one real Prefect 3.8.8 server, in alternation (agent.py, worker, agent.py,
 ...), each round on a fresh work pool with identical deployments, and talk to the server
@@ -24,10 +27,23 @@ round that could not be completed, ...), with one PROBLEM line per problem.
 The Prefect venv is the one .ci/run uses (created the same way when it is missing); the
 server is started here with its own PREFECT_HOME unless --server is given. --only runs one
 agent, for trying the script out. A default run takes about 45 minutes on 2 cores.
+--database postgres runs the server on a PostgreSQL cluster made here (bench/pgcluster.py:
+Debian's postgresql package, initdb in a temp folder, a free port, stopped at the end).
+
+With --rtt-ms, only the WAN section runs (none of the rounds above): for each database, the
+server's floor first (N runs claimed by PENDING proposed straight to it on loopback, one after
+another and from 16 threads), then for each round trip and each N of --wan-runs, each agent
+on N runs already waiting when it starts, talking to the server through bench/wan.py's
+latency proxy: start to first claim and to all claimed (the server's own PENDING
+timestamps), start to all children started (their markers), API requests per run. Prints a
+table per database and PASS/MISS target lines: agent.py's all started <= 1.5 x floor(N) + 1 s,
+and its all claimed <= the worker's. `--rtt-ms 0,80 --wan-runs 100,500 --database postgres`
+takes about 15-25 minutes on 2 cores.
 Stdlib only, CPython 3.8+, traffic only to 127.0.0.1.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import http.client
 import http.server
@@ -35,6 +51,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import select
 import shlex
 import shutil
@@ -51,7 +68,9 @@ import urllib.parse
 import uuid
 import zlib
 
+from pgcluster import PostgresCluster, PostgresError
 from procfs import ZombieWatch, all_pids, proc_cmdline, proc_stat, proc_status_kib, stat_fields
+from wan import LatencyProxy, check as check_wan, check_text as wan_check_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT_PY = os.path.join(REPO, "agent.py")
@@ -139,9 +158,9 @@ def machine_busy_ticks():
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
 
 
-def wait_machine_quiet():
+def wait_machine_quiet(timeout=SETTLE_TIMEOUT):
     """Until the machine was busy for less than SETTLE_BUSY of one core over SETTLE_WINDOW s,
-    or SETTLE_TIMEOUT s have passed: (seconds waited, busy share of one core in the last
+    or `timeout` s have passed: (seconds waited, busy share of one core in the last
     window)."""
     cpus = os.cpu_count() or 1
     start = time.monotonic()
@@ -151,7 +170,7 @@ def wait_machine_quiet():
         busy1, all1 = machine_busy_ticks()
         share = (busy1 - busy0) * cpus / float(max(all1 - all0, 1))
         waited = time.monotonic() - start
-        if share < SETTLE_BUSY or waited >= SETTLE_TIMEOUT:
+        if share < SETTLE_BUSY or waited >= timeout:
             return waited, share
 
 
@@ -186,13 +205,30 @@ class ApiError(BenchError):
 
 class Api:
     """JSON calls to the server, directly (not through the proxy). 502/503/504 and connection
-    errors are retried with a short backoff: the SQLite server answers 503 under light load."""
+    errors are retried with a short backoff: the SQLite server answers 503 under light load.
+    With keep_alive, each thread keeps its connection open between calls."""
 
-    def __init__(self, url, deadline=300.0):
+    def __init__(self, url, deadline=300.0, keep_alive=False):
         parts = urllib.parse.urlsplit(url.rstrip("/"))
         self.host, self.port = parts.hostname, parts.port or 80
         self.base = parts.path
         self.deadline = deadline
+        self.kept = threading.local() if keep_alive else None
+
+    def connection(self):
+        conn = getattr(self.kept, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port,
+                                              timeout=min(60.0, self.deadline))
+            if self.kept is not None:
+                self.kept.conn = conn
+        return conn
+
+    def done(self, conn, reusable):
+        if self.kept is None or not reusable:
+            conn.close()
+            if self.kept is not None:
+                self.kept.conn = None
 
     def call(self, method, path, body=None):
         target = self.base + path
@@ -201,13 +237,13 @@ class Api:
         attempt, last = 0, ""
         while time.monotonic() < give_up:
             attempt += 1
-            conn = http.client.HTTPConnection(self.host, self.port,
-                                              timeout=min(60.0, self.deadline))
+            conn, reusable = self.connection(), False
             try:
                 conn.request(method, target, body=data,
                              headers={"Content-Type": "application/json"} if data else {})
                 resp = conn.getresponse()
                 text = resp.read()
+                reusable = not resp.will_close
                 if resp.status in REDIRECTS and resp.getheader("Location"):
                     location = urllib.parse.urlsplit(resp.getheader("Location"))
                     target = location.path + ("?" + location.query if location.query else "")
@@ -222,7 +258,7 @@ class Api:
             except (OSError, http.client.HTTPException) as exc:
                 last = "%s: %s" % (type(exc).__name__, exc)
             finally:
-                conn.close()
+                self.done(conn, reusable)
             time.sleep(min(2.0, 0.1 * attempt))
         raise ApiError("%s %s failed for %.0f s (last: %s)" % (method, target, self.deadline, last))
 
@@ -509,7 +545,8 @@ def base_env(tag=None):
     return env
 
 
-def start_server(venv, tmp):
+def start_server(venv, tmp, database_url=None):
+    """The server on SQLite in its PREFECT_HOME, or on the database at `database_url`."""
     home = os.path.join(tmp, "server-home")
     os.makedirs(home)
     port = free_port()
@@ -520,6 +557,8 @@ def start_server(venv, tmp):
     env.update(PREFECT_HOME=home, PREFECT_UI_ENABLED="false",
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false")
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     log_path = os.path.join(tmp, "server.log")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([os.path.join(venv, "bin", "prefect"), "server", "start",
@@ -692,8 +731,10 @@ def percentile(values, fraction):
 # -- one benchmark run -------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, database="sqlite"):
         self.args = args
+        self.database = database
+        self.postgres = None
         self.venv = args.prefect_venv
         self.tmp = tempfile.mkdtemp(prefix="agentpy-compare-")
         self.tag = "BENCH_COMPARE_TAG=%s" % uuid.uuid4().hex
@@ -712,17 +753,39 @@ class Bench:
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self):
+        self.connect(self.start_backend())
+        self.proxy = Proxy(self.info["server"])
+        self.proxy.start()
+        log("server %s, proxy %s, temp dir %s" % (self.info["server"], self.proxy.url, self.tmp))
+
+    def start_backend(self):
+        """The venv, the agent under test read, the server (and its database) started, unless
+        --server names one; returns the server's API URL."""
         ensure_venv(self.venv, self.args.base_python)
         module = load_agent_module(self.args.agent)
         self.template = module.PROCESS_BASE_JOB_TEMPLATE
         self.agent_version = getattr(module, "__version__", "?")
         if self.args.server:
-            url = self.args.server.rstrip("/")
             log("note: with --server, the server's late-runs service may mark the held runs "
                 "Late and, on SQLite, lock the database while it does")
-        else:
-            log("starting a Prefect %s server (up to %.0f s)" % (PREFECT_VERSION, HEALTH_TIMEOUT))
-            self.server, url = start_server(self.venv, self.tmp)
+            return self.args.server.rstrip("/")
+        database_url = None
+        self.info["database"] = "SQLite (the server's default, in its PREFECT_HOME)"
+        if self.database == "postgres":
+            self.postgres = PostgresCluster()
+            try:
+                database_url = self.postgres.start(free_port())
+                self.info["database"] = "%s, initdb'd here, port %d" % (
+                    self.postgres.version(), self.postgres.port)
+            except PostgresError as exc:
+                raise BenchError("PostgreSQL did not start: %s" % exc)
+            log("PostgreSQL at %s (%s)" % (database_url, self.postgres.dir))
+        log("starting a Prefect %s server on %s (up to %.0f s)" % (
+            PREFECT_VERSION, self.database, HEALTH_TIMEOUT))
+        self.server, url = start_server(self.venv, self.tmp, database_url)
+        return url
+
+    def connect(self, url):
         self.api = Api(url)
         # For the states of runs that did not start: a shortcut, not worth a long wait when
         # the server is swamped.
@@ -731,10 +794,7 @@ class Bench:
             raise BenchError("the server at %s is not healthy" % url)
         self.info["server"] = url
         self.info["server_version"] = self.api.call("GET", "/admin/version")
-        self.proxy = Proxy(url)
-        self.proxy.start()
         self.flow_id = self.api.call("POST", "/flows/", {"name": "bench-compare"})["id"]
-        log("server %s, proxy %s, temp dir %s" % (url, self.proxy.url, self.tmp))
 
     def cleanup(self):
         if self.live_agent is not None:
@@ -746,6 +806,8 @@ class Bench:
             if not stop_group(self.server, 20):
                 log("the server did not stop within 20 s of SIGTERM; killed")
         kill_tagged(self.tag)
+        if self.postgres is not None:
+            self.postgres.stop(remove=not self.args.keep)
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -767,16 +829,15 @@ class Bench:
                 "job_variables": {"command": command}})["id"]
         return pool, deployments
 
-    def create_runs(self, deployment, scheduled):
+    def create_runs(self, deployment, scheduled, threads=1):
         """One SCHEDULED run per wall-clock time in `scheduled`; returns their ids in order.
         An idempotency key per run makes a retried create harmless."""
-        ids = []
-        for when in scheduled:
-            run = self.api.call("POST", "/deployments/%s/create_flow_run" % deployment, {
+        def create(when):
+            return self.api.call("POST", "/deployments/%s/create_flow_run" % deployment, {
                 "idempotency_key": uuid.uuid4().hex,
-                "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}})
-            ids.append(run["id"])
-        return ids
+                "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}})["id"]
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(create, scheduled))
 
     def run_states(self, run_ids):
         """{run id: state type} from the server."""
@@ -853,19 +914,22 @@ class Bench:
             log("could not delete pool %s: %s" % (pool, exc))
 
     # -- agents ----------------------------------------------------------------------------------
-    def agent_process(self, kind, pool, workdir):
+    def agent_process(self, kind, pool, workdir, api_url=None):
+        """The agent of this kind on this pool, talking to the API at api_url (default: through
+        the recording proxy)."""
+        api_url = api_url or self.proxy.url
         env = base_env(self.tag)
         env["TMPDIR"] = os.path.join(workdir, "tmp")  # the runs' temporary working dirs
         os.makedirs(env["TMPDIR"])
         if kind == AGENT:
-            argv = [self.args.agent_python, self.args.agent, "--api", self.proxy.url,
+            argv = [self.args.agent_python, self.args.agent, "--api", api_url,
                     "--pool", pool, "--poll-interval", fmt_num(self.args.poll_interval),
                     "--prefetch-seconds", fmt_num(self.args.prefetch), "--hide-welcome",
                     "--state-dir", os.path.join(workdir, "state")]
         else:
             argv = [os.path.join(self.venv, "bin", "prefect"), "worker", "start",
                     "--pool", pool, "--type", "process"]
-            env.update(PREFECT_API_URL=self.proxy.url, PREFECT_HOME=os.path.join(workdir, "home"),
+            env.update(PREFECT_API_URL=api_url, PREFECT_HOME=os.path.join(workdir, "home"),
                        PREFECT_WORKER_QUERY_SECONDS=fmt_num(self.args.poll_interval),
                        PREFECT_WORKER_PREFETCH_SECONDS=fmt_num(self.args.prefetch),
                        PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -910,11 +974,13 @@ class Bench:
                 sample.stop()
                 self.live_agent = None
 
-    def wait_quiet(self, since, timeout=QUIET_TIMEOUT):
-        """Until the agent made no request for QUIET_SECONDS (its runs are all reported)."""
+    def wait_quiet(self, since, timeout=QUIET_TIMEOUT, requests=None):
+        """Until the agent made no request for QUIET_SECONDS (its runs are all reported), as
+        seen by `requests` (a log with last_time(); default the recording proxy's)."""
+        requests = self.proxy.recorder if requests is None else requests
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            last = max(self.proxy.recorder.last_time(), since)
+            last = max(requests.last_time(), since)
             if time.monotonic() - last >= QUIET_SECONDS:
                 return True
             time.sleep(0.2)
@@ -1440,8 +1506,7 @@ def build_rows(bench, install):
     return rows
 
 
-def table_text(rows):
-    header = ("figure", AGENT, WORKER, "ratio", "target", "met?")
+def table_text(rows, header=("figure", AGENT, WORKER, "ratio", "target", "met?")):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(header)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -1503,6 +1568,7 @@ def header_lines(bench, install):
         "settings: poll interval %s s, prefetch %s s, idle RSS after %s s, idle CPU over %s s" % (
             fmt_num(args.poll_interval), fmt_num(args.prefetch), fmt_num(args.idle_rss_after),
             fmt_num(args.idle_seconds)),
+        "database: %s" % bench.info.get("database", "the one behind --server"),
     ]
     for kind in KINDS:
         rounds = by_kind(bench.rounds, kind)
@@ -1573,6 +1639,326 @@ def write_results(bench, install, rows, argv):
     log("updated the table in %s" % README_MD)
 
 
+# -- the WAN section (--rtt-ms) ----------------------------------------------------------------
+
+FLOOR_THREADS = 16
+CREATE_THREADS = 4           # runs are created (and their states read) from this many threads
+WAN_SCHEDULED_AGO = 10.0     # the runs are waiting already: scheduled this long before creation
+WAN_SETTLE_TIMEOUT = 15.0    # shorter than the rounds': a shared machine may never be quiet
+WAN_HEADER = ("rtt ms", "runs", "floor s (claims/s)",
+              "agent.py first", "agent.py claimed", "agent.py started", "agent.py req/run",
+              "worker first", "worker claimed", "worker started", "worker req/run")
+WAN_HOW = """\
+- A cell: a fresh process pool whose one deployment's command appends the run id and
+  $EPOCHREALTIME to a marker file; N runs created in it, scheduled {ago:g} s in the
+  past, all before the agent starts; the agent then started (poll interval {poll} s, prefetch
+  {prefetch} s) with its API URL on bench/wan.py's proxy in front of the server, and stopped
+  once every child had started and it had made no request for {quiet:g} s.
+- Times are from the agent's process start. first / claimed: to the earliest / latest of the
+  runs' first PENDING state, by the state's own timestamp, which the server sets when it takes
+  the proposal (Prefect 3.8.8: StateCreate has no timestamp field); read from
+  /flow_run_states afterwards. started: to the last child's own marker. req/run: HTTP requests
+  the proxy saw from the agent's start to its stop, over the runs (a websocket counts one).
+- wan proxy: each chunk is passed on rtt/2 after it arrived, in each direction, in order,
+  without waiting behind earlier chunks' delays; a new connection pays one more round trip
+  before its first bytes reach the server (a TCP handshake; TLS not modelled).
+- floor: on loopback, straight to the server, N runs like a cell's claimed by POST
+  /flow_runs/{{id}}/set_state PENDING over kept-alive connections, one after another, then N
+  fresh runs from {threads} threads; the floor is the faster of the two. Measured once per
+  database, before the agents, on the same server.
+- Targets (issue 13): start to all N children started <= 1.5 x floor(N) + 1 s, for every N
+  (100: the issue's target; 500: its "scales with the server floor"); start to all claimed
+  <= the worker's. The issue sets them at 80 ms; they are shown for every rtt measured.
+- Figures are medians over --wan-repeat rounds ({repeat} here); "k/N" is how many of N runs
+  were claimed or started when an agent did not get to all of them.
+"""
+
+
+def iso_epoch(text):
+    """An API timestamp as a time.time() value. fromisoformat before 3.11 takes neither "Z"
+    nor a fraction of other than 3 or 6 digits."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?$", text or "")
+    if not match:
+        raise BenchError("not an API timestamp: %r" % (text,))
+    whole = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
+    zone = (match.group(3) or "Z").replace(":", "")
+    offset = 0 if zone == "Z" else int(zone[0] + "1") * (int(zone[1:3]) * 3600 +
+                                                        int(zone[3:5]) * 60)
+    epoch = whole.replace(tzinfo=datetime.timezone.utc).timestamp() - offset
+    return epoch + float(match.group(2) or 0)
+
+
+class WanBench(Bench):
+    """The --rtt-ms section on one database: the server's floor, then each agent through the
+    latency proxy for each rtt and run count."""
+
+    def __init__(self, args, database):
+        Bench.__init__(self, args, database)
+        self.floors = []   # a record per run count
+        self.cells = []    # a record per rtt, run count, round and agent
+        self.checks = {}   # rtt -> the proxy's own check
+        self.wan = None
+        self.kept_api = None
+
+    def setup(self):
+        self.connect(self.start_backend())
+        self.kept_api = Api(self.info["server"], keep_alive=True)
+        log("server %s on %s, temp dir %s" % (self.info["server"], self.database, self.tmp))
+
+    def cleanup(self):
+        Bench.cleanup(self)
+        if self.wan is not None:
+            self.wan.stop()
+
+    def run(self):
+        kinds = [k for k in KINDS if self.args.only in (None, slug(k))]
+        for count in self.args.wan_runs:
+            self.floors.append(self.measure_floor(count))
+        server = urllib.parse.urlsplit(self.info["server"])
+        for rtt in self.args.rtt_ms:
+            self.checks[rtt] = check_wan(rtt)
+            log(wan_check_text(rtt, self.checks[rtt]))
+            self.wan = LatencyProxy(server.hostname, server.port or 80, rtt).start()
+            url = "http://127.0.0.1:%d%s" % (self.wan.port, server.path)
+            try:
+                for count in self.args.wan_runs:
+                    for number in range(1, self.args.wan_repeat + 1):
+                        for kind in kinds:
+                            self.cells.append(self.wan_cell(kind, rtt, count, number, url))
+            finally:
+                self.wan.stop()
+                self.wan = None
+
+    def measure_floor(self, count):
+        """The server's own pace: `count` waiting runs claimed straight on loopback, one after
+        another, then `count` fresh ones from FLOOR_THREADS threads."""
+        record = {"runs": count, "threads": FLOOR_THREADS}
+        pool, deployments = self.make_pool("floor", {"floor": (True, "true")})
+        try:
+            for key, threads in (("serial", 1), ("threads", FLOOR_THREADS)):
+                run_ids = self.create_runs(deployments["floor"],
+                                           [now_iso(-WAN_SCHEDULED_AGO)] * count, CREATE_THREADS)
+                wait_machine_quiet(WAN_SETTLE_TIMEOUT)
+                start = time.monotonic()
+                with concurrent.futures.ThreadPoolExecutor(threads) as workers:
+                    accepted = list(workers.map(self.claim, run_ids))
+                record[key + "_s"] = time.monotonic() - start
+                record[key + "_refused"] = accepted.count(False)
+        finally:
+            self.drop_pool(pool, deployments)
+        record["floor_s"] = min(record["serial_s"], record["threads_s"])
+        log(floor_text(record))
+        return record
+
+    def claim(self, run_id):
+        answer = self.kept_api.call("POST", "/flow_runs/%s/set_state" % run_id, {
+            "state": {"type": "PENDING", "state_details": {
+                "flow_run_id": run_id, "transition_id": str(uuid.uuid4())}},
+            "force": False})
+        return answer.get("status") == "ACCEPT"
+
+    def wan_cell(self, kind, rtt, count, number, api_url):
+        label = "rtt %g ms, %d runs, %s round %d" % (rtt, count, kind, number)
+        record = {"kind": kind, "rtt_ms": rtt, "runs": count, "round": number}
+        workdir = tempfile.mkdtemp(prefix="wan-%g-%d-%s-" % (rtt, count, slug(kind)),
+                                   dir=self.tmp)
+        markers = Markers(os.path.join(workdir, "started"), self.offset)
+        pool, deployments = self.make_pool("wan-" + slug(kind), {
+            "wan": (False, marker_command(markers.path))})
+        agent = None
+        try:
+            created = time.monotonic()
+            run_ids = self.create_runs(deployments["wan"], [now_iso(-WAN_SCHEDULED_AGO)] * count,
+                                       CREATE_THREADS)
+            record["create_s"] = time.monotonic() - created
+            agent = self.agent_process(kind, pool, workdir, api_url)
+            wait_machine_quiet(WAN_SETTLE_TIMEOUT)
+            t0 = agent.start()
+            self.live_agent = agent
+            started = self.wait_started(markers, run_ids, self.args.wan_timeout, agent, record,
+                                        "wan")
+            record["first_started_s"] = min(started.values()) - t0
+            if len(started) == count:
+                record["all_started_s"] = max(started.values()) - t0
+            self.wait_quiet(time.monotonic(), requests=self.wan.requests)
+            requests = self.wan.requests.since(t0)
+            record["requests"] = len(requests)
+            record["requests_by_path"] = count_paths(requests)
+            record["first_request_s"] = requests[0][0] - t0 if requests else None
+            # When each poll went out: a cell that waits for its next poll shows it here.
+            record["polls_s"] = [round(e[0] - t0, 3) for e in requests
+                                 if e[1] == "POST" and POLL_PATH in e[2]]
+            claims = self.claim_times(run_ids)
+            record["claimed"] = len(claims)
+            if claims:
+                record["first_claim_s"] = min(claims.values()) - t0
+            if len(claims) == count:
+                record["all_claimed_s"] = max(claims.values()) - t0
+            record["started_twice"] = markers.twice()
+            if record["started_twice"]:
+                self.problem("%s: %d runs started more than once" % (
+                    label, len(record["started_twice"])))
+        except BenchError as exc:
+            self.problem("%s did not complete: %s" % (label, exc))
+            record["failed"] = str(exc)
+        finally:
+            if agent is not None:
+                self.finish_agent(agent, record, markers)
+            self.drop_pool(pool, deployments)
+        log("%s: %s" % (label, ", ".join("%s=%s" % (k, fmt_value(record.get(k))) for k in (
+            "create_s", "first_claim_s", "all_claimed_s", "all_started_s", "requests"))))
+        return record
+
+    def claim_times(self, run_ids):
+        """{run id: monotonic time of its first PENDING state}, by the state's timestamp."""
+        def first_pending(run_id):
+            states = self.kept_api.call("GET", "/flow_run_states/?flow_run_id=%s" % run_id)
+            times = [iso_epoch(s.get("timestamp")) for s in states or ()
+                     if s.get("type") == "PENDING"]
+            return run_id, (min(times) - self.offset) if times else None
+        with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as workers:
+            return dict(item for item in workers.map(first_pending, run_ids)
+                        if item[1] is not None)
+
+
+def fmt_value(value):
+    return "%.3f" % value if isinstance(value, float) else str(value)
+
+
+def floor_text(record):
+    def pace(key):
+        seconds = record[key + "_s"]
+        refused = record[key + "_refused"]
+        return "%.2f s (%.0f/s%s)" % (seconds, record["runs"] / seconds,
+                                      ", %d not accepted" % refused if refused else "")
+    return ("server floor, %d runs claimed on loopback: one after another %s, from %d threads "
+            "%s" % (record["runs"], pace("serial"), record["threads"], pace("threads")))
+
+
+def cells_of(bench, kind, rtt, count):
+    return [c for c in bench.cells if c["kind"] == kind and c["rtt_ms"] == rtt
+            and c["runs"] == count and "failed" not in c]
+
+
+def floor_of(bench, count):
+    return next((f["floor_s"] for f in bench.floors if f["runs"] == count), None)
+
+
+def wan_rows(bench):
+    rows = []
+    for rtt in bench.args.rtt_ms:
+        for count in bench.args.wan_runs:
+            floor = floor_of(bench, count)
+            row = ["%g" % rtt, "%d" % count,
+                   "-" if floor is None else "%.2f (%.0f/s)" % (floor, count / floor)]
+            for kind in KINDS:
+                cells = cells_of(bench, kind, rtt, count)
+                row += [cell_text(cells, "first_claim_s"),
+                        cell_text(cells, "all_claimed_s", "claimed", count),
+                        cell_text(cells, "all_started_s", "wan_started", count)]
+                per_run = median_of(cells, "requests")
+                row.append("-" if per_run is None else "%.1f" % (per_run / count))
+            rows.append(tuple(row))
+    return rows
+
+
+def cell_text(cells, key, count_key=None, total=None):
+    value = median_of(cells, key)
+    if value is not None:
+        return "%.2f" % value
+    done = median_of(cells, count_key) if count_key else None
+    return "-" if done is None else "%g/%d" % (done, total)
+
+
+def wan_targets(bench):
+    """PASS/MISS lines: agent.py against the server's floor and against the worker."""
+    lines = []
+    for rtt in bench.args.rtt_ms:
+        for count in bench.args.wan_runs:
+            where = "rtt %g ms, %d runs" % (rtt, count)
+            floor = floor_of(bench, count)
+            started = median_of(cells_of(bench, AGENT, rtt, count), "all_started_s")
+            if floor is not None:
+                limit = 1.5 * floor + 1.0
+                lines.append("target %s: agent.py start to all children started %s <= 1.5 x "
+                             "floor %.2f s + 1 s = %.2f s: %s" % (
+                                 where, seconds_text(started), floor, limit,
+                                 pass_text(started is not None and started <= limit)))
+            claimed = median_of(cells_of(bench, AGENT, rtt, count), "all_claimed_s")
+            worker_cells = cells_of(bench, WORKER, rtt, count)
+            worker = median_of(worker_cells, "all_claimed_s")
+            if worker_cells:
+                # A worker that never claimed them all is beaten by any agent.py that did.
+                ok = claimed is not None and (worker is None or claimed <= worker)
+                lines.append("target %s: agent.py start to all claimed %s <= Prefect worker's "
+                             "%s: %s" % (where, seconds_text(claimed), seconds_text(worker),
+                                         pass_text(ok)))
+    return lines
+
+
+def seconds_text(value):
+    return "not all" if value is None else "%.2f s" % value
+
+
+def pass_text(ok):
+    return "PASS" if ok else "MISS"
+
+
+def wan_report(benches, argv, wall):
+    args = benches[0].args
+    versions = next((b for b in benches if b.agent_version), benches[0])
+    python = output_of([args.agent_python, "-c", "import sys; print(sys.version.split()[0])"])
+    lines = [
+        "",
+        "machine:  %s" % machine_info(),
+        "versions: agent.py %s (%s); CPython %s for both; prefect %s, server API %s" % (
+            versions.agent_version, agent_git_text(args.agent), python, PREFECT_VERSION,
+            versions.info.get("server_version")),
+        "settings: poll interval %s s, prefetch %s s; %d round(s) per agent per cell" % (
+            fmt_num(args.poll_interval), fmt_num(args.prefetch), args.wan_repeat),
+        "command:  python bench/compare.py %s" % " ".join(shlex.quote(a) for a in argv),
+        "wall time: %.1f min" % (wall / 60.0),
+    ]
+    for bench in benches:
+        lines += ["", "database %s: %s" % (bench.database, bench.info.get("database", "-"))]
+        lines += [floor_text(f) for f in bench.floors]
+        lines += [wan_check_text(rtt, c) for rtt, c in sorted(bench.checks.items())]
+        lines += ["", table_text(wan_rows(bench), WAN_HEADER), ""]
+        lines += wan_targets(bench)
+    lines += ["", "first / claimed / started: seconds from the agent's process start to the "
+                  "first claim, all claimed, all children started; req/run: API requests per "
+                  "run.", "", "How measured:", "",
+              WAN_HOW.format(ago=WAN_SCHEDULED_AGO, poll=fmt_num(args.poll_interval),
+                             prefetch=fmt_num(args.prefetch), quiet=QUIET_SECONDS,
+                             threads=FLOOR_THREADS, repeat=args.wan_repeat)]
+    return "\n".join(lines)
+
+
+def wan_main(args, argv):
+    started = time.monotonic()
+    benches, completed = [], True
+    for database in args.database:
+        bench = WanBench(args, database)
+        benches.append(bench)
+        done, interrupted = run_bench(bench)
+        completed = completed and done
+        if interrupted:
+            break
+    print(wan_report(benches, argv, time.monotonic() - started))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"argv": argv, "machine": machine_info(), "databases": [
+                {"database": b.database, "info": b.info, "floors": b.floors, "cells": b.cells,
+                 "wan_checks": dict(("%g" % k, v) for k, v in b.checks.items()),
+                 "problems": b.problems} for b in benches]}, handle, indent=1, sort_keys=True)
+        log("wrote %s" % args.json)
+    for bench in benches:
+        for text in bench.problems:
+            print("PROBLEM: " + text)
+    failed = [c for b in benches for c in b.cells if "failed" in c]
+    return 0 if completed and not failed else 1
+
+
 # -- main --------------------------------------------------------------------------------------
 
 def default_venv():
@@ -1596,6 +1982,49 @@ def raise_file_limit():
 
 def on_signal(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
+
+
+def run_bench(bench):
+    """Set up and run; clean up whatever happened (Ctrl-C and SIGTERM wait for the cleanup).
+    Returns (completed, interrupted)."""
+    completed = interrupted = False
+    try:
+        bench.setup()
+        bench.run()
+        completed = True
+    except BenchError as exc:
+        bench.problem(str(exc))
+    except KeyboardInterrupt as exc:
+        bench.problem("interrupted (%s)" % (str(exc) or "SIGINT"))
+        interrupted = True
+    except Exception:  # a bug here: say where, still clean up
+        bench.problem("compare.py failed:\n" + traceback.format_exc())
+    finally:
+        handlers = (signal.signal(signal.SIGINT, signal.SIG_IGN),
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN))
+        bench.cleanup()
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return completed, interrupted
+
+
+def number_list(kind):
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError("not a comma list of numbers: %r" % text)
+        if not values or min(values) < 0:
+            raise argparse.ArgumentTypeError("want a comma list of numbers >= 0: %r" % text)
+        return values
+    return parse
+
+
+def database_list(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or not set(values) <= {"sqlite", "postgres"}:
+        raise argparse.ArgumentTypeError("sqlite, postgres or both, comma separated: %r" % text)
+    return values
 
 
 def main(argv=None):
@@ -1633,6 +2062,19 @@ def main(argv=None):
     add("--write", action="store_true",
         help="rewrite bench/RESULTS.md and the table between the README's bench markers")
     add("--keep", action="store_true", help="keep the temp dir (agent and server logs)")
+    add("--database", type=database_list, default=["sqlite"],
+        help="the server's database: sqlite (default) or postgres (a PostgreSQL cluster "
+             "initdb'd and started here, stopped at the end); with --rtt-ms a comma list, "
+             "one table each")
+    add("--rtt-ms", type=number_list(float), metavar="MS[,MS...]",
+        help="run the WAN section instead of the rounds: both agents through a proxy adding "
+             "this round trip (each value a section), on runs already waiting, beside the "
+             "server's floor")
+    add("--wan-runs", type=number_list(int), default=[100, 500], metavar="N[,N...]",
+        help="waiting runs per WAN cell (default 100,500)")
+    add("--wan-repeat", type=int, default=1, help="rounds per agent per WAN cell (default 1)")
+    add("--wan-timeout", type=float, default=600.0,
+        help="how long a WAN cell's runs may take to start (s)")
     args = parser.parse_args(argv)
     args.agent = os.path.abspath(args.agent)
     args.prefect_venv = os.path.abspath(args.prefect_venv)
@@ -1643,25 +2085,19 @@ def main(argv=None):
                      "at least 1")
     if not os.path.isfile(args.agent):
         parser.error("--agent %s: no such file" % args.agent)
+    if args.rtt_ms is None and len(args.database) > 1:
+        parser.error("more than one --database needs --rtt-ms")
+    if args.server and args.database != ["sqlite"]:
+        parser.error("--database starts the server's database: not with --server")
+    if args.wan_repeat < 1 or min(args.wan_runs) < 1:
+        parser.error("--wan-repeat and --wan-runs must be at least 1")
 
     raise_file_limit()
     signal.signal(signal.SIGTERM, on_signal)
-    bench = Bench(args)
-    completed = False
-    try:
-        bench.setup()
-        bench.run()
-        completed = True
-    except BenchError as exc:
-        bench.problem(str(exc))
-    except KeyboardInterrupt as exc:
-        bench.problem("interrupted (%s)" % (str(exc) or "SIGINT"))
-    except Exception:  # a bug here: say where, still clean up
-        bench.problem("compare.py failed:\n" + traceback.format_exc())
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.cleanup()
+    if args.rtt_ms is not None:
+        return wan_main(args, argv)
+    bench = Bench(args, args.database[0])
+    completed, _ = run_bench(bench)
     if not (bench.rounds or bench.scale_rounds):
         for text in bench.problems:
             print("PROBLEM: " + text)
