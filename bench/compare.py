@@ -77,6 +77,8 @@ AGENT_PY = os.path.join(REPO, "agent.py")
 RESULTS_MD = os.path.join(REPO, "bench", "RESULTS.md")
 README_MD = os.path.join(REPO, "README.md")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+WAN_RESULTS_MD = os.path.join(REPO, "bench", "RESULTS-wan.md")
+WAN_README_START, WAN_README_END = "<!-- wan:start -->", "<!-- wan:end -->"
 
 PREFECT_VERSION = "3.8.8"
 # Same recipe and stamp as .ci/run: prefect first, the fastapi pin in a second pip command
@@ -1621,22 +1623,25 @@ def write_results(bench, install, rows, argv):
     with open(RESULTS_MD, "w") as handle:
         handle.write(text)
     log("wrote %s" % RESULTS_MD)
+    replace_in_readme(README_START, README_END, table + "\n\nFrom `bench/compare.py`; see "
+                      "bench/RESULTS.md for the machine and how each figure is measured.")
+
+
+def replace_in_readme(start_marker, end_marker, text):
+    """Put `text` between the README's two markers (a warning, and no change, without them)."""
     try:
         with open(README_MD) as handle:
             readme = handle.read()
     except OSError as exc:
         log("WARNING: cannot read %s: %s" % (README_MD, exc))
         return
-    start, end = readme.find(README_START), readme.find(README_END)
+    start, end = readme.find(start_marker), readme.find(end_marker)
     if start < 0 or end < start:
-        log("WARNING: README.md has no %s ... %s markers; left alone" % (README_START, README_END))
+        log("WARNING: README.md has no %s ... %s markers; left alone" % (start_marker, end_marker))
         return
-    readme = (readme[:start + len(README_START)] + "\n" + table + "\n\nFrom `bench/compare.py`; "
-              "see bench/RESULTS.md for the machine and how each figure is measured.\n"
-              + readme[end:])
     with open(README_MD, "w") as handle:
-        handle.write(readme)
-    log("updated the table in %s" % README_MD)
+        handle.write(readme[:start + len(start_marker)] + "\n" + text + "\n" + readme[end:])
+    log("updated the table between %s and %s in %s" % (start_marker, end_marker, README_MD))
 
 
 # -- the WAN section (--rtt-ms) ----------------------------------------------------------------
@@ -1666,9 +1671,9 @@ WAN_HOW = """\
   /flow_runs/{{id}}/set_state PENDING over kept-alive connections, one after another, then N
   fresh runs from {threads} threads; the floor is the faster of the two. Measured once per
   database, before the agents, on the same server.
-- Targets (issue 13): start to all N children started <= 1.5 x floor(N) + 1 s, for every N
-  (100: the issue's target; 500: its "scales with the server floor"); start to all claimed
-  <= the worker's. The issue sets them at 80 ms; they are shown for every rtt measured.
+- Targets: start to all N children started <= 1.5 x floor(N) + 1 s, for every N (dispatch
+  paced by the server, not by the round trip, at 100 runs and at 500); start to all claimed
+  <= the worker's. They are set for 80 ms, and shown for every rtt measured.
 - Figures are medians over --wan-repeat rounds ({repeat} here); "k/N" is how many of N runs
   were claimed or started when an agent did not get to all of them.
 """
@@ -1944,7 +1949,8 @@ def wan_main(args, argv):
         completed = completed and done
         if interrupted:
             break
-    print(wan_report(benches, argv, time.monotonic() - started))
+    report = wan_report(benches, argv, time.monotonic() - started)
+    print(report)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"argv": argv, "machine": machine_info(), "databases": [
@@ -1956,7 +1962,39 @@ def wan_main(args, argv):
         for text in bench.problems:
             print("PROBLEM: " + text)
     failed = [c for b in benches for c in b.cells if "failed" in c]
+    if completed and not failed and args.write:
+        write_wan_results(benches, report)
     return 0 if completed and not failed else 1
+
+
+def write_wan_results(benches, report):
+    """bench/RESULTS-wan.md: the whole report; the README: each database's table and targets."""
+    with open(WAN_RESULTS_MD, "w") as handle:
+        handle.write("# agent.py and Prefect's worker over a slow link\n\nWritten by "
+                     "`bench/compare.py --write` on %s.\n\n%s\n"
+                     % (time.strftime("%Y-%m-%d %H:%M %Z"), fence_all_but_tables(report)))
+    log("wrote %s" % WAN_RESULTS_MD)
+    parts = []
+    for bench in benches:
+        parts += ["Prefect %s server on %s:" % (PREFECT_VERSION, bench.info.get(
+                      "database", bench.database)), "",
+                  table_text(wan_rows(bench), WAN_HEADER), "",
+                  "```", "\n".join(wan_targets(bench)), "```", ""]
+    parts.append("From `bench/compare.py --rtt-ms`; see bench/RESULTS-wan.md for the machine, "
+                 "the proxy's own check and how each figure is measured.")
+    replace_in_readme(WAN_README_START, WAN_README_END, "\n".join(parts))
+
+
+def fence_all_but_tables(text):
+    """Markdown: the table lines as they are, every other run of lines in a code block."""
+    blocks, lines = [], text.strip("\n").split("\n")
+    for line in lines:
+        is_table = line.startswith("|")
+        if not blocks or blocks[-1][0] != is_table:
+            blocks.append((is_table, []))
+        blocks[-1][1].append(line)
+    return "\n\n".join("\n".join(body) if is_table else "```\n%s\n```" % "\n".join(body).strip("\n")
+                       for is_table, body in blocks)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -2060,7 +2098,8 @@ def main(argv=None):
         help="measure one agent only (for trying the script out; ratios need both)")
     add("--json", metavar="PATH", help="write every per-round figure here")
     add("--write", action="store_true",
-        help="rewrite bench/RESULTS.md and the table between the README's bench markers")
+        help="rewrite bench/RESULTS.md and the table between the README's bench markers "
+             "(with --rtt-ms: bench/RESULTS-wan.md and the README's wan markers)")
     add("--keep", action="store_true", help="keep the temp dir (agent and server logs)")
     add("--database", type=database_list, default=["sqlite"],
         help="the server's database: sqlite (default) or postgres (a PostgreSQL cluster "
