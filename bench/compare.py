@@ -1976,8 +1976,7 @@ def write_wan_results(benches, report):
     log("wrote %s" % WAN_RESULTS_MD)
     parts = []
     for bench in benches:
-        parts += ["Prefect %s server on %s:" % (PREFECT_VERSION, bench.info.get(
-                      "database", bench.database)), "",
+        parts += ["Prefect %s server, %s database:" % (PREFECT_VERSION, bench.database), "",
                   table_text(wan_rows(bench), WAN_HEADER), "",
                   "```", "\n".join(wan_targets(bench)), "```", ""]
     parts.append("From `bench/compare.py --rtt-ms`; see bench/RESULTS-wan.md for the machine, "
