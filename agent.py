@@ -3696,8 +3696,9 @@ class Agent:
                 next_poll = retry_at
                 if syncing or self.pool is None:
                     self._next_sync = retry_at
-            if self.config.run_once and self.last_poll is not None:
+            if self.config.run_once and self.last_poll is not None and not self._stopping:
                 self._stopping = True
+                continue  # to the drain at the top: with no run taken, that is the exit
             sync_at = self._next_sync + (SYNC_WAITS_FOR_POLL_SECONDS if self.pool else 0.0)
             wake_at = min(next_poll, sync_at)
             if self.journal.failure:

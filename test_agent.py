@@ -2611,6 +2611,16 @@ class ClaimTests(AgentTestCase):
         polls = [r for r in self.fake.requests if r[1].endswith("get_scheduled_flow_runs")]
         self.assertEqual(len(polls), 1)
 
+    def test_run_once_with_nothing_to_run_exits_at_once(self):
+        """Not a poll interval later (the default one, 15 s, here)."""
+        self.deployment()
+        began = time.monotonic()
+        proc = subprocess.run([PY, AGENT_PY, "--api", self.fake.url, "-p", "pool", "--run-once",
+                               "--hide-welcome"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertLess(time.monotonic() - began, agent.DEFAULT_POLL_SECONDS / 2)
+
 
 # -- 5. running ----------------------------------------------------------------------
 
