@@ -1646,12 +1646,14 @@ class ClientTests(unittest.TestCase):
 
     def test_retries_dropped_connections(self):
         api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
         api.read_pool("pool")
         self.fake.drop_next(2, path_contains="/work_pools/pool")
         self.assertEqual(api.read_pool("pool")["name"], "pool")
 
     def test_keeps_one_connection_alive_per_thread(self):
         api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
         api.read_pool("pool")
         first = api._local.connection.sock
         api.read_pool("pool")
@@ -1759,6 +1761,7 @@ class ClientTests(unittest.TestCase):
                    "NO_PROXY": "other.example"}
         with mock.patch.dict(os.environ, environ, clear=True):
             api = agent.PrefectAPI("http://prefect.invalid:4200/api", max_retries=0)
+            self.addCleanup(api.close)
         self.assertEqual(api.read_pool("pool")["name"], "pool")
         api.close()
         self.assertEqual(seen, [("http://prefect.invalid:4200/api/work_pools/pool",
@@ -1779,6 +1782,7 @@ class ClientTests(unittest.TestCase):
         environ = {"HTTPS_PROXY": "http://u:pw@127.0.0.1:%d" % self.serve(TunnelProxy)}
         with mock.patch.dict(os.environ, environ, clear=True):
             api = agent.PrefectAPI("https://prefect.invalid:4443/api", max_retries=0)
+            self.addCleanup(api.close)
         with self.assertRaises(agent.APIUnreachable) as caught:
             api.read_pool("pool")
         api.close()
@@ -1799,6 +1803,7 @@ class ClientTests(unittest.TestCase):
     def test_gives_up_after_the_retries_with_a_clear_error(self):
         self.fake.fail_next(10, status=502, path_contains="/work_pools/pool")
         api = agent.PrefectAPI(self.fake.url, max_retries=2)
+        self.addCleanup(api.close)
         with self.assertRaises(agent.APIUnreachable) as caught:
             api.read_pool("pool")
         self.assertIn("502", str(caught.exception))
@@ -1809,6 +1814,7 @@ class ClientTests(unittest.TestCase):
         port = sock.getsockname()[1]
         sock.close()
         api = agent.PrefectAPI("http://127.0.0.1:%d/api" % port)
+        self.addCleanup(api.close)
         started = time.monotonic()
         with self.assertRaises(agent.APIUnreachable):
             api.read_pool("pool")
@@ -1834,6 +1840,7 @@ class ClientTests(unittest.TestCase):
         self.addCleanup(basic.stop)
         basic.add_pool("pool")
         api = agent.PrefectAPI(basic.url, auth_string="admin:pass")
+        self.addCleanup(api.close)
         self.assertEqual(api.read_pool("pool")["name"], "pool")
 
     def test_csrf_token_is_fetched_and_sent_when_the_server_wants_it(self):
@@ -1841,6 +1848,7 @@ class ClientTests(unittest.TestCase):
         fake.start()
         self.addCleanup(fake.stop)
         api = agent.PrefectAPI(fake.url)
+        self.addCleanup(api.close)
         api.create_pool("p2", "process", agent.PROCESS_BASE_JOB_TEMPLATE)
         self.assertEqual(api.read_pool("p2")["type"], "process")
         created = [r for r in fake.calls("POST", "/work_pools/") if r[1].endswith("/work_pools/")]
@@ -1854,18 +1862,21 @@ class ClientTests(unittest.TestCase):
 
     def test_collection_posts_use_the_trailing_slash(self):
         api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
         api.write_logs([{"name": "x", "level": 20, "message": "m", "timestamp":
                          agent.isoformat(agent.utcnow()), "flow_run_id": None, "task_run_id": None}])
         self.assertEqual(self.fake.requests[-1][1].split("?")[0], "/api/logs/")
 
     def test_a_307_to_the_slashed_path_is_followed_on_the_same_server(self):
         api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
         created = api.request("POST", "/work_pools", {"name": "slashless", "type": "process",
                                                       "base_job_template": {}})
         self.assertEqual(created["name"], "slashless")
 
     def test_broken_answers_become_one_line_errors(self):
         api = agent.PrefectAPI(self.fake.url, max_retries=0)
+        self.addCleanup(api.close)
         for body, ctype in ((b"<html><body>Bad Gateway</body></html>", "text/html"),
                             (b'{"name": "po', "application/json")):
             with self.subTest(body=body):
@@ -2468,6 +2479,7 @@ class ClaimTests(AgentTestCase):
         dep = self.deployment(command=marker_command(self.markers))
         run = self.fake.add_run(dep, pool="pool")
         api = agent.PrefectAPI(self.fake.url)
+        self.addCleanup(api.close)
         result = api.set_state(run, "PENDING")
         self.assertEqual(result["status"], "ACCEPT")
         with RunningAgent(self.fake, "--pool", "pool") as running:
@@ -5175,6 +5187,7 @@ class ProxyTests(unittest.TestCase):
                                       proxy.port)
         with mock.patch.dict(os.environ, {variable: address}, clear=True):
             api = agent.PrefectAPI(api_url, max_retries=0)
+            self.addCleanup(api.close)
         try:
             api.request("GET", "/health")
         except agent.APIUnreachable:
@@ -5746,6 +5759,7 @@ class ResponseParsingFuzzTest(FuzzTestCase):
         url = "http://127.0.0.1:%d/api" % probe.server_address[1]
         probe.server_close()  # nothing listens there now
         api = agent.PrefectAPI(url, max_retries=0)
+        self.addCleanup(api.close)
         for name, (call, shape) in sorted(CALLS.items()):
             with self.subTest(call=name):
                 with self.assertRaises(agent.APIUnreachable) as caught:
@@ -5757,6 +5771,7 @@ class ResponseParsingFuzzTest(FuzzTestCase):
         page = json.dumps([{"name": "q%d" % i} for i in range(200)]).encode()
         SERVER.script([_Reply(200, body=page)])
         api = agent.PrefectAPI(SERVER.url, max_retries=0)
+        self.addCleanup(api.close)
         try:
             names = api.queues_with_prefixes("pool", ["q"])
         except API_ERRORS:
@@ -5769,6 +5784,7 @@ class ResponseParsingFuzzTest(FuzzTestCase):
     def test_oversized_answer_is_refused(self):
         SERVER.script([_Reply(200, body=b" " * (agent.MAX_RESPONSE_BYTES + 1))])
         api = agent.PrefectAPI(SERVER.url, max_retries=0)
+        self.addCleanup(api.close)
         with self.assertRaises(agent.APIError) as caught:
             api.read_flow(RUN_ID)
         assert_one_line(self, caught.exception)
