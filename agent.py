@@ -1,16 +1,34 @@
 #!/usr/bin/env python3
 """agent.py: run Prefect flow runs from a work pool, with nothing but the standard library.
 
-A drop-in for `prefect worker start --type process` on hosts where Prefect itself cannot be
-installed next to the agent: copy this one file, run `python agent.py --pool NAME`. It polls
-the Prefect API for scheduled runs, claims each one (the server guarantees exactly one claimant),
-starts it as a local process, streams and watches it, and reports how it ended.
+A drop-in for `prefect worker start` with a `process` or a `docker` work pool, on hosts where
+Prefect itself cannot be installed next to the agent: copy this one file, run
+`python agent.py --pool NAME`. It polls the Prefect API for scheduled runs, claims each one
+(the server lets exactly one claimant win), starts it as a local process or, in a docker
+pool, as a container through the docker CLI, streams and watches it, and reports how it ended.
 
 Requires CPython 3.8 or newer on a POSIX host. Flow runs themselves need `prefect` installed in
-the Python that runs them (see --python), not in the one that runs this file.
+the Python (or the image) that runs them (see --python), not in the one that runs this file.
 
-Sections, in the order data flows: configuration, API client, job configuration, launcher,
-supervision, journal and reporting, the agent loop, health server, command line.
+Map. After the log and small helpers that every part uses, the sections in the order data
+flows:
+  Configuration         flags and environment, checked once: FLAGS, parse_flags, Config
+  API client            the only code that knows the API's paths: HTTPConnection, PrefectAPI
+  Job configuration     pure functions: job variables and base job template -> Job
+  Launchers             Job -> a watched Child: ProcessLauncher, DockerLauncher (LAUNCHERS)
+  Supervision           Supervisor: output, exits, signals, the cancellation notice
+  Ledger and reporting  Journal (on disk), RunLedger (each run's story), Reporter (delivery)
+  The agent loop        Agent: poll, claim (Dispatcher), start on time (Timetable), recover
+  Health server         GET /api/health
+  Command line          main, start_agent, install
+Threads: "main" parses and starts, then only runs signal handlers; "agent" runs Agent.run;
+"dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
+them and "console" prints their output; "reporter-N" deliver reports; "health" answers
+probes. Each class says which of them call it.
+
+Start-up time is measured against Prefect's worker, so modules that only some paths need
+(subprocess, tempfile, shutil, copy, ssl, textwrap, traceback, email) are imported where
+they are used, and a few stdlib modules are replaced by a few lines here (each says which).
 """
 
 import binascii
@@ -34,6 +52,10 @@ import urllib.parse
 __version__ = "0.1.0"
 __license__ = "Apache-2.0"
 
+###############################################################################
+# Log and helpers #############################################################
+###############################################################################
+
 #: Log levels: the logging module's numbers, which Prefect's run logs take too.
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
@@ -41,10 +63,10 @@ DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 class Log:
     """The agent's own log: one line per event on stderr, `HH:MM:SS.mmm | LEVEL | agent | text`.
 
-    Not the logging module: it and the traceback module it imports are 4 ms of a start-up
-    that the benchmark holds to a twentieth of Prefect's worker's, and a script's log needs
-    none of its configuration. Until start_agent() lowers the level to INFO, only warnings
-    and errors are written, as logging's last-resort handler did."""
+    Not the logging module: it and the traceback module it imports are 4 ms of start-up,
+    and a script's log needs none of its configuration. Until start_agent() lowers the level
+    to INFO, only warnings and errors are written, as logging's last-resort handler did.
+    Every thread logs, signal handlers too: the reentrant `_lock` keeps each line whole."""
 
     NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
 
@@ -79,7 +101,7 @@ class Log:
         if with_traceback:
             handled = sys.exc_info()[1]
             try:
-                import traceback  # here: only an unexpected error needs it
+                import traceback
                 # Indented: an exception's message may hold newlines (from a server, say),
                 # and no line after the first may start the way a log line of its own does.
                 text += "".join("\n  " + escape_controls(line)
@@ -160,6 +182,114 @@ class DescriptorShortage:
 
 descriptor_shortage = DescriptorShortage()
 
+def _wait_readable(items, timeout):
+    """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
+    seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
+    select's limit of 1024."""
+    poller = select.poll()
+    for item in items:
+        poller.register(item, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+    return [item for item in items if (item if isinstance(item, int) else item.fileno()) in ready]
+
+
+def jitter(low, high):
+    """A random number between low and high, for spreading retries and polls. The random
+    module would do, but seeding its generator at import is 1 ms of start-up."""
+    return low + (high - low) * int.from_bytes(os.urandom(7), "big") / 2.0 ** 56
+
+
+def random_uuid():
+    """A random (version 4) UUID as text. The uuid module would do, but it imports platform:
+    3 ms of start-up."""
+    value = bytearray(os.urandom(16))
+    value[6] = value[6] & 0x0F | 0x40
+    value[8] = value[8] & 0x3F | 0x80
+    text = value.hex()
+    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+                        r"(Z|[+-]\d\d:?\d\d)?$")
+
+
+def parse_timestamp(text):
+    """An API timestamp (ISO 8601, UTC when it names no zone) as a time.time() value, or None.
+    Python 3.8's fromisoformat takes neither "Z" nor every length of fraction."""
+    match = _TIMESTAMP.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
+                                   int(second), tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    if zone and zone != "Z":
+        digits = zone[1:].replace(":", "")
+        moment -= (-1 if zone[0] == "-" else 1) * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return moment + (float("0." + fraction) if fraction else 0.0)
+
+
+def isoformat(moment):
+    return moment.isoformat()
+
+
+def _one_line(value, limit):
+    """`value` as text on one line (a log line is one line, whatever a server sent)."""
+    return " ".join(str(value).split())[:limit]
+
+
+def _obj(value):
+    """`value` when it is a JSON object, else an empty one: server data is never trusted to
+    have the shape the protocol promises."""
+    return value if isinstance(value, dict) else {}
+
+
+def open_private(path, flags):
+    """os.open for a file only its owner may read: made 0600 whatever the umask, and made
+    0600 again if an earlier agent left it looser. Never through a symlink: in a directory
+    others can write, one could point the agent (often root) at any file."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o7777 != 0o600:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private_dir(path):
+    """Make the directory `path`, and any parent missing, 0700 whatever the umask (as XDG
+    asks of a state directory); True if it was made, False if it was there already."""
+    path = os.path.abspath(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        if os.path.dirname(path) == path:
+            raise
+        make_private_dir(os.path.dirname(path))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # another agent made it meanwhile
+            return False
+    os.chmod(path, 0o700)  # mkdir's mode went through the umask
+    return True
+
+
+def _remove(path):
+    if path:
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -190,11 +320,41 @@ class UsageError(Exception):
     """A flag, environment variable or value the agent cannot start with."""
 
 
+class Flags:
+    """The command line as given (parse_flags): per flag, its text, the list of a repeatable
+    flag's texts, or whether a switch was given; named after the long flag, "-" as "_"."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
 class Config:
-    """Everything the command line and environment decided, validated once."""
+    """What the agent runs with: the flags and the environment, checked once (parse_config)
+    and read-only after, by every thread."""
+
+    __slots__ = (
+        "api_url",  # str: http(s) URL, no trailing slash
+        "api_key", "auth_string",  # str or None: secrets, sent as Bearer / Basic
+        "pool",  # str
+        "queues", "match",  # [str]: queue names and name prefixes, no repeats
+        "limit",  # int >= 1, or None: no limit
+        "prefetch_seconds", "poll_seconds", "cancel_grace_seconds",  # float
+        "drain_timeout",  # float, or None: wait for running flows without limit
+        "run_once", "hide_welcome", "show_flow_logs", "keep_leftover_processes",  # bool
+        "extra_env",  # {str: str}: set on every run
+        "name",  # str: the worker name, without "/" or "%"
+        "python",  # str: path of the Python that runs flows
+        "health_address",  # (host, port), or None: no health server
+        "pool_type",  # str: a key of LAUNCHERS, for a pool created by the agent
+        "state_dir",  # str: where the journal lives
+    )
 
     def __init__(self, **fields):
-        self.__dict__.update(fields)
+        missing = set(self.__slots__) - set(fields)
+        if missing:
+            raise TypeError("Config lacks %s" % ", ".join(sorted(missing)))
+        for name, value in fields.items():
+            setattr(self, name, value)  # an unknown name fails here: AttributeError
 
 
 def _number(text, what, allow_zero=False):
@@ -289,18 +449,18 @@ FLAGS = (
     (("-h", "--help"), None, False, "show this help and exit"),
 )
 USAGE = "usage: agent.py [start | install] --pool POOL [flags]"
-HELP_INTRO = """Run Prefect flow runs from a work pool as local processes.
+HELP_INTRO = """Run Prefect flow runs from a work pool: as local processes, or, in a docker
+pool, as containers through the docker CLI on this host.
 
 Commands: 'start' (the default) runs the agent; 'install' prints a supervisord
 program section for the same flags."""
 
 
 def parse_flags(argv):
-    """The flags in argv (the command word taken off) as a namespace, or UsageError naming
-    the one that is wrong. Not argparse: its import, and the gettext, locale and copy modules
-    it brings, are 5 ms of a start-up that the benchmark holds to a twentieth of Prefect's
-    worker's. Long flags take `--flag VALUE` or `--flag=VALUE`, short ones `-f VALUE` or
-    `-fVALUE`; a flag given twice keeps its last value, unless it is repeatable."""
+    """The flags in argv (the command word taken off) as Flags, or UsageError naming the one
+    that is wrong. Not argparse: its import, and the gettext, locale and copy modules it
+    brings, are 5 ms of start-up. Long flags take `--flag VALUE` or `--flag=VALUE`, short ones
+    `-f VALUE` or `-fVALUE`; a flag given twice keeps its last value, unless it is repeatable."""
     values = {_flag_field(flag): [] if flag[2] else (None if flag[1] else False)
               for flag in FLAGS}
     for flag, _, value in _flag_items(argv):
@@ -311,7 +471,7 @@ def parse_flags(argv):
             values[field].append(value)
         else:
             values[field] = value
-    return Config(**values)
+    return Flags(**values)
 
 
 def _flag_items(argv):
@@ -346,7 +506,7 @@ def _flag_field(flag):
 
 
 def help_text():
-    import textwrap  # here, not at the top: only --help needs it
+    import textwrap
     lines = [USAGE, "", HELP_INTRO, "", "flags:"]
     for names, metavar, _, text in FLAGS:
         head = "  " + ", ".join(names) + (" " + metavar if metavar else "")
@@ -405,9 +565,9 @@ def parse_config(args, environ):
         "agent.py")
     python = args.python or sys.executable
     pool_type = args.type or "process"
-    if pool_type not in BASE_JOB_TEMPLATES:
+    if pool_type not in LAUNCHERS:
         raise UsageError("--type must be one of %s, got %r"
-                         % (", ".join(sorted(BASE_JOB_TEMPLATES)), pool_type))
+                         % (", ".join(sorted(LAUNCHERS)), pool_type))
     if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError("--python %r is not an executable file" % python)
     return Config(
@@ -498,28 +658,21 @@ class AnswerRefused(APIError):
         self.unparsable = unparsable
 
 
+class DeploymentGone(APIError):
+    """The run's deployment has been deleted."""
+
+
 class AnswerTooLarge(ProtocolError):
     def __init__(self, status):
         super().__init__("answer larger than %d bytes, refused" % MAX_RESPONSE_BYTES)
         self.status = status
 
 
-def _wait_readable(items, timeout):
-    """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
-    seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
-    select's limit of 1024."""
-    poller = select.poll()
-    for item in items:
-        poller.register(item, select.POLLIN)
-    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
-    return [item for item in items if (item if isinstance(item, int) else item.fileno()) in ready]
-
-
 class HTTPConnection:
     """One kept-alive HTTP/1.1 connection: the little of the protocol a Prefect API needs.
     http.client would do, but it imports the email package for its header parser, which
     costs the agent 30 ms of start-up and 4 MB of memory; TLS (ssl, another 4 MB) is loaded
-    only for an https API."""
+    only for an https API. One thread uses it at a time (PrefectAPI keeps one per thread)."""
 
     MAX_HEADER_LINES = 200
     #: Hex digits only: int(text, 16) also takes "-1" (which read() takes as "to the end",
@@ -677,7 +830,7 @@ def _authority(host, port):
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-def _proxy_for(url, environ):
+def proxy_for(url, environ):
     """(host, port, Proxy-Authorization or None) of the proxy `environ` names for `url`, the way
     curl and urllib read it ({scheme}_proxy, NO_PROXY), or None for a direct connection.
     UsageError for a proxy that is not an http:// one."""
@@ -716,12 +869,11 @@ def _proxy_for(url, environ):
 
 
 def basic_auth(userinfo):
-    """The Authorization value for "user:password" (binascii: the base64 module's imports
-    cost start-up time, see random_uuid)."""
+    """The Authorization value for "user:password" (binascii: base64's imports cost start-up)."""
     return "Basic " + binascii.b2a_base64(userinfo.encode(), newline=False).decode("ascii")
 
 
-def _error_detail(body):
+def error_detail(body):
     """The human part of a Prefect error body, or the start of whatever came back."""
     try:
         parsed = _load_json(body)
@@ -735,7 +887,7 @@ def _error_detail(body):
     return (text[:200] + "...") if len(text) > 200 else (text or "(empty body)")
 
 
-def _retry_after_seconds(value):
+def retry_after_seconds(value):
     if not value:
         return None
     try:
@@ -744,7 +896,7 @@ def _retry_after_seconds(value):
         seconds = None
     if seconds is not None:
         return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS) if seconds == seconds else None
-    import email.utils  # here: rarely needed, and slow to import (see HTTPConnection)
+    import email.utils
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -764,54 +916,10 @@ def backoff_seconds(attempt, retry_after=None, cap=30.0):
     return min(cap, 0.5 * 2 ** (attempt - 1)) * jitter(0.8, 1.2)
 
 
-def jitter(low, high):
-    """A random number between low and high, for spreading retries and polls. The random
-    module would do, but seeding its generator at import is 1 ms of start-up."""
-    return low + (high - low) * int.from_bytes(os.urandom(7), "big") / 2.0 ** 56
-
-
-def random_uuid():
-    """A random (version 4) UUID as text. The uuid module would do, but it imports platform:
-    3 ms of a start-up that the benchmark holds to a twentieth of Prefect's worker's."""
-    value = bytearray(os.urandom(16))
-    value[6] = value[6] & 0x0F | 0x40
-    value[8] = value[8] & 0x3F | 0x80
-    text = value.hex()
-    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
-
-
-def utcnow():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-_TIMESTAMP = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
-                        r"(Z|[+-]\d\d:?\d\d)?$")
-
-
-def parse_timestamp(text):
-    """An API timestamp (ISO 8601, UTC when it names no zone) as a time.time() value, or None.
-    Python 3.8's fromisoformat takes neither "Z" nor every length of fraction."""
-    match = _TIMESTAMP.match(text.strip()) if isinstance(text, str) else None
-    if not match:
-        return None
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    try:
-        moment = datetime.datetime(int(year), int(month), int(day), int(hour), int(minute),
-                                   int(second), tzinfo=datetime.timezone.utc).timestamp()
-    except ValueError:
-        return None
-    if zone and zone != "Z":
-        digits = zone[1:].replace(":", "")
-        moment -= (-1 if zone[0] == "-" else 1) * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
-    return moment + (float("0." + fraction) if fraction else 0.0)
-
-
-def isoformat(moment):
-    return moment.isoformat()
-
-
 class PrefectAPI:
-    """JSON over HTTP to one Prefect API, with retries, CSRF and auth. Thread-safe."""
+    """JSON over HTTP to one Prefect API, with retries, CSRF and auth. Every thread calls it:
+    each keeps its own connection (`_local`), `_csrf_lock` guards the CSRF token and
+    `_connections_lock` the list of connections that close() closes."""
 
     USER_AGENT = "agent.py/%s (stdlib Prefect agent; Python %d.%d)" % (
         (__version__,) + tuple(sys.version_info[:2]))
@@ -833,7 +941,7 @@ class PrefectAPI:
             except ImportError:
                 raise UsageError("this Python has no ssl module, so it cannot reach %s"
                                  % redact_url(self.url))
-        self._proxy = _proxy_for(self.url, os.environ)
+        self._proxy = proxy_for(self.url, os.environ)
         self._local = threading.local()  # each thread keeps its own connection alive
         self._connections = []
         self._connections_lock = threading.Lock()
@@ -873,12 +981,12 @@ class PrefectAPI:
             if status in RETRY_STATUSES and self.failing_since is None:
                 self.failing_since = time.monotonic()
             if status in RETRY_STATUSES and attempt <= retries:
-                self._pause(backoff_seconds(attempt, _retry_after_seconds(headers.get("retry-after"))),
+                self._pause(backoff_seconds(attempt, retry_after_seconds(headers.get("retry-after"))),
                             method, path)
                 continue
             if status in RETRY_STATUSES:
                 raise APIUnreachable("%s %s answered %s after %d tries: %s"
-                                     % (method, path, status, attempt, _error_detail(raw)))
+                                     % (method, path, status, attempt, error_detail(raw)))
             self._reached = True
             self.failing_since = None
             if status == 403 and b"CSRF" in raw and not csrf_retried:
@@ -889,9 +997,9 @@ class PrefectAPI:
                 raise AuthRefused(
                     "the Prefect API at %s refused our credentials (%s %s answered %s: %s); "
                     "check --key / PREFECT_API_KEY or PREFECT_API_AUTH_STRING"
-                    % (redact_url(self.url), method, path, status, _error_detail(raw)))
+                    % (redact_url(self.url), method, path, status, error_detail(raw)))
             if not 200 <= status < 300:
-                raise APIError(method, path, status, _error_detail(raw))
+                raise APIError(method, path, status, error_detail(raw))
             self.last_success = time.monotonic()
             self.failing_since = None
             if not raw.strip():
@@ -902,7 +1010,7 @@ class PrefectAPI:
                 raise AnswerRefused(method, path, status, str(exc),
                                     raw if exc.unparsable else None)
             except ValueError:
-                raise APIError(method, path, status, "answer is not JSON: %s" % _error_detail(raw))
+                raise APIError(method, path, status, "answer is not JSON: %s" % error_detail(raw))
 
     def give_up_retries_when(self, stopping, wakeup, interruptible=True):
         """From now on, this thread's retries end as soon as stopping() is true: `wakeup`
@@ -1147,7 +1255,7 @@ class PrefectAPI:
 
     def read_run(self, run_id):
         """The run as the API has it, at any depth json.loads can parse: most callers want
-        only its state; one that uses more checks it with _run_problem."""
+        only its state; one that uses more checks it with run_problem."""
         return _expect_dict(self.request("GET", "/flow_runs/" + _quote(run_id), max_depth=None),
                             "flow run")
 
@@ -1155,11 +1263,28 @@ class PrefectAPI:
         self.request("PATCH", "/flow_runs/" + _quote(run_id), {"infrastructure_pid": pid})
 
     def read_deployment(self, deployment_id):
-        return _expect_dict(self.request("GET", "/deployments/" + _quote(deployment_id)),
-                            "deployment")
+        """The deployment; DeploymentGone when the server says it does not exist."""
+        answer = self._get_or_none("/deployments/" + _quote(deployment_id))
+        if answer is None:
+            raise DeploymentGone("GET", "/deployments/" + _quote(deployment_id), 404,
+                                 "the deployment does not exist")
+        return _expect_dict(answer, "deployment")
 
     def read_flow(self, flow_id):
         return _expect_dict(self.request("GET", "/flows/" + _quote(flow_id)), "flow")
+
+    def read_run_states(self, run_id):
+        """Every state the run has been in, oldest first."""
+        return _expect_list(self.request("GET", "/flow_run_states/?flow_run_id=" + _quote(run_id)),
+                            "flow run states")
+
+    def runs_in_state(self, run_ids, state_types):
+        """Those of `run_ids` (200 at most) whose state is of one of `state_types`."""
+        answer = self.request("POST", "/flow_runs/filter", {
+            "flow_runs": {"id": {"any_": run_ids}, "state": {"type": {"any_": state_types}}},
+            "limit": 200, "offset": 0})
+        return [run for run in _expect_list(answer, "flow run filter")
+                if isinstance(run, dict) and isinstance(run.get("id"), str)]
 
     def read_variable(self, name):
         answer = self._get_or_none("/variables/name/" + _quote(name))
@@ -1175,17 +1300,6 @@ def _describe(exc):
         exc = reason
     text = _one_line(exc, 300) or exc.__class__.__name__
     return "%s: %s" % (exc.__class__.__name__, text) if exc.__class__.__name__ not in text else text
-
-
-def _one_line(value, limit):
-    """`value` as text on one line (a log line is one line, whatever a server sent)."""
-    return " ".join(str(value).split())[:limit]
-
-
-def _obj(value):
-    """`value` when it is a JSON object, else an empty one: server data is never trusted to
-    have the shape the protocol promises."""
-    return value if isinstance(value, dict) else {}
 
 
 def _quote(name):
@@ -1229,12 +1343,12 @@ def _load_json(raw, max_depth=MAX_JSON_DEPTH):
         value = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise _Refused("nested too deeply to parse, refused", unparsable=True)
-    if max_depth is not None and _nested_deeper(value, max_depth):
+    if max_depth is not None and nested_deeper(value, max_depth):
         raise _Refused("nested deeper than %d levels, refused" % max_depth)
     return value
 
 
-def _nested_deeper(value, limit):
+def nested_deeper(value, limit):
     """Whether lists and objects nest more than `limit` deep in `value`; level by level, not
     recursively, so that any depth json.loads returns is measured safely."""
     level = [value] if isinstance(value, (dict, list)) else []
@@ -1307,6 +1421,23 @@ def _is_uuid(value):
     return isinstance(value, str) and re.fullmatch(_UUID, value) is not None
 
 
+def _scheduled_text(run):
+    """The run's scheduled time as the API wrote it: a poll's answer leaves the state out
+    (seen on a 3.8.8 server), so the run's own next start is read when the state says
+    nothing."""
+    details = _obj(_obj(run.get("state")).get("state_details"))
+    for value in (details.get("scheduled_time"), run.get("next_scheduled_start_time"),
+                  run.get("expected_start_time"), run.get("scheduled_time")):
+        if parse_timestamp(value) is not None:
+            return value
+    return None
+
+
+def _scheduled_time(run):
+    """When the run is due, as a time.time() value, or None if it does not say."""
+    return parse_timestamp(_scheduled_text(run))
+
+
 #: The key of the reason in a run that scheduled_runs hands over only to be crashed.
 REFUSED = "agent.py: refused"
 
@@ -1317,10 +1448,10 @@ def _poll_entry(item):
         return {"id": item.run_id}, ("the flow run from the API nests lists and objects too "
                                      "deeply to parse")
     run = item.get("flow_run") if isinstance(item, dict) else None
-    return run, _run_problem(run)
+    return run, run_problem(run)
 
 
-def _run_problem(run):
+def run_problem(run):
     """Why a run from a poll's answer cannot be started (None when it can)."""
     if not isinstance(run, dict):
         return "an entry is not {\"flow_run\": {...}}"
@@ -1328,7 +1459,7 @@ def _run_problem(run):
         value = run.get(key)
         if (value is not None or key == "id") and not _is_uuid(value):
             return "its %s %s is not a UUID" % (key, _id_text(value))
-    if _nested_deeper(run, MAX_JSON_DEPTH):
+    if nested_deeper(run, MAX_JSON_DEPTH):
         return ("the flow run from the API nests lists and objects deeper than %d levels"
                 % MAX_JSON_DEPTH)
     return None
@@ -1403,7 +1534,6 @@ DOCKER_BASE_JOB_TEMPLATE = {
         "container_create_kwargs": _optional("object", title="Container Configuration"),
     }},
 }
-BASE_JOB_TEMPLATES = {"process": PROCESS_BASE_JOB_TEMPLATE, "docker": DOCKER_BASE_JOB_TEMPLATE}
 
 PLACEHOLDER = re.compile(r"{{\s*([\w\.\-\[\]$]+)\s*}}")
 _MISSING = object()
@@ -1414,16 +1544,19 @@ class JobConfigError(Exception):
 
 
 class Job:
-    """What to start for one run: argv, environment, directory, output handling."""
+    """What to start for one run, as job configuration resolved it: argv, environment,
+    directory, output handling, bytes for its stdin, what its launcher keeps of it
+    (`infrastructure`) and the files it writes beside its output (`files`), both journaled
+    with its start. `launcher` is set by the launcher that built it, which starts it."""
 
-    def __init__(self, argv, env, working_dir, stream_output, container=None, cidfile=None,
-                 docker=None, env_file=None):
+    def __init__(self, argv, env, working_dir, stream_output, stdin_data=None,
+                 infrastructure=None, files=()):
         self.argv, self.env, self.working_dir = argv, env, working_dir
         self.stream_output = stream_output
-        self.container = container  # the docker container's name, for docker runs
-        self.cidfile = cidfile  # where docker writes the container's id once it exists
-        self.docker = docker  # the DockerCLI that runs and signals the container
-        self.env_file = env_file  # the container's variables (docker --env-file bytes), on stdin
+        self.stdin_data = stdin_data
+        self.infrastructure = infrastructure or {}
+        self.files = list(files)  # removed with the run's output when its story is told
+        self.launcher = None
 
 
 def merge_job_variables(deployment_vars, run_vars):
@@ -1475,7 +1608,7 @@ def _resolve_job_configuration(base_job_template, values, lookup_prefect, enviro
     properties = _obj(template.get("variables")).get("properties") or {}
     if not isinstance(properties, dict):
         raise JobConfigError("the pool's base job template variables.properties is not an object")
-    import copy  # here, not at the top: start-up time (see random_uuid)
+    import copy
     config = copy.deepcopy(template["job_configuration"])
     defaults = {key: spec["default"] for key, spec in properties.items()
                 if isinstance(spec, dict) and spec.get("default") is not None}
@@ -1620,60 +1753,6 @@ MEMORY_SIZE = r"\d+(?:\.\d+)* ?[kKmMgGtTpP]?[iI]?[bB]?"
 ENV_FILE_LINE_LIMIT = 65535
 
 
-def find_command(name, environ):
-    """The absolute path of the executable `name` on environ's PATH, or None."""
-    for directory in environ.get("PATH", os.defpath).split(os.pathsep):
-        path = os.path.join(os.path.abspath(directory or os.curdir), name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-class DockerCLI:
-    """The host's docker CLI, found once at start-up on the agent's own PATH, and the
-    environment it runs with: the agent's own at start-up, never a job's, whose PATH would
-    pick the program run as root and whose LD_PRELOAD would load a library into it. Made
-    with the Agent; read by every thread, never changed."""
-
-    SH = "/bin/sh"  # POSIX's shell, at the path subprocess's shell=True assumes too
-
-    def __init__(self, environ):
-        self.env = dict(environ)
-        self.path = find_command("docker", self.env)
-
-    def argv(self, *args):
-        return [self.path or "docker"] + list(args)
-
-    def env_for(self, run_id):
-        """The CLI's environment for one run's docker process: the run id marks it as the
-        run's, as it marks a process run's (run_processes)."""
-        return dict(self.env, PREFECT__FLOW_RUN_ID=run_id)
-
-    def answer(self, *args):
-        """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
-        import subprocess  # here, not at the top: start-up time (see random_uuid)
-        try:
-            answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
-
-    def container_for_run(self, run_id):
-        """The container labelled io.prefect.flow-run-id=run_id, or None."""
-        names = self.answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
-                            "--format", "{{.Names}}")
-        return names[0] if names else None
-
-    def container_state(self, name):
-        """(status, exit code) of a container per the docker daemon, or (None, None) when it
-        does not exist or docker cannot tell."""
-        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
-        if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-            return None, None
-        return fields[0], int(fields[1])
-
-
 def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show_flow_logs,
                      docker):
     """The Job for a resolved docker job configuration: an attached `docker run` whose exit
@@ -1734,7 +1813,8 @@ def build_docker_job(config, flow_run_env, labels, container_name, cidfile, show
         argv = _create_connect_start(argv, name, networks[1:])
     stream = show_flow_logs or _as_bool(config.get("stream_output", True), "stream_output")
     return Job(argv, docker.env_for(flow_run_env["PREFECT__FLOW_RUN_ID"]), None, stream,
-               container=name, cidfile=cidfile, docker=docker, env_file=_env_file(env))
+               stdin_data=_env_file(env), infrastructure={"container": name, "cidfile": cidfile},
+               files=[cidfile])
 
 
 def _image_reference(image):
@@ -1852,7 +1932,7 @@ def container_name(run_name, run_id):
 
 
 ###############################################################################
-# Launcher ####################################################################
+# Launchers ###################################################################
 ###############################################################################
 
 
@@ -1866,18 +1946,22 @@ class OutOfDescriptors(LaunchError):
 
 
 class Child:
-    """One flow-run process the agent watches: started by it, or adopted after a restart."""
+    """One run's process that the supervisor watches: started by a launcher, or found again
+    by one after a restart. Made on the thread that starts or recovers it; from then on the
+    supervisor thread reads and updates it, and other threads only ask it to stop
+    (Supervisor.terminate)."""
 
     TAIL_LINES = 20
 
-    def __init__(self, run_id, run_name, pid, output_path, stream_output, process=None,
-                 start_time=None, temp_dir=None, argv_text="", container=None, docker=None):
+    def __init__(self, run_id, run_name, pid, output_path, stream_output, launcher,
+                 process=None, start_time=None, temp_dir=None, argv_text="",
+                 infrastructure=None):
         self.run_id, self.run_name, self.pid = run_id, run_name, pid
-        self.container = container
-        self.docker = docker  # the DockerCLI that signals the container
-        self.cidfile = None
-        self.container_id = None
-        self.helpers = []  # `docker kill` processes, reaped by the supervisor like the child
+        self.launcher = launcher
+        self.infrastructure = infrastructure or {}  # what the launcher keeps (a container name)
+        self.named = False  # the API was told its infrastructure_pid (or was, before a restart)
+        self.recovered = None  # how a restart found it again, for the run's log
+        self.helpers = []  # processes the launcher ran to signal it, reaped by the supervisor
         self.process = process  # None when adopted: not our child, so no exit status
         self.start_time = start_time if start_time is not None else process_start_time(pid)
         self.output_path, self.stream_output = output_path, stream_output
@@ -1915,35 +1999,9 @@ class Child:
             lines = self.output.read(8192).decode("utf-8", "replace").splitlines()
             self.tail.extend(line[:500] for line in lines[1:])  # the first may be cut
 
-    def signal_group(self, signum):
-        """Signal the run's whole session (it leads its own), or its container; False when it
-        is already gone."""
-        if self.container:
-            return self._signal_container(signum)
-        try:
-            os.killpg(self.pid, signum)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            log.warning("run %s: not allowed to signal process group %d", self.run_id, self.pid)
-            return False
-
-
-    def _signal_container(self, signum):
-        # The attached `docker run` would only forward SIGTERM, not SIGKILL: ask the daemon.
-        name = "KILL" if signum == signal.SIGKILL else signal.Signals(signum).name[3:]
-        import subprocess  # here, not at the top: start-up time (see random_uuid)
-        try:
-            self.helpers.append(subprocess.Popen(
-                self.docker.argv("kill", "--signal", name, self.container), env=self.docker.env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
-            return True
-        except OSError as exc:
-            log.warning("run %s: cannot run docker kill on container %s: %s",
-                        self.run_id, self.container, exc)
-            return False
+    def signal(self, signum):
+        """Signal what the run runs as (its launcher knows how); False when it is gone."""
+        return self.launcher.signal(self, signum)
 
 
 def _proc_stat(pid):
@@ -1977,48 +2035,14 @@ def process_is(pid, start_time):
     return current == start_time
 
 
-def open_private(path, flags):
-    """os.open for a file only its owner may read: made 0600 whatever the umask, and made
-    0600 again if an earlier agent left it looser. Never through a symlink: in a directory
-    others can write, one could point the agent (often root) at any file."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o7777 != 0o600:
-            os.fchmod(fd, 0o600)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def make_private_dir(path):
-    """Make the directory `path`, and any parent missing, 0700 whatever the umask (as XDG
-    asks of a state directory); True if it was made, False if it was there already."""
-    path = os.path.abspath(path)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        if os.path.dirname(path) == path:
-            raise
-        make_private_dir(os.path.dirname(path))
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:  # another agent made it meanwhile
-            return False
-    os.chmod(path, 0o700)  # mkdir's mode went through the umask
-    return True
-
-
 def temp_dir_for(run_id):
     """A fresh path for a run's temporary working directory, named before it is made, so
     that the journal can hold it first and a restart can remove it."""
-    import tempfile  # here, not at the top: start-up time (see random_uuid)
+    import tempfile
     return os.path.join(tempfile.gettempdir(), "agentpy-%s-%s" % (run_id[:8], os.urandom(6).hex()))
 
 
-def start_process(run_id, run_name, job, output_path, temp_dir=None):
+def start_process(launcher, run_id, run_name, job, output_path, temp_dir=None):
     """Start `job` in its own session (so its whole tree can be signalled) with its output
     appended to `output_path`, a file, so the run outlives the agent without a broken pipe.
     Without a working directory it runs in `temp_dir`, made here (0700 whatever the umask;
@@ -2039,9 +2063,9 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
         temp_dir = None
     stdin = None
     try:
-        import subprocess  # here, not at the top: start-up time (see random_uuid)
-        if job.env_file is not None:
-            stdin = _memory_file(job.env_file)
+        import subprocess
+        if job.stdin_data is not None:
+            stdin = _memory_file(job.stdin_data)
         # The output file exists before anything starts: a restart that finds none knows
         # that the run never began (Agent._recover_start).
         output = open_private(output_path, os.O_WRONLY | os.O_APPEND)
@@ -2062,10 +2086,9 @@ def start_process(run_id, run_name, job, output_path, temp_dir=None):
             raise OutOfDescriptors(exc)
         reason = "cannot start %s: %s" % (_argv_text(job.argv), exc)
     else:
-        child = Child(run_id, run_name, process.pid, output_path, job.stream_output,
+        child = Child(run_id, run_name, process.pid, output_path, job.stream_output, launcher,
                       process=process, temp_dir=temp_dir, argv_text=_argv_text(job.argv),
-                      container=job.container, docker=job.docker)
-        child.cidfile = job.cidfile
+                      infrastructure=job.infrastructure)
         child.open_output()
         return child
     finally:
@@ -2082,7 +2105,7 @@ def _memory_file(data):
     try:
         handle = open(os.memfd_create("agentpy-env"), "w+b")
     except (AttributeError, OSError):
-        import tempfile  # here, not at the top: start-up time (see random_uuid)
+        import tempfile
         handle = tempfile.TemporaryFile()
     handle.write(data)
     handle.seek(0)
@@ -2149,12 +2172,6 @@ def _argv_text(argv, limit=300):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _remove(path):
-    if path:
-        import shutil  # here, not at the top: start-up time (see random_uuid)
-        shutil.rmtree(path, ignore_errors=True)
-
-
 #: What an exit code most likely means, for the CRASHED message (shell and Prefect conventions).
 EXIT_MEANINGS = {
     1: "the process exited with a general error",
@@ -2196,6 +2213,285 @@ def _exit_code(status):
     if os.WIFSIGNALED(status):
         return -os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+class Launcher:
+    """How one kind of infrastructure runs a job: build it from the resolved job
+    configuration, start it as a Child, signal it, name it to the API, find it again after a
+    restart. A subclass serves one pool type (LAUNCHERS picks it); its base job template is
+    the one a pool of that type is created with. Made with the Agent, never changed after:
+    the timetable thread builds and starts jobs, the supervisor thread signals and names
+    them, the agent loop thread recovers them."""
+
+    name = None
+    base_job_template = None
+    #: The run's engine can connect to the agent's loopback (the cancellation notice).
+    engine_on_host = True
+
+    def __init__(self, config, environ):
+        self.config = config
+
+    def job(self, job_configuration, run, flow_run_env, output_path):
+        """The Job for a resolved job configuration; JobConfigError when it cannot be run."""
+        job = self._build(job_configuration, run, flow_run_env, output_path)
+        job.launcher = self
+        return job
+
+    def _build(self, job_configuration, run, flow_run_env, output_path):
+        raise NotImplementedError
+
+    def start(self, run_id, run_name, job, output_path, temp_dir):
+        """The started Child; LaunchError (OutOfDescriptors: try again later) when it is not."""
+        return start_process(self, run_id, run_name, job, output_path, temp_dir)
+
+    def signal(self, child, signum):
+        raise NotImplementedError
+
+    def infrastructure_pid(self, child):
+        """(infrastructure_pid for the API, a line for the run's log or None) once the run's
+        infrastructure can be named, else None: the supervisor asks each tick until then."""
+        raise NotImplementedError
+
+    def session(self, child):
+        """The session that the run's process leads, whose leftovers are stopped with it."""
+        return child.pid
+
+    def where(self, child):
+        """Where the run runs, for its log."""
+        return "process %d" % child.pid
+
+    def recover(self, run_id, entry, output_path):
+        """After a restart, what became of a run the journal says was started: its Child
+        (adopted or re-attached: child.recovered says which), a crash report's message, or
+        None when nothing of it is left."""
+        return self.adopt(run_id, entry, output_path)
+
+    def adopt(self, run_id, entry, output_path):
+        """A Child for the journal's process, if it still runs on this host."""
+        pid = entry.get("pid")
+        if entry.get("host") != socket.gethostname() or not isinstance(pid, int) or \
+                not process_is(pid, entry.get("start_time")):
+            return None
+        child = Child(run_id, entry.get("run_name") or run_id, pid,
+                      entry.get("output") or output_path, bool(entry.get("stream_output")),
+                      self, start_time=entry.get("start_time"), temp_dir=entry.get("temp_dir"),
+                      argv_text=entry.get("argv") or "",
+                      infrastructure=_obj(entry.get("infrastructure")))
+        child.named = True
+        child.recovered = "adopted process %d" % pid
+        child.open_output(from_end=True)
+        return child
+
+    def pool_note(self, pool_name):
+        """(level, line) to log when a pool turns out to be of this type, or None."""
+        return None
+
+    def banner_line(self):
+        """A line for the start-up banner when --type names this launcher, or None."""
+        return None
+
+
+class ProcessLauncher(Launcher):
+    """Runs a job as a local process leading a session of its own, so that its whole tree
+    can be signalled."""
+
+    name = "process"
+    base_job_template = PROCESS_BASE_JOB_TEMPLATE
+
+    def _build(self, job_configuration, run, flow_run_env, output_path):
+        return build_job(job_configuration, flow_run_env,
+                         [self.config.python, "-m", "prefect.engine"], self.config.show_flow_logs)
+
+    def signal(self, child, signum):
+        try:
+            os.killpg(child.pid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            log.warning("run %s: not allowed to signal process group %d", child.run_id, child.pid)
+            return False
+
+    def infrastructure_pid(self, child):
+        return "%s:%d" % (socket.gethostname(), child.pid), None
+
+
+def find_command(name, environ):
+    """The absolute path of the executable `name` on environ's PATH, or None."""
+    for directory in environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(os.path.abspath(directory or os.curdir), name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class DockerCLI:
+    """The host's docker CLI, found once at start-up on the agent's own PATH, and the
+    environment it runs with: the agent's own at start-up, never a job's, whose PATH would
+    pick the program run as root and whose LD_PRELOAD would load a library into it. Made
+    with the Agent; read by every thread, never changed."""
+
+    SH = "/bin/sh"  # POSIX's shell, at the path subprocess's shell=True assumes too
+
+    def __init__(self, environ):
+        self.env = dict(environ)
+        self.path = find_command("docker", self.env)
+
+    def argv(self, *args):
+        return [self.path or "docker"] + list(args)
+
+    def env_for(self, run_id):
+        """The CLI's environment for one run's docker process: the run id marks it as the
+        run's, as it marks a process run's (run_processes)."""
+        return dict(self.env, PREFECT__FLOW_RUN_ID=run_id)
+
+    def answer(self, *args):
+        """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
+        import subprocess
+        try:
+            answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
+
+    def container_for_run(self, run_id):
+        """The container labelled io.prefect.flow-run-id=run_id, or None."""
+        names = self.answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
+                            "--format", "{{.Names}}")
+        return names[0] if names else None
+
+    def container_state(self, name):
+        """(status, exit code) of a container per the docker daemon, or (None, None) when it
+        does not exist or docker cannot tell."""
+        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
+        if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            return None, None
+        return fields[0], int(fields[1])
+
+
+class DockerLauncher(Launcher):
+    """Runs a job as a container through the host's docker CLI: the child is an attached
+    `docker run`, whose exit code is the container's, and after a restart the daemon is
+    asked for the container by the run's label."""
+
+    name = "docker"
+    base_job_template = DOCKER_BASE_JOB_TEMPLATE
+    engine_on_host = False  # an engine in a container cannot reach the host's loopback
+
+    def __init__(self, config, environ):
+        super().__init__(config, environ)
+        self.cli = DockerCLI(environ)
+
+    def _build(self, job_configuration, run, flow_run_env, output_path):
+        return build_docker_job(job_configuration, flow_run_env,
+                                self._labels(run, flow_run_env),
+                                container_name(run.get("name"), run["id"]), output_path + ".cid",
+                                self.config.show_flow_logs, self.cli)
+
+    def _labels(self, run, flow_run_env):
+        """Prefect's labels for a flow run's container (its docker worker's names)."""
+        labels = {"io.prefect.flow-run-id": run["id"],
+                  "io.prefect.version": "agent.py-" + __version__,
+                  "io.prefect.work-pool-name": self.config.pool,
+                  "io.prefect.worker-name": self.config.name}
+        for label, key in (("io.prefect.flow-run-name", "name"), ("io.prefect.flow-id", "flow_id"),
+                           ("io.prefect.deployment-id", "deployment_id")):
+            if isinstance(run.get(key), str):
+                labels[label] = run[key]
+        for label, key in (("io.prefect.flow-name", "PREFECT__FLOW_NAME"),
+                           ("io.prefect.deployment-name", "PREFECT__DEPLOYMENT_NAME")):
+            if flow_run_env.get(key):
+                labels[label] = flow_run_env[key]
+        return labels
+
+    def signal(self, child, signum):
+        # The attached `docker run` would only forward SIGTERM, not SIGKILL: ask the daemon.
+        name = "KILL" if signum == signal.SIGKILL else signal.Signals(signum).name[3:]
+        container = child.infrastructure.get("container")
+        import subprocess
+        try:
+            child.helpers.append(subprocess.Popen(
+                self.cli.argv("kill", "--signal", name, container), env=self.cli.env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+            return True
+        except OSError as exc:
+            log.warning("run %s: cannot run docker kill on container %s: %s",
+                        child.run_id, container, exc)
+            return False
+
+    def infrastructure_pid(self, child):
+        """Named once `docker run` has written the container's id to its --cidfile (an image
+        may be pulling until then)."""
+        cidfile = child.infrastructure.get("cidfile")
+        try:
+            with open(cidfile) as handle:
+                container_id = handle.read().strip()
+        except (OSError, TypeError):
+            return None
+        try:  # the docker CLI made it under the agent's umask (in the 0700 output directory)
+            os.chmod(cidfile, 0o600)
+        except OSError:
+            pass
+        if not container_id:
+            return None
+        return ("docker://%s:%s" % (socket.gethostname(), container_id),
+                "Container %s created: %s" % (child.infrastructure.get("container"), container_id))
+
+    def session(self, child):
+        return None  # the container's processes are the daemon's, not in the CLI's session
+
+    def where(self, child):
+        return "container %s" % child.infrastructure.get("container")
+
+    def recover(self, run_id, entry, output_path):
+        """The attached `docker run` if it still runs; else the container, asked of the
+        daemon by the run's label (or by the name the journal holds): re-attached while it
+        runs, reported by its exit code once it has ended."""
+        child = self.adopt(run_id, entry, output_path)
+        if child is not None:
+            return child
+        name = self.cli.container_for_run(run_id) or _obj(entry.get("infrastructure")).get("container")
+        if not isinstance(name, str):
+            return None
+        state, code = self.cli.container_state(name)
+        if state in ("running", "created", "paused", "restarting"):
+            return self._attach(run_id, entry, name, output_path)
+        if state is not None and code:
+            return ("Container %s exited with status code %d while agent.py was restarting: %s."
+                    % (name, code, explain_exit(code)))
+        return ("Container %s %s when agent.py restarted, and the run never reported a final "
+                "state." % (name, "had exited with status code 0" if state else "was gone"))
+
+    def _attach(self, run_id, entry, name, output_path):
+        job = Job(self.cli.argv("start", "--attach", name), self.cli.env_for(run_id),
+                  os.path.dirname(output_path), bool(entry.get("stream_output")),
+                  infrastructure={"container": name})
+        try:
+            child = self.start(run_id, entry.get("run_name") or run_id, job, output_path, None)
+        except LaunchError as exc:
+            return "Could not re-attach to container %s after a restart: %s" % (name, exc)
+        child.named = True
+        child.recovered = "re-attached to container %s" % name
+        return child
+
+    def pool_note(self, pool_name):
+        if self.cli.path:
+            return INFO, ("Work pool '%s' is a docker pool: its runs start through the docker "
+                          "CLI %s, with agent.py's own environment" % (pool_name, self.cli.path))
+        return WARNING, ("Work pool '%s' is a docker pool, but no docker CLI was on agent.py's "
+                         "PATH at start-up: its runs crash until one is installed and agent.py "
+                         "restarted" % pool_name)
+
+    def banner_line(self):
+        return " docker CLI %s" % (self.cli.path or "not found on PATH: docker runs will crash")
+
+
+#: The launcher for each pool type. A pool of any other type runs its flows as processes
+#: (Agent._note_pool_changes says so once).
+LAUNCHERS = {launcher.name: launcher for launcher in (ProcessLauncher, DockerLauncher)}
+
 
 
 ###############################################################################
@@ -2427,7 +2723,11 @@ class Supervisor(threading.Thread):
     a container without an init would otherwise accumulate. A tick reads at most
     READ_BYTES_PER_TICK of each child's output, so a child that prints without pause cannot
     hold up the reaping, cancellation or output of the others. When a run ends, the
-    processes it left behind are stopped (unless the agent was told to leave them)."""
+    processes it left behind are stopped (unless the agent was told to leave them).
+
+    Its callbacks (on_exit, on_infrastructure, on_leftovers) run on its thread. Other
+    threads add children, ask for them and terminate them, under `_lock`; wake() is
+    signal-safe (a byte on a pipe)."""
 
     TICK_SECONDS = 0.25
     QUIET_TICK_SECONDS = 1.0
@@ -2447,11 +2747,11 @@ class Supervisor(threading.Thread):
     LEFTOVER_GRACE_SECONDS = 5.0
 
     def __init__(self, on_exit, on_exits_handled=None, console=None, reap_orphans=False,
-                 on_container=None, on_leftovers=None):
+                 on_infrastructure=None, on_leftovers=None):
         super().__init__(name="supervisor", daemon=True)
         self._on_exit = on_exit
         self._on_exits_handled = on_exits_handled  # after a tick's last on_exit
-        self._on_container = on_container
+        self._on_infrastructure = on_infrastructure  # (child, infrastructure_pid, log line)
         self._on_leftovers = on_leftovers  # None: leave what a run leaves behind alone
         self.printer = ConsolePrinter(console or sys.stdout)
         self._reap_orphans = reap_orphans
@@ -2550,8 +2850,8 @@ class Supervisor(threading.Thread):
             if child.reopen_from_end is not None:
                 child.open_output(child.reopen_from_end)
             busy = self._read(child) or busy
-            if child.cidfile and child.container_id is None:
-                self._note_container_id(child)
+            if not child.named:
+                self._name_infrastructure(child)
             busy = busy or child.kill_at is not None or child.term_at is not None
         behind = any(child.behind for child in children)
         self._helpers = [helper for helper in self._helpers if helper.poll() is None]
@@ -2567,7 +2867,7 @@ class Supervisor(threading.Thread):
                             "sending SIGKILL", child.run_id,
                             "cancellation" if child.stop_reason == "cancelled" else "stop")
                 child.kill_at = None
-                child.signal_group(signal.SIGKILL)
+                child.signal(signal.SIGKILL)
         self._kill_leftovers_when_due(now)
         self._finish_all(exited, running)
         return busy or bool(exited) or bool(self._leftovers), behind
@@ -2607,20 +2907,14 @@ class Supervisor(threading.Thread):
             return
         child.term_at = None
         child.kill_at = now + child.grace
-        child.signal_group(signal.SIGTERM)
+        child.signal(signal.SIGTERM)
 
-    def _note_container_id(self, child):
-        try:
-            with open(child.cidfile) as handle:
-                child.container_id = handle.read().strip() or None
-        except OSError:
-            return  # not created yet (the image may still be pulling)
-        try:  # the docker CLI made it under the agent's umask (in the 0700 output directory)
-            os.chmod(child.cidfile, 0o600)
-        except OSError:
-            pass
-        if child.container_id and self._on_container:
-            self._on_container(child)
+    def _name_infrastructure(self, child):
+        named = child.launcher.infrastructure_pid(child)
+        if named is not None:
+            child.named = True
+            if self._on_infrastructure is not None:
+                self._on_infrastructure(child, *named)
 
     def _adopt_helpers(self, child):
         while child.helpers:  # pop, not copy-and-clear: the main thread may be appending
@@ -2756,7 +3050,7 @@ class Supervisor(threading.Thread):
 
     def _stop_leftovers(self, children):
         """SIGTERM what the ended runs left running (SIGKILL follows), and say so on each run."""
-        sessions = {c.run_id: None if c.container else c.pid for c in children}
+        sessions = {c.run_id: c.launcher.session(c) for c in children}
         for run_id, found in run_processes(sessions).items():
             self._on_leftovers(run_id, found)
             self.kill_leftovers_later(
@@ -2827,7 +3121,8 @@ class ConsolePrinter(threading.Thread):
         self._console = console
         self._ready = threading.Condition()
         self._waiting = []
-        self._waiting_bytes = self._dropped = 0
+        self._waiting_bytes = 0
+        self.dropped = 0  # characters dropped since the console last took any
         self._writing = self._launched = self._closing = False
 
     def put(self, text):
@@ -2836,7 +3131,7 @@ class ConsolePrinter(threading.Thread):
                 self._launched = True
                 self.start()
             if self._waiting_bytes + len(text) > self.MAX_WAITING_BYTES:
-                self._dropped += len(text)
+                self.dropped += len(text)
                 return
             self._waiting.append(text)
             self._waiting_bytes += len(text)
@@ -2854,15 +3149,15 @@ class ConsolePrinter(threading.Thread):
     def run(self):
         while True:
             with self._ready:
-                while not self._waiting and not self._dropped:
+                while not self._waiting and not self.dropped:
                     if self._closing:
                         return
                     self._ready.wait()
                 text = "".join(self._waiting)
-                if self._dropped:
+                if self.dropped:
                     text += "[agent.py dropped %d characters of flow output: the console " \
-                            "could not take them as fast]\n" % self._dropped
-                self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
+                            "could not take them as fast]\n" % self.dropped
+                self._waiting, self._waiting_bytes, self.dropped = [], 0, 0
                 self._writing = True
             try:
                 self._console.write(text)
@@ -2882,65 +3177,8 @@ def _drain_fd(fd):
         pass
 
 
-class Timetable(threading.Thread):
-    """Starts claimed runs at their scheduled time, on its own thread, so that neither an API
-    call of the agent loop nor its poll interval can make a start late. A claim made ahead of
-    time (--prefetch-seconds) waits here; a claim that is already due starts at once."""
-
-    def __init__(self):
-        super().__init__(name="timetable", daemon=True)
-        self._cond = threading.Condition()
-        self._due = []  # heap of (monotonic due time, sequence, run id)
-        self._actions = {}  # run id -> what to call when due
-        self._sequence = 0
-        self._stopping = False
-
-    def add(self, run_id, due, action):
-        with self._cond:
-            self._sequence += 1
-            heapq.heappush(self._due, (due, self._sequence, run_id))
-            self._actions[run_id] = action
-            self._cond.notify()
-
-    def held(self):
-        """Run ids waiting for their time."""
-        with self._cond:
-            return list(self._actions)
-
-    def take(self, run_id):
-        """Withdraw a waiting run: its start action if it was waiting (it will not start now),
-        else None."""
-        with self._cond:
-            return self._actions.pop(run_id, None)
-
-    def stop(self):
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def run(self):
-        while True:
-            with self._cond:
-                while not self._stopping and not self._ready():
-                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                if self._stopping:
-                    return
-                run_id = heapq.heappop(self._due)[2]
-                action = self._actions.pop(run_id, None)
-            if action is not None:
-                try:
-                    action()
-                except Exception:  # a bug of ours must not stop every later start
-                    log.exception("run %s: starting it failed unexpectedly", run_id)
-
-    def _ready(self):
-        while self._due and self._due[0][2] not in self._actions:
-            heapq.heappop(self._due)  # withdrawn
-        return bool(self._due) and self._due[0][0] <= time.monotonic()
-
-
 ###############################################################################
-# Journal and reporting #######################################################
+# Ledger and reporting ########################################################
 ###############################################################################
 
 
@@ -3062,7 +3300,7 @@ class Journal:
                 break
         # Deeper than any run the API client lets through (a run, in an entry): copying it
         # would fail at every start. Such an entry is dropped, and the journal rewritten.
-        for run_id in [r for r, entry in runs.items() if _nested_deeper(entry, MAX_JSON_DEPTH + 1)]:
+        for run_id in [r for r, entry in runs.items() if nested_deeper(entry, MAX_JSON_DEPTH + 1)]:
             log.error("journal %s: run %s: skipped and dropped its entry, which nests deeper "
                       "than %d levels", self.path, _id_text(run_id), MAX_JSON_DEPTH + 1)
             del runs[run_id]
@@ -3081,12 +3319,12 @@ class Journal:
             raise ValueError("unknown change")
 
     def entries(self):
-        import copy  # here, not at the top: start-up time (see random_uuid)
+        import copy
         with self._mutex:
             return copy.deepcopy(self._entries)
 
     def get(self, run_id):
-        import copy  # here, not at the top: start-up time (see random_uuid)
+        import copy
         with self._mutex:
             return copy.deepcopy(self._entries.get(run_id) or {})
 
@@ -3460,6 +3698,324 @@ class Reporter:
                 return True
 
 
+class RunLedger:
+    """Each run's story from claim to report, and its one owner: the runs in flight (each
+    holds a slot of --limit), the journal entry of the step each has reached, and what the
+    API is still owed about each, which the Reporter's threads deliver.
+
+    A run's entry moves claiming -> starting -> running -> exited; an entry in phase
+    "exited" holds `owed`, one of the reports below, until it is delivered and the entry
+    forgotten, so that a restart delivers what a killed agent owed. The claim's transition
+    id stays in the entry: a report of a crash applies only while the run is still ours.
+
+    Every thread calls it: the agent loop and dispatch threads claim and reserve, the
+    timetable thread starts, the supervisor thread ends runs, the reporter threads deliver.
+    `_slots_lock` guards the runs in flight; the journal orders its own writes."""
+
+    #: The reports that can be owed: the journal's `owed.kind` -> the method delivering it.
+    #: ("check", which journals of agent.py 0.1 hold, is delivered as a crash, as it was.)
+    REPORTS = {"crash": "_report_crash", "check": "_report_crash",
+               "cancelled": "_report_cancelled", "release": "_report_hand_back",
+               "restore": "_report_restore"}
+
+    def __init__(self, journal, reporter, api, on_release=None):
+        self.journal, self.reporter, self.api = journal, reporter, api
+        self._on_release = on_release  # after a slot is freed (wakes the agent loop)
+        self._in_flight = set()
+        self._slots_lock = threading.Lock()
+
+    # -- runs in flight -------------------------------------------------------------
+
+    def reserve(self, run_id, limit=None):
+        """Take a slot for run_id: False if it holds one already, or `limit` are taken."""
+        with self._slots_lock:
+            if run_id in self._in_flight or (limit and len(self._in_flight) >= limit):
+                return False
+            self._in_flight.add(run_id)
+            return True
+
+    def release(self, run_id):
+        with self._slots_lock:
+            self._in_flight.discard(run_id)
+        if self._on_release is not None:
+            self._on_release()
+
+    def holds(self, run_id):
+        return run_id in self._in_flight
+
+    def in_flight_count(self):
+        return len(self._in_flight)  # no lock: a signal handler asks, and len() is atomic
+
+    # -- the journal entry ----------------------------------------------------------
+
+    def claiming(self, run_id, transition_id, run):
+        """On disk before the claim is proposed: an agent that dies right after the server
+        accepts it finds it on restart and starts the run instead of leaving it Pending.
+        JournalError (and nothing kept) when it cannot be written."""
+        try:
+            self.journal.update(run_id, durable=True, phase="claiming",
+                                transition_id=transition_id, run=run_summary(run))
+        except JournalError:
+            self.journal.forget(run_id)
+            raise
+
+    def claim_lost(self, run_id):
+        """The claim did not land (or another agent's did): nothing to remember."""
+        self.journal.forget(run_id)
+
+    def claim_of(self, run_id):
+        """The transition id of our claim of run_id, as journaled."""
+        return self.journal.get(run_id).get("transition_id")
+
+    def starting(self, run_id, run_name, job, output_path, temp_dir):
+        """On disk before the process exists, so that a restart that finds the start
+        unfinished looks for the process instead of starting another (at most once)."""
+        self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),
+                            output=output_path, temp_dir=temp_dir, run_name=run_name,
+                            stream_output=job.stream_output, argv=_argv_text(job.argv),
+                            launcher=job.launcher.name, infrastructure=job.infrastructure,
+                            files=job.files)
+
+    def running(self, run_id, child):
+        self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time,
+                            host=socket.gethostname())
+
+    def entries(self):
+        """Every run's entry, as a restart finds them. An entry of agent.py 0.1 names its
+        container at the top and no launcher: read as a docker run."""
+        entries = self.journal.entries()
+        for entry in entries.values():
+            if "launcher" not in entry and isinstance(entry.get("container"), str):
+                entry.update(launcher="docker", infrastructure={"container": entry["container"]})
+        return entries
+
+    def output_path(self, run_id):
+        return self.journal.output_path(run_id)
+
+    # -- what the API is owed ---------------------------------------------------------
+
+    def crash_unstarted(self, run_id, reason):
+        """The run was claimed but cannot be started: report it Crashed with the reason."""
+        message = "Failed to start flow run: %s" % reason
+        self.reporter.log(run_id, message, ERROR)
+        self._owe(run_id, {"kind": "crash", "message": message})
+        self.release(run_id)
+
+    def hand_back(self, run_id, reason):
+        """Give a claimed run that was not started back to the pool, as Scheduled at its
+        original time."""
+        log.info("run %s: handing it back to the work pool: %s", run_id, reason)
+        scheduled_time = _obj(self.journal.get(run_id).get("run")).get("scheduled_time")
+        self._owe(run_id, {"kind": "release", "scheduled_time": scheduled_time,
+                           "message": "Handed back to the work pool: %s." % reason})
+        self.release(run_id)
+
+    def cancelled_unstarted(self, run_id, run_name):
+        self.reporter.log(run_id, "Cancellation requested before the run was due: it will "
+                                  "not be started")
+        self._owe(run_id, {"kind": "cancelled", "name": run_name, "message": (
+            "Flow run was cancelled before it was due; agent.py never started it.")})
+        self.release(run_id)
+
+    def restore(self, run_id, transition_id):
+        """Our claim landed on a run that had already ended (a stale poll answer): put its
+        final state back."""
+        self._owe(run_id, {"kind": "restore", "transition_id": transition_id})
+
+    def crashed(self, run_id, message):
+        """Report the run Crashed, unless it has moved on without us meanwhile."""
+        self._owe(run_id, {"kind": "crash", "message": message})
+
+    def owed_again(self, run_id, owed):
+        """What the journal says a previous agent owed, delivered now."""
+        self._owe(run_id, owed)
+
+    def ended(self, child):
+        """The supervisor thread's report of an exit: its log line and what it owes. The
+        exits of one supervisor tick share an fsync (journal.end_batch follows them): a kill
+        cannot lose what was written without it, only a power cut can, and then the restart
+        reports the run as ended while it was down."""
+        self.journal.begin_batch()
+        code = child.returncode
+        if code is None:
+            self.reporter.log(child.run_id, "Process %d (adopted after a restart) has ended; its "
+                              "exit code is unknown" % child.pid)
+        else:
+            self.reporter.log(child.run_id, "Process %d exited with status code: %d"
+                              % (child.pid, code), INFO if code == 0 else WARNING)
+        if child.stop_reason == "cancelled":
+            self._owe(child.run_id, {"kind": "cancelled", "name": child.run_name})
+        else:
+            self.crashed(child.run_id, _exit_report(child))
+        self.release(child.run_id)
+
+    def note_infrastructure(self, child, infrastructure_pid, line):
+        """The supervisor thread found what the run runs as: tell the API (and the log)."""
+        self.reporter.call(child.run_id, "recording infrastructure_pid",
+                           lambda: self.api.set_infrastructure_pid(child.run_id, infrastructure_pid))
+        if line:
+            self.reporter.log(child.run_id, line)
+
+    def note_leftovers(self, run_id, found):
+        self.reporter.log(run_id, "Stopped %d process(es) the flow run left running: %s "
+                          "(SIGTERM, SIGKILL after %g s; --keep-leftover-processes leaves them)"
+                          % (len(found), ", ".join(_process_text(pid) for pid, _, _ in found[:10]),
+                             Supervisor.LEFTOVER_GRACE_SECONDS), WARNING)
+
+    def cancel_orphan(self, run):
+        """Cancel a run whose deployment was deleted (as Prefect's worker does)."""
+        message = "Deployment %s no longer exists, cancelled run." % run.get("deployment_id")
+        log.warning("run %s: %s", run["id"], message)
+        self.reporter.call(run["id"], "cancelling a run of a deleted deployment",
+                           lambda: self.api.set_state(run["id"], "CANCELLED", message=message,
+                                                      force=True))
+
+    def cancel_never_started(self, run_id, state, run_name):
+        """A claimed run that was cancelled before any process started: finish it."""
+        self.reporter.call(run_id, "cancelling a run that was never started",
+                           lambda: self.finish_cancellation(run_id, state, run_name))
+        self.forget(run_id)
+
+    def _owe(self, run_id, owed):
+        """Journal what the API must be told about run_id, then have the reporter tell it
+        (in order, retried); the journal keeps it until then, across restarts."""
+        if "claim" not in owed:
+            owed = dict(owed, claim=self.claim_of(run_id))
+        self.journal.update(run_id, phase="exited", owed=owed)
+        self.reporter.call(run_id, "reporting how the run ended", lambda: self.deliver(run_id, owed))
+        self.reporter.call(run_id, "forgetting the run", lambda: self.forget(run_id))
+
+    # -- delivery: the reporter threads ---------------------------------------------
+
+    def deliver(self, run_id, owed):
+        """Tell the API what `owed` says (APIUnreachable: the reporter tries again)."""
+        kind = owed.get("kind")
+        report = getattr(self, self.REPORTS.get(kind if isinstance(kind, str) else "crash",
+                                                "_report_crash"))
+        if kind == "restore":
+            report(run_id, owed, None)
+            return
+        try:
+            state = _obj(self.api.read_run(run_id).get("state"))
+        except AnswerRefused:
+            if report != self._report_crash:
+                raise
+            # A run the API cannot even serve readably can run nowhere: report it anyway.
+            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+            return
+        if state.get("type") == "CANCELLING" and report == self._report_crash:
+            report = self._report_cancelled  # cancelled while its process was ending
+            owed = dict(owed, message="Flow run was cancelled; its process had already ended.")
+        report(run_id, owed, state)
+
+    def forget(self, run_id):
+        """The run's story is told: drop its entry and the files it kept."""
+        entry = self.journal.get(run_id)
+        _remove(entry.get("temp_dir"))
+        self.journal.forget(run_id)
+        files = entry.get("files") if isinstance(entry.get("files"), list) else []
+        files = [f for f in files if isinstance(f, str)  # never a file elsewhere
+                 and os.path.dirname(f) == self.journal.output_dir]
+        for path in [self.output_path(run_id)] + files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _report_crash(self, run_id, owed, state):
+        if _still_ours(state, owed.get("claim")):
+            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
+        else:
+            log.info("run %s: not reporting it crashed, it is %s now", run_id, state.get("type"))
+
+    def _report_cancelled(self, run_id, owed, state):
+        self.finish_cancellation(run_id, state, owed.get("name") or run_id, owed.get("message"))
+
+    def _report_hand_back(self, run_id, owed, state):
+        if state.get("type") != "PENDING" or not _still_ours(state, owed.get("claim")):
+            log.info("run %s: not handing it back, it is %s now", run_id, state.get("type"))
+            return
+        details = dict(_obj(state.get("state_details")), transition_id=None)
+        if owed.get("scheduled_time"):
+            details["scheduled_time"] = owed["scheduled_time"]
+        self.api.set_state(run_id, "SCHEDULED", name="Scheduled", force=True, details=details,
+                           message=owed.get("message") or "Handed back to the work pool.")
+
+    def _report_restore(self, run_id, owed, state):
+        our_transition_id = owed.get("transition_id")
+        earlier = [s for s in self.api.read_run_states(run_id) if isinstance(s, dict) and
+                   _obj(s.get("state_details")).get("transition_id") != our_transition_id]
+        if not earlier:
+            return
+        # Timestamps are taken when a request arrives, not when it commits, so ours may sort
+        # before the final state it replaced: pick the newest state that is not ours.
+        previous = max(earlier, key=lambda s: str(s.get("timestamp")))
+        log.warning("run %s: already %s when our claim landed (stale poll answer); restoring "
+                    "that state instead of starting it", run_id, previous.get("type"))
+        self.api.set_state(run_id, previous.get("type"), message=previous.get("message"),
+                           name=previous.get("name"), force=True, data=previous.get("data"),
+                           details=_obj(previous.get("state_details")))
+
+    def finish_cancellation(self, run_id, state, run_name, message=None):
+        if state.get("type") == "CANCELLED":  # the engine was told in time (ControlChannel)
+            self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
+            return
+        if state.get("type") in ("COMPLETED", "FAILED"):
+            log.info("run %s: ended %s before the cancellation took effect; left as it is",
+                     run_id, state.get("type"))
+            return
+        # Forced, because the engine may have proposed CRASHED on SIGTERM meanwhile; the
+        # current state's details (and its concurrency lease) carry over.
+        self.api.set_state(run_id, "CANCELLED", name="Cancelled", force=True,
+                           details=_obj(state.get("state_details")),
+                           message=message or "Flow run was cancelled: agent.py terminated "
+                                              "its processes.")
+        self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
+
+    def _propose_crashed(self, run_id, message):
+        result = self.api.set_state(run_id, "CRASHED", message=message)
+        state = _obj(result.get("state"))
+        if result["status"] == "ACCEPT":
+            log.info("run %s: reported as crashed", run_id)
+        else:
+            log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
+                     result["status"], state.get("type"), _obj(result.get("details")).get("reason"))
+
+
+def _exit_report(child):
+    """The crash report's message for a child that ended without being cancelled: the API
+    takes it only while the run is still ours (an engine that reported a final state has
+    moved it on)."""
+    if child.stop_reason == "stopped":
+        return ("agent.py was stopped while this flow run was running, so it terminated the "
+                "run's processes (exit code %s)." % child.returncode) + _tail_text(child)
+    if child.returncode is None:
+        return ("Flow run process %d ended while agent.py was restarting, so its exit code is "
+                "unknown, and the run never reported a final state." % child.pid)
+    if child.returncode != 0:
+        return crash_message(child)
+    return ("Flow run process exited with status code 0 without reporting a final state to "
+            "Prefect: the command may not run a Prefect engine, or the engine was stopped "
+            "before it could report. Command: %s." % child.argv_text) + _tail_text(child)
+
+
+def _still_ours(state, claim):
+    """Whether a run is still where our process left it: Running, or Pending by our own claim.
+    Anything else means it moved on without us: the engine finished it, or it is Pending by
+    another agent's stale claim of a run that had already ended, which that agent undoes."""
+    if state.get("type") == "RUNNING":
+        return True
+    transition = _obj(state.get("state_details")).get("transition_id")
+    return state.get("type") == "PENDING" and (claim is None or transition == claim)
+
+
+def run_summary(run):
+    """What the journal keeps of a run to start it after a restart."""
+    summary = {key: run.get(key) for key in ("id", "name", "deployment_id", "flow_id", "job_variables")}
+    summary["scheduled_time"] = _scheduled_text(run)
+    return summary
+
+
 ###############################################################################
 # The agent loop ##############################################################
 ###############################################################################
@@ -3485,6 +4041,64 @@ class Wakeup:
     def sleep(self, seconds):
         """Sleep until woken or `seconds` pass; a wake since the last sleep ends it at once."""
         self._lock.acquire(timeout=min(max(0.0, seconds), threading.TIMEOUT_MAX))
+
+
+class Timetable(threading.Thread):
+    """Starts claimed runs at their scheduled time, on its own thread, so that neither an API
+    call of the agent loop nor its poll interval can make a start late. A claim made ahead of
+    time (--prefetch-seconds) waits here; a claim that is already due starts at once. The agent loop,
+    dispatch and timetable threads add, take and list runs, under `_cond`."""
+
+    def __init__(self):
+        super().__init__(name="timetable", daemon=True)
+        self._cond = threading.Condition()
+        self._due = []  # heap of (monotonic due time, sequence, run id)
+        self._actions = {}  # run id -> what to call when due
+        self._sequence = 0
+        self._stopping = False
+
+    def add(self, run_id, due, action):
+        with self._cond:
+            self._sequence += 1
+            heapq.heappush(self._due, (due, self._sequence, run_id))
+            self._actions[run_id] = action
+            self._cond.notify()
+
+    def held(self):
+        """Run ids waiting for their time."""
+        with self._cond:
+            return list(self._actions)
+
+    def take(self, run_id):
+        """Withdraw a waiting run: its start action if it was waiting (it will not start now),
+        else None."""
+        with self._cond:
+            return self._actions.pop(run_id, None)
+
+    def stop(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def run(self):
+        while True:
+            with self._cond:
+                while not self._stopping and not self._ready():
+                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                if self._stopping:
+                    return
+                run_id = heapq.heappop(self._due)[2]
+                action = self._actions.pop(run_id, None)
+            if action is not None:
+                try:
+                    action()
+                except Exception:  # a bug of ours must not stop every later start
+                    log.exception("run %s: starting it failed unexpectedly", run_id)
+
+    def _ready(self):
+        while self._due and self._due[0][2] not in self._actions:
+            heapq.heappop(self._due)  # withdrawn
+        return bool(self._due) and self._due[0][0] <= time.monotonic()
 
 
 #: A poll's claims, and the reads they need, go out on at most this many connections at
@@ -3596,31 +4210,161 @@ class _Burst:
         return False
 
 
+class JobBuilder:
+    """Makes each claimed run's Job: reads what the run needs (its deployment, again after
+    SYNC_SECONDS; its flow's name, once), overlays the deployment's job variables with the
+    run's, fills them into the pool's base job template, and has the launcher of the pool's
+    type build the Job. The agent loop and the dispatch threads of a burst call it, and
+    share its caches only through single dict operations, which CPython makes atomic: two
+    threads may read one deployment twice, no worse."""
+
+    def __init__(self, config, api, launchers):
+        self.config, self.api, self.launchers = config, api, launchers
+        self._deployments = {}  # id -> (when it expires, the deployment)
+        self._flow_names = {}  # id -> name
+        self._failed_reads = None  # during a burst: id -> the error its read met
+
+    def begin_burst(self):
+        """Until end_burst(), while a poll's runs are claimed, a read that fails is not tried
+        again: each run that needs it meets the same error, and the next poll asks again."""
+        self._failed_reads = {}
+
+    def end_burst(self):
+        self._failed_reads = None
+
+    def reads_for(self, runs):
+        """A read for each deployment and flow that the runs need and no cache holds, to be
+        done together before the claims."""
+        reads = {}
+        for run in runs:
+            if run.get(REFUSED) is not None:
+                continue
+            deployment_id, flow_id = run.get("deployment_id"), run.get("flow_id")
+            if deployment_id and self._cached_deployment(deployment_id) is None:
+                reads["deployment", deployment_id] = (
+                    lambda i=deployment_id: self._read_quietly(self._deployment, i))
+            if flow_id and flow_id not in self._flow_names:
+                reads["flow", flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
+        return list(reads.values())
+
+    def needs(self, run):
+        """(its deployment or {}, its flow's name or None); APIError, APIUnreachable."""
+        deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
+        return deployment, self._flow_name(run.get("flow_id"))
+
+    def job(self, run, deployment, flow_name, pool, output_path):
+        """The run's Job; JobConfigError (or an API error reading a variable) when it has
+        none that can run."""
+        values = merge_job_variables(
+            deployment.get("job_variables", deployment.get("infra_overrides")),
+            run.get("job_variables"))
+        launcher = self.launchers.get(pool.get("type")) or self.launchers["process"]
+        template = pool.get("base_job_template") or launcher.base_job_template
+        config = resolve_job_configuration(template, values, self._lookup_prefect)
+        return launcher.job(config, run, self._flow_run_env(run, deployment, flow_name),
+                            output_path)
+
+    @staticmethod
+    def _read_quietly(read, key):
+        try:
+            read(key)
+        except (APIError, APIUnreachable):
+            pass  # kept in _failed_reads; each run that needs it says so
+
+    def _cached_deployment(self, deployment_id):
+        # Deployments change rarely but are read for every run: cached per sync period.
+        cached = self._deployments.get(deployment_id)
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
+    def _deployment(self, deployment_id):
+        _expect_id(deployment_id, "deployment_id")
+        deployment = self._cached_deployment(deployment_id)
+        if deployment is None:
+            deployment = self._read_once(self.api.read_deployment, deployment_id)
+            self._deployments[deployment_id] = (time.monotonic() + SYNC_SECONDS, deployment)
+        return deployment
+
+    def _flow_name(self, flow_id):
+        if not flow_id:
+            return None
+        _expect_id(flow_id, "flow_id")
+        if flow_id not in self._flow_names:
+            self._flow_names[flow_id] = self._read_once(self.api.read_flow, flow_id).get("name")
+        return self._flow_names[flow_id]
+
+    def _read_once(self, read, object_id):
+        """read(object_id), unless it failed already during this burst: that error again
+        (its traceback dropped, for each raise adds to it)."""
+        failed_reads = self._failed_reads
+        failed = failed_reads.get(object_id) if failed_reads is not None else None
+        if failed is not None:
+            raise failed.with_traceback(None)
+        try:
+            return read(object_id)
+        except (APIError, APIUnreachable) as exc:
+            if failed_reads is not None:
+                failed_reads[object_id] = exc
+            raise
+
+    def _lookup_prefect(self, name):
+        if name.startswith("prefect.variables."):
+            value = self.api.read_variable(name[len("prefect.variables."):])
+            return "" if value is None else value
+        raise JobConfigError("placeholder {{ %s }} is not supported by agent.py (only "
+                             "prefect.variables.* are)" % name)
+
+    def _flow_run_env(self, run, deployment, flow_name):
+        """What every run's environment holds, whatever its job says: where to report, as
+        whom, and which run it is."""
+        env = dict(self.config.extra_env)
+        env.update({
+            "PREFECT__FLOW_RUN_ID": run["id"],
+            "PREFECT_API_URL": self.config.api_url,
+            "PREFECT__WORKER_NAME": self.config.name,
+        })
+        for key, value in (("PREFECT__FLOW_ID", run.get("flow_id")),
+                           ("PREFECT__FLOW_NAME", flow_name),
+                           ("PREFECT__DEPLOYMENT_ID", run.get("deployment_id")),
+                           ("PREFECT__DEPLOYMENT_NAME", deployment.get("name"))):
+            if isinstance(value, str):
+                env[key] = value
+        if self.config.api_key:
+            env["PREFECT_API_KEY"] = self.config.api_key
+        if self.config.auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.config.auth_string
+        return env
+
+
 class Agent:
-    """Polls the pool, claims runs, starts them and reports how they ended."""
+    """Polls the pool, claims runs and hands them on: to the timetable to start, to the
+    supervisor to watch, to the ledger to report. The agent loop thread runs it (run());
+    dispatch threads claim during a burst (submit and what it calls: they share _claimed and
+    _unsettled only through single list and dict operations, which CPython makes atomic,
+    and take the ledger's and the journal's locks); the timetable thread calls _start;
+    signal handlers call stop, force_stop and on_signal, which only set flags and wake."""
 
     def __init__(self, config, api=None, console=None):
         self.config = config
         self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
         self.journal = Journal(config.state_dir, config.pool)
-        self.docker = DockerCLI(os.environ)
+        self.launchers = {name: launcher(config, os.environ) for name, launcher in LAUNCHERS.items()}
+        self.jobs = JobBuilder(config, self.api, self.launchers)
         self.reporter = Reporter(self.api)
+        self._wakeup = Wakeup()
+        self.ledger = RunLedger(self.journal, self.reporter, self.api, self._wakeup.wake)
         self.timetable = Timetable()
         self.dispatcher = Dispatcher(self.api, lambda: self._stopping)
         self.supervisor = Supervisor(
-            self._child_exited, self.journal.end_batch, console=console,
+            self.ledger.ended, self.journal.end_batch, console=console,
             reap_orphans=os.getpid() == 1,
-            on_container=self._container_created,
-            on_leftovers=None if config.keep_leftover_processes else self._leftovers_stopped)
+            on_infrastructure=self.ledger.note_infrastructure,
+            on_leftovers=None if config.keep_leftover_processes else self.ledger.note_leftovers)
         self.pool = None
         self.queues = list(config.queues)
         self._queues_to_create = list(config.queues)
-        self._in_flight = set()
-        self._in_flight_lock = threading.Lock()
         # Plain flags, not Events: a signal handler sets them, and must never wait on a lock.
         self._stopping = False  # stop claiming; wait for running flows
         self._forced = False  # stop now: terminate running flows
-        self._wakeup = Wakeup()
         self._retry_wakeup = Wakeup()  # cuts the agent loop's API retries short on a stop
         self._stop_signals = self._stop_signals_logged = 0
         self._last_stop_signal = None
@@ -3633,9 +4377,6 @@ class Agent:
         self.started = time.monotonic()
         self.last_poll = None
         self.last_contact = None  # last loop pass that reached the API (polls, heartbeats)
-        self._deployments = {}
-        self._flows = {}
-        self._failed_reads = None  # while a poll's runs are claimed: id -> its read's error
         self._claimed = []  # run ids the last poll's claims won (appended on several threads)
         self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
 
@@ -3668,7 +4409,7 @@ class Agent:
                 if syncing:
                     self._sync()
                 if not self._recovered and self.pool is not None:
-                    self._recover()
+                    self.recover()
                 # The server records a poll after answering it, and on SQLite a write right
                 # behind it meets the lock (503): the heartbeat goes first, except on the first
                 # pass, where the runs waiting come first.
@@ -3815,7 +4556,8 @@ class Agent:
         pool_type = self.config.pool_type
         log.info("Work pool '%s' does not exist; creating it as a %s pool", self.config.pool, pool_type)
         try:
-            return self.api.create_pool(self.config.pool, pool_type, BASE_JOB_TEMPLATES[pool_type])
+            return self.api.create_pool(self.config.pool, pool_type,
+                                        LAUNCHERS[pool_type].base_job_template)
         except APIError as exc:
             if exc.status == 409:  # another agent created it a moment ago
                 return self.api.read_pool(self.config.pool)
@@ -3831,20 +4573,13 @@ class Agent:
                      self.config.pool)
         elif old.get("is_paused") and not pool.get("is_paused"):
             log.info("Work pool '%s' was resumed", self.config.pool)
-        if pool.get("type") == "docker" and old.get("type") != "docker":
-            self._note_docker_cli()
-        if pool.get("type") not in BASE_JOB_TEMPLATES and pool.get("type") != old.get("type"):
-            log.warning("Work pool '%s' has type %r; agent.py runs its flows as local processes",
-                        self.config.pool, pool.get("type"))
-
-    def _note_docker_cli(self):
-        if self.docker.path:
-            log.info("Work pool '%s' is a docker pool: its runs start through the docker CLI %s, "
-                     "with agent.py's own environment", self.config.pool, self.docker.path)
-        else:
-            log.warning("Work pool '%s' is a docker pool, but no docker CLI was on agent.py's "
-                        "PATH at start-up: its runs crash until one is installed and agent.py "
-                        "restarted", self.config.pool)
+        if pool.get("type") != old.get("type"):
+            launcher = self.launchers.get(pool.get("type"))
+            note = launcher.pool_note(self.config.pool) if launcher else (WARNING, (
+                "Work pool '%s' has type %r; agent.py runs its flows as local processes"
+                % (self.config.pool, pool.get("type"))))
+            if note:
+                log.log(*note)
 
     def _resolve_queues(self):
         for queue in self._queues_to_create:
@@ -3907,70 +4642,34 @@ class Agent:
         """Claim a poll's runs, up to DISPATCH_CONNECTIONS at once, in the poll's order. The
         deployments and flows they need are read first, each once; cancellations are checked
         once a poll interval while a long burst lasts. Returns how many it claimed."""
-        self._failed_reads, self._claimed = {}, []
+        self._claimed = []
+        self.jobs.begin_burst()
         try:
-            self.dispatcher.run(self._shared_reads(runs), lambda read: read())
-            self.dispatcher.run(runs, self._claim_one, between=self._check_cancellations,
+            self.dispatcher.run(self.jobs.reads_for(runs), lambda read: read())
+            self.dispatcher.run(runs, self.submit, between=self._check_cancellations,
                                 every=self.config.poll_seconds)
         finally:
-            self._failed_reads = None
+            self.jobs.end_burst()
         return len(self._claimed)
 
-    def _shared_reads(self, runs):
-        """A read for each deployment and flow that the runs need and no cache holds. A read
-        that fails is remembered for this poll (_failed_reads): each of its runs meets the same
-        error without asking again."""
-        reads = {}
-        for run in runs:
-            if run.get(REFUSED) is not None:
-                continue
-            deployment_id, flow_id = run.get("deployment_id"), run.get("flow_id")
-            if deployment_id and self._cached_deployment(deployment_id) is None:
-                reads["deployment", deployment_id] = (
-                    lambda i=deployment_id: self._read_quietly(self._deployment, i))
-            if flow_id and flow_id not in self._flows:
-                reads["flow", flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
-        return list(reads.values())
-
-    @staticmethod
-    def _read_quietly(read, key):
-        try:
-            read(key)
-        except (APIError, APIUnreachable):
-            pass  # kept in _failed_reads; each run that needs it says so
-
-    def _claim_one(self, run):
-        """Claim and launch one run of a burst (on a dispatch thread, or the agent loop's);
-        False when the burst should take no more runs."""
+    def submit(self, run):
+        """Claim and launch one run of a poll's answer (on a dispatch thread, or the agent
+        loop's): the unit of a burst. False when the burst should take no more runs."""
         if self._stopping or self.journal.failure:
             return False
-        if not self._reserve_slot(run["id"]):
+        if not self.ledger.reserve(run["id"], self.config.limit):
             return not (self.config.limit and self.in_flight_count() >= self.config.limit)
         try:
             return self._submit(run)
         except Exception as exc:
-            self._release_slot(run["id"])
+            self.ledger.release(run["id"])
             if isinstance(exc, (AuthRefused, UsageError)):
                 raise
             log.exception("run %s: submitting failed unexpectedly", run["id"])
             return True
 
     def in_flight_count(self):
-        return len(self._in_flight)  # no lock: a signal handler asks, and len() is atomic
-
-    def _reserve_slot(self, run_id, ignore_limit=False):
-        with self._in_flight_lock:
-            if run_id in self._in_flight:
-                return False
-            if self.config.limit and not ignore_limit and len(self._in_flight) >= self.config.limit:
-                return False
-            self._in_flight.add(run_id)
-            return True
-
-    def _release_slot(self, run_id):
-        with self._in_flight_lock:
-            self._in_flight.discard(run_id)
-        self._wakeup.wake()
+        return self.ledger.in_flight_count()
 
     def _submit(self, run):
         """Read what the run needs, claim it, and start it only if the server says it is ours.
@@ -3983,52 +4682,44 @@ class Agent:
         try:
             if refused is None:
                 try:
-                    if run.get("deployment_id"):
-                        deployment = self._deployment(run["deployment_id"])
-                    flow_name = self._flow_name(run.get("flow_id"))
+                    deployment, flow_name = self.jobs.needs(run)
                 except AnswerRefused as exc:  # every read would be refused the same way
                     refused = str(exc)
             claimed = self._claim(run)
+        except DeploymentGone:
+            self.ledger.release(run_id)
+            self.ledger.cancel_orphan(run)
+            return True
         except APIError as exc:
-            self._release_slot(run_id)
-            if exc.status == 404 and exc.path == "/deployments/%s" % run.get("deployment_id"):
-                self._cancel_orphan(run)
-            else:
-                log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
+            self.ledger.release(run_id)
+            log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
             return True
         except APIUnreachable as exc:
-            self._release_slot(run_id)
+            self.ledger.release(run_id)
             log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
             return False
         except JournalError:  # logged by the journal, once; claims wait until it is writable
-            self._release_slot(run_id)
+            self.ledger.release(run_id)
             return False
         if claimed:
             self._claimed.append(run_id)
         if claimed and refused:
-            self._crash_unstarted(run_id, refused)
+            self.ledger.crash_unstarted(run_id, refused)
         elif claimed:
             self._launch(run, deployment, flow_name)
         else:
-            self._release_slot(run_id)
+            self.ledger.release(run_id)
         return True
 
     def _claim(self, run):
         """Propose PENDING. True only when the run ends up PENDING by our proposal."""
         run_id = run["id"]
         transition_id = random_uuid()
-        # On disk before it is proposed: an agent that dies right after the server accepts
-        # the claim finds it here on restart and starts the run, instead of leaving it Pending.
-        try:
-            self.journal.update(run_id, durable=True, phase="claiming",
-                                transition_id=transition_id, run=_run_summary(run))
-        except JournalError:
-            self.journal.forget(run_id)  # not proposed: nothing to remember
-            raise
+        self.ledger.claiming(run_id, transition_id, run)
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
         except APIError:
-            self.journal.forget(run_id)  # refused outright: the claim did not land
+            self.ledger.claim_lost(run_id)  # refused outright
             raise
         except APIUnreachable:
             # The claim may have landed before the connection broke; until the run itself says
@@ -4042,31 +4733,15 @@ class Agent:
         if ours and details.get("scheduled_time") is None:
             # The server also accepts PENDING from a final state: the poll's answer was stale
             # and another agent has already run it to the end. Put that end back; run nothing.
-            self._owe(run_id, {"kind": "restore", "transition_id": transition_id})
+            self.ledger.restore(run_id, transition_id)
             return False
         if ours:
             return True
-        self.journal.forget(run_id)
+        self.ledger.claim_lost(run_id)
         reason = _obj(result.get("details")).get("reason") or state.get("name") or "no reason"
         log.info("run %s: not ours to start (%s %s: %s)", run_id, result["status"],
                  state.get("type"), reason)
         return False
-
-    def _restore_final_state(self, run_id, our_transition_id):
-        states = _expect_list(self.api.request(
-            "GET", "/flow_run_states/?flow_run_id=" + _quote(run_id)), "flow run states")
-        earlier = [s for s in states if isinstance(s, dict) and
-                   _obj(s.get("state_details")).get("transition_id") != our_transition_id]
-        if not earlier:
-            return
-        # Timestamps are taken when a request arrives, not when it commits, so ours may sort
-        # before the final state it replaced: pick the newest state that is not ours.
-        previous = max(earlier, key=lambda s: str(s.get("timestamp")))
-        log.warning("run %s: already %s when our claim landed (stale poll answer); restoring "
-                    "that state instead of starting it", run_id, previous.get("type"))
-        self.api.set_state(run_id, previous.get("type"), message=previous.get("message"),
-                           name=previous.get("name"), force=True, data=previous.get("data"),
-                           details=_obj(previous.get("state_details")))
 
     def _settle(self, run_id):
         """Whether an unanswered claim landed: True if the run is Pending by our transition.
@@ -4077,54 +4752,47 @@ class Agent:
         details = _obj(current.get("state_details"))
         ours = current.get("type") == "PENDING" and details.get("transition_id") == transition_id
         if not ours:
-            self.journal.forget(run_id)
+            self.ledger.claim_lost(run_id)
         return ours
 
     def _settle_unanswered_claims(self):
         for run_id in list(self._unsettled):
             run = self._unsettled[run_id][0]
-            if self._reserve_slot(run_id):
+            if self.ledger.reserve(run_id, self.config.limit):
                 try:
                     ours = self._settle(run_id)
                 except (APIError, APIUnreachable):
-                    self._release_slot(run_id)
+                    self.ledger.release(run_id)
                     raise
                 if ours:
                     log.info("run %s: an unanswered claim had landed; starting it now", run_id)
                     self._submit_claimed(run)
                 else:
-                    self._release_slot(run_id)
+                    self.ledger.release(run_id)
 
     def _submit_claimed(self, run):
         if run.get(REFUSED):
-            self._crash_unstarted(run["id"], run[REFUSED])
+            self.ledger.crash_unstarted(run["id"], run[REFUSED])
             return
         try:
-            deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
-            flow_name = self._flow_name(run.get("flow_id"))
+            deployment, flow_name = self.jobs.needs(run)
         except (APIError, APIUnreachable) as exc:
-            self._crash_unstarted(run["id"], exc)
+            self.ledger.crash_unstarted(run["id"], exc)
             return
         self._launch(run, deployment, flow_name)
-
-    def _cancel_orphan(self, run):
-        message = "Deployment %s no longer exists, cancelled run." % run.get("deployment_id")
-        log.warning("run %s: %s", run["id"], message)
-        self.reporter.call(run["id"], "cancelling a run of a deleted deployment",
-                           lambda: self.api.set_state(run["id"], "CANCELLED", message=message,
-                                                      force=True))
 
     def _launch(self, run, deployment, flow_name):
         """Prepare the run's job now; start it at its scheduled time, or at once if it is due."""
         run_id = run["id"]
         if self._stopping and not self.config.run_once:  # a claim in flight when told to stop
-            self._hand_back(run_id, "agent.py was stopped while the run was being claimed")
+            self.ledger.hand_back(run_id, "agent.py was stopped while the run was being claimed")
             return
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
-            job = self._job_for(run, deployment, flow_name)
+            job = self.jobs.job(run, deployment, flow_name, self.pool,
+                                self.ledger.output_path(run_id))
         except (JobConfigError, APIError, APIUnreachable) as exc:
-            self._crash_unstarted(run_id, exc)
+            self.ledger.crash_unstarted(run_id, exc)
             return
         wait = max(0.0, (_scheduled_time(run) or 0.0) - time.time())
         if wait > 0.5:
@@ -4132,50 +4800,42 @@ class Agent:
         self.timetable.add(run_id, time.monotonic() + wait, lambda: self._start(run, job))
 
     def _start(self, run, job):
-        """Start the run's process, at most once: the start is on disk before the process
-        exists, so a restart that finds it unfinished looks for the process instead of
-        starting another one (_recover_start)."""
+        """Start the run's job with its launcher (on the timetable thread), at most once:
+        the start is on disk before the process exists (RunLedger.starting)."""
         run_id = run["id"]
         run_name = run.get("name") or run_id
-        output = self.journal.output_path(run_id)
+        output = self.ledger.output_path(run_id)
         try:
             temp_dir = temp_dir_for(run_id) if job.working_dir is None else None
         except OSError as exc:  # its first call imports tempfile, which takes descriptors
             if descriptor_shortage.noted("starting run %s" % run_id, exc):
                 self._start_later(run, job)
             else:  # no usable temporary directory (tempfile says FileNotFoundError)
-                self._crash_unstarted(run_id, "no temporary working directory: %s" % exc)
+                self.ledger.crash_unstarted(run_id, "no temporary working directory: %s" % exc)
             return
         try:
-            self.journal.update(run_id, durable=True, phase="starting", host=socket.gethostname(),
-                                output=output, temp_dir=temp_dir, run_name=run_name,
-                                stream_output=job.stream_output, argv=_argv_text(job.argv),
-                                container=job.container)
+            self.ledger.starting(run_id, run_name, job, output, temp_dir)
         except JournalError:
-            self._hand_back(run_id, "its start could not be written to the journal, and "
-                                    "starting it unrecorded could run it twice")
+            self.ledger.hand_back(run_id, "its start could not be written to the journal, and "
+                                          "starting it unrecorded could run it twice")
             return
-        if not job.container:  # a container's engine cannot reach the host's loopback
+        launcher = job.launcher
+        if launcher.engine_on_host:
             job.env = dict(job.env, **self.supervisor.channel.register(run_id))
         try:
-            child = start_process(run_id, run_name, job, output, temp_dir)
+            child = launcher.start(run_id, run_name, job, output, temp_dir)
         except OutOfDescriptors:
             self.supervisor.channel.forget(run_id)
             self._start_later(run, job)
             return
         except LaunchError as exc:
             self.supervisor.channel.forget(run_id)
-            self._crash_unstarted(run_id, exc)
+            self.ledger.crash_unstarted(run_id, exc)
             return
-        self.journal.update(run_id, phase="running", pid=child.pid, start_time=child.start_time)
+        self.ledger.running(run_id, child)
         self.supervisor.add(child)
-        if not child.container:
-            pid = "%s:%d" % (socket.gethostname(), child.pid)
-            self.reporter.call(run_id, "recording infrastructure_pid",
-                               lambda: self.api.set_infrastructure_pid(run_id, pid))
-        where = ("container %s" % child.container) if child.container else "process %d" % child.pid
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
-                          % (child.run_name, where, _argv_text(job.argv)))
+                          % (child.run_name, launcher.where(child), _argv_text(job.argv)))
 
     def _start_later(self, run, job):
         """Try a start that failed for want of file descriptors again soon. The run never
@@ -4190,278 +4850,35 @@ class Agent:
         another agent, or this one after its restart) instead of waiting Pending for nobody."""
         for run_id in self.timetable.held():
             if self.timetable.take(run_id):
-                self._hand_back(run_id, "agent.py was stopped before the run was due")
-
-    def _hand_back(self, run_id, reason):
-        """Give a claimed run that was not started back to the pool, as Scheduled."""
-        log.info("run %s: handing it back to the work pool: %s", run_id, reason)
-        scheduled_time = _obj(self.journal.get(run_id).get("run")).get("scheduled_time")
-        self._owe(run_id, {"kind": "release", "scheduled_time": scheduled_time,
-                           "message": "Handed back to the work pool: %s." % reason})
-        self._release_slot(run_id)
-
-    def _job_for(self, run, deployment, flow_name):
-        values = merge_job_variables(
-            deployment.get("job_variables", deployment.get("infra_overrides")),
-            run.get("job_variables"))
-        docker = self.pool.get("type") == "docker"
-        template = self.pool.get("base_job_template") or BASE_JOB_TEMPLATES["docker" if docker else "process"]
-        config = resolve_job_configuration(template, values, self._lookup_prefect)
-        flow_run_env = self._flow_run_env(run, deployment, flow_name)
-        if docker:
-            return build_docker_job(config, flow_run_env, self._container_labels(run, flow_run_env),
-                                    container_name(run.get("name"), run["id"]),
-                                    self.journal.output_path(run["id"]) + ".cid",
-                                    self.config.show_flow_logs, self.docker)
-        return build_job(config, flow_run_env, [self.config.python, "-m", "prefect.engine"],
-                         self.config.show_flow_logs)
-
-    def _container_labels(self, run, flow_run_env):
-        """Prefect's labels for a flow run's container (its docker worker's names)."""
-        labels = {"io.prefect.flow-run-id": run["id"], "io.prefect.version": "agent.py-" + __version__,
-                  "io.prefect.work-pool-name": self.config.pool,
-                  "io.prefect.worker-name": self.config.name}
-        for label, key in (("io.prefect.flow-run-name", "name"), ("io.prefect.flow-id", "flow_id"),
-                           ("io.prefect.deployment-id", "deployment_id")):
-            if isinstance(run.get(key), str):
-                labels[label] = run[key]
-        for label, key in (("io.prefect.flow-name", "PREFECT__FLOW_NAME"),
-                           ("io.prefect.deployment-name", "PREFECT__DEPLOYMENT_NAME")):
-            if flow_run_env.get(key):
-                labels[label] = flow_run_env[key]
-        return labels
-
-    def _cached_deployment(self, deployment_id):
-        # Deployments change rarely but are read for every run: cached per sync period.
-        cached = self._deployments.get(deployment_id)
-        return cached[1] if cached and cached[0] > time.monotonic() else None
-
-    def _deployment(self, deployment_id):
-        _expect_id(deployment_id, "deployment_id")
-        deployment = self._cached_deployment(deployment_id)
-        if deployment is None:
-            deployment = self._read_once(self.api.read_deployment, deployment_id)
-            self._deployments[deployment_id] = (time.monotonic() + SYNC_SECONDS, deployment)
-        return deployment
-
-    def _flow_name(self, flow_id):
-        if not flow_id:
-            return None
-        _expect_id(flow_id, "flow_id")
-        if flow_id not in self._flows:
-            self._flows[flow_id] = self._read_once(self.api.read_flow, flow_id).get("name")
-        return self._flows[flow_id]
-
-    def _read_once(self, read, object_id):
-        """read(object_id), unless it failed already during this poll's claims: that error
-        again (its traceback dropped, for each raise adds to it)."""
-        failed_reads = self._failed_reads
-        failed = failed_reads.get(object_id) if failed_reads is not None else None
-        if failed is not None:
-            raise failed.with_traceback(None)
-        try:
-            return read(object_id)
-        except (APIError, APIUnreachable) as exc:
-            if failed_reads is not None:
-                failed_reads[object_id] = exc
-            raise
-
-    def _lookup_prefect(self, name):
-        if name.startswith("prefect.variables."):
-            value = self.api.read_variable(name[len("prefect.variables."):])
-            return "" if value is None else value
-        raise JobConfigError("placeholder {{ %s }} is not supported by agent.py (only "
-                             "prefect.variables.* are)" % name)
-
-    def _flow_run_env(self, run, deployment, flow_name):
-        env = dict(self.config.extra_env)
-        env.update({
-            "PREFECT__FLOW_RUN_ID": run["id"],
-            "PREFECT_API_URL": self.config.api_url,
-            "PREFECT__WORKER_NAME": self.config.name,
-        })
-        for key, value in (("PREFECT__FLOW_ID", run.get("flow_id")),
-                           ("PREFECT__FLOW_NAME", flow_name),
-                           ("PREFECT__DEPLOYMENT_ID", run.get("deployment_id")),
-                           ("PREFECT__DEPLOYMENT_NAME", deployment.get("name"))):
-            if isinstance(value, str):
-                env[key] = value
-        if self.config.api_key:
-            env["PREFECT_API_KEY"] = self.config.api_key
-        if self.config.auth_string:
-            env["PREFECT_API_AUTH_STRING"] = self.config.auth_string
-        return env
-
-    def _crash_unstarted(self, run_id, exc):
-        message = "Failed to start flow run: %s" % exc
-        self.reporter.log(run_id, message, ERROR)
-        self._owe(run_id, {"kind": "crash", "message": message})
-        self._release_slot(run_id)
-
-    # -- called on the supervisor thread ----------------------------------------
-
-    def _container_created(self, child):
-        pid = "docker://%s:%s" % (socket.gethostname(), child.container_id)
-        self.reporter.call(child.run_id, "recording the container as infrastructure_pid",
-                           lambda: self.api.set_infrastructure_pid(child.run_id, pid))
-        self.reporter.log(child.run_id, "Container %s created: %s" % (child.container, child.container_id))
-
-    def _child_exited(self, child):
-        """What the child's end owes the API, journaled and queued for the reporter. The
-        exits of one supervisor tick share an fsync (journal.end_batch follows them): a kill
-        cannot lose what was written without it, only a power cut can, and then the restart
-        reports the run as ended while it was down."""
-        self.journal.begin_batch()
-        code = child.returncode
-        if code is None:
-            self.reporter.log(child.run_id, "Process %d (adopted after a restart) has ended; its "
-                              "exit code is unknown" % child.pid)
-        else:
-            self.reporter.log(child.run_id, "Process %d exited with status code: %d"
-                              % (child.pid, code), INFO if code == 0 else WARNING)
-        self._owe(child.run_id, self._owed_for(child))
-        self._release_slot(child.run_id)
-
-    def _leftovers_stopped(self, run_id, found):
-        self.reporter.log(run_id, "Stopped %d process(es) the flow run left running: %s "
-                          "(SIGTERM, SIGKILL after %g s; --keep-leftover-processes leaves them)"
-                          % (len(found), ", ".join(_process_text(pid) for pid, _, _ in found[:10]),
-                             Supervisor.LEFTOVER_GRACE_SECONDS), WARNING)
-
-    def _owed_for(self, child):
-        """What the API must be told now that `child` has ended, as data for the journal."""
-        if child.stop_reason == "cancelled":
-            return {"kind": "cancelled", "name": child.run_name}
-        if child.stop_reason == "stopped":
-            return {"kind": "crash", "message": (
-                "agent.py was stopped while this flow run was running, so it terminated the "
-                "run's processes (exit code %s)." % child.returncode) + _tail_text(child)}
-        if child.returncode is None:
-            return {"kind": "check", "message": (
-                "Flow run process %d ended while agent.py was restarting, so its exit code is "
-                "unknown, and the run never reported a final state." % child.pid)}
-        if child.returncode != 0:
-            return {"kind": "crash", "message": crash_message(child)}
-        return {"kind": "check", "message": (
-            "Flow run process exited with status code 0 without reporting a final state to "
-            "Prefect: the command may not run a Prefect engine, or the engine was stopped "
-            "before it could report. Command: %s." % child.argv_text) + _tail_text(child)}
-
-    def _owe(self, run_id, owed):
-        """Record what the API must be told about run_id, then tell it (in order, retried).
-        The journal keeps it until it is delivered, across restarts."""
-        if "claim" not in owed:
-            owed = dict(owed, claim=self.journal.get(run_id).get("transition_id"))
-        self.journal.update(run_id, phase="exited", owed=owed)
-        self.reporter.call(run_id, "reporting how the run ended", lambda: self._settle_owed(run_id, owed))
-        self.reporter.call(run_id, "forgetting the run", lambda: self._forget(run_id))
-
-    def _forget(self, run_id):
-        _remove(self.journal.get(run_id).get("temp_dir"))
-        self.journal.forget(run_id)
-        for path in (self.journal.output_path(run_id), self.journal.output_path(run_id) + ".cid"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-    def _settle_owed(self, run_id, owed):
-        kind = owed.get("kind")
-        if kind == "restore":
-            self._restore_final_state(run_id, owed.get("transition_id"))
-            return
-        try:
-            state = _obj(self.api.read_run(run_id).get("state"))
-        except AnswerRefused:
-            if kind not in ("crash", "check"):
-                raise
-            # A run the API cannot even serve readably can run nowhere: report it anyway.
-            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
-            return
-        if kind == "release":
-            self._release_claim(run_id, state, owed)
-        elif kind == "cancelled":
-            self._finish_cancellation(run_id, state, owed.get("name") or run_id, owed.get("message"))
-        elif state.get("type") == "CANCELLING":  # cancelled while its process was ending
-            self._finish_cancellation(run_id, state, owed.get("name") or run_id,
-                                      "Flow run was cancelled; its process had already ended.")
-        elif _still_ours(state, owed.get("claim")):
-            self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
-        else:
-            log.info("run %s: not reporting it crashed, it is %s now", run_id, state.get("type"))
-
-    def _release_claim(self, run_id, state, owed):
-        if state.get("type") != "PENDING" or not _still_ours(state, owed.get("claim")):
-            log.info("run %s: not handing it back, it is %s now", run_id, state.get("type"))
-            return
-        details = dict(_obj(state.get("state_details")), transition_id=None)
-        if owed.get("scheduled_time"):
-            details["scheduled_time"] = owed["scheduled_time"]
-        self.api.set_state(run_id, "SCHEDULED", name="Scheduled", force=True, details=details,
-                           message=owed.get("message") or "Handed back to the work pool.")
-
-    def _propose_crashed(self, run_id, message):
-        result = self.api.set_state(run_id, "CRASHED", message=message)
-        state = _obj(result.get("state"))
-        if result["status"] == "ACCEPT":
-            log.info("run %s: reported as crashed", run_id)
-        else:
-            log.info("run %s: crash report not applied (%s, run is %s): %s", run_id,
-                     result["status"], state.get("type"), _obj(result.get("details")).get("reason"))
+                self.ledger.hand_back(run_id, "agent.py was stopped before the run was due")
 
     # -- cancellation ---------------------------------------------------------
 
     def _check_cancellations(self):
-        """Terminate the process groups of our runs that someone set to Cancelling."""
+        """Terminate the processes of our runs that someone set to Cancelling; a run not yet
+        due is cancelled without being started."""
         watching = [c.run_id for c in self.supervisor.children() if c.stop_reason is None]
         watching += self.timetable.held()
         for offset in range(0, len(watching), 200):
-            answer = self.api.request("POST", "/flow_runs/filter", {
-                "flow_runs": {"id": {"any_": watching[offset:offset + 200]},
-                              "state": {"type": {"any_": ["CANCELLING"]}}},
-                "limit": 200, "offset": 0})
-            for run in _expect_list(answer, "flow run filter"):
-                run_id = run.get("id") if isinstance(run, dict) else None
-                if not isinstance(run_id, str):
-                    continue
+            for run in self.api.runs_in_state(watching[offset:offset + 200], ["CANCELLING"]):
+                run_id = run["id"]
                 if self.timetable.take(run_id):
-                    self.reporter.log(run_id, "Cancellation requested before the run was due: "
-                                      "it will not be started")
-                    self._owe(run_id, {"kind": "cancelled", "name": run.get("name") or run_id,
-                                       "message": "Flow run was cancelled before it was due; "
-                                                  "agent.py never started it."})
-                    self._release_slot(run_id)
+                    self.ledger.cancelled_unstarted(run_id, run.get("name") or run_id)
                 elif self.supervisor.terminate(run_id, "cancelled", self.config.cancel_grace_seconds):
                     self.reporter.log(run_id, "Cancellation requested: terminating the flow "
                                       "run's processes (SIGTERM, then SIGKILL after %g s)"
                                       % self.config.cancel_grace_seconds)
 
-    def _finish_cancellation(self, run_id, state, run_name, message=None):
-        if state.get("type") == "CANCELLED":  # the engine was told in time (ControlChannel)
-            self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
-            return
-        if state.get("type") in ("COMPLETED", "FAILED"):
-            log.info("run %s: ended %s before the cancellation took effect; left as it is",
-                     run_id, state.get("type"))
-            return
-        # Forced, because the engine may have proposed CRASHED on SIGTERM meanwhile; the
-        # current state's details (and its concurrency lease) carry over.
-        self.api.set_state(run_id, "CANCELLED", name="Cancelled", force=True,
-                           details=_obj(state.get("state_details")),
-                           message=message or "Flow run was cancelled: agent.py terminated "
-                                              "its processes.")
-        self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
-
     # -- restart recovery -------------------------------------------------------
 
-    def _recover(self):
+    def recover(self):
         """Finish what a previous agent on this journal left: launch its claimed runs, adopt
         its still-running children, and deliver the reports it still owed."""
         self.reporter.resend_logs(self.journal.take_logs())
-        entries = self.journal.entries()
+        entries = self.ledger.entries()
         self._processes_of_runs = run_processes(dict.fromkeys(entries))  # one look for all
         for run_id, entry in entries.items():
-            if self.supervisor.child(run_id) is not None or run_id in self._in_flight:
+            if self.supervisor.child(run_id) is not None or self.ledger.holds(run_id):
                 continue
             if not _is_uuid(run_id):  # it would go into URL paths
                 log.error("journal: skipped and dropped the entry of %s: not a flow run id",
@@ -4472,7 +4889,7 @@ class Agent:
                 self._recover_entry(run_id, entry)
             except APIError as exc:  # the API will never take it (deleted run, ...): let it go
                 log.warning("run %s: dropping it from the journal: %s", run_id, exc)
-                self._forget(run_id)
+                self.ledger.forget(run_id)
             except (APIUnreachable, AuthRefused, UsageError, JournalError):
                 raise  # recovery is tried again on the next pass
             except Exception as exc:  # a damaged entry must not stop recovering the rest
@@ -4487,53 +4904,61 @@ class Agent:
             self._recover_claim(run_id, entry)
         elif phase == "starting":
             self._recover_start(run_id, entry)
-        elif phase == "running" and entry.get("host") == socket.gethostname() and \
-                isinstance(entry.get("pid"), int) and process_is(entry["pid"], entry.get("start_time")):
-            self._adopt(run_id, entry)
-        elif phase == "running" and isinstance(entry.get("container"), str):
-            self._recover_container(run_id, entry)
+        elif phase == "running" and self._recovered_by_launcher(run_id, entry):
+            pass
         else:
             owed = entry.get("owed") if phase == "exited" else None
             if not isinstance(owed, dict):
-                owed = {"kind": "check", "message": (
-                    "Flow run process %s was gone when agent.py restarted: it ended while "
-                    "the agent was down, so its exit code is unknown, and the run never "
-                    "reported a final state." % entry.get("pid"))}
+                owed = {"kind": "crash", "message": _gone_while_down(entry.get("pid"))}
             self._stop_leftovers_of(run_id)
             log.info("run %s: delivering what the previous agent owed the API", run_id)
-            self._owe(run_id, owed)
+            self.ledger.owed_again(run_id, owed)
 
     def _recover_start(self, run_id, entry):
         """The previous agent stopped between writing a start down and recording its
         process. Find the process by the run id in its environment and adopt it; start the
-        run if it provably never began; else report that it may have run: never start it
-        again (at most once)."""
+        run if it provably never began; else ask its launcher; else report that it may have
+        run: never start it again (at most once)."""
         found = self._processes_of_runs.get(run_id, [])
         leaders = [(pid, start_time) for pid, start_time, sid in found if pid == sid]
         if leaders and entry.get("host") == socket.gethostname():
             pid, start_time = leaders[0]
             log.info("run %s: found its process %d, started just before a restart", run_id, pid)
-            self.journal.update(run_id, phase="running", pid=pid, start_time=start_time)
-            self._adopt(run_id, dict(entry, pid=pid, start_time=start_time))
-        elif not found and not os.path.exists(entry.get("output") or self.journal.output_path(run_id)):
+            if not self._recovered_by_launcher(run_id, dict(entry, pid=pid, start_time=start_time)):
+                self.ledger.crashed(run_id, _gone_while_down(pid))  # it ended just now
+        elif not found and not os.path.exists(entry.get("output") or self.ledger.output_path(run_id)):
             log.info("run %s: its start was written down but never began (it has no output "
                      "file yet); starting it now", run_id)
             _remove(entry.get("temp_dir"))
             self._recover_claim(run_id, entry)
-        elif isinstance(entry.get("container"), str):
-            self._recover_container(run_id, entry)
-        else:
+        elif not self._recovered_by_launcher(run_id, entry):
             self._stop_leftovers_of(run_id)
-            self._owe(run_id, {"kind": "check", "message": (
+            self.ledger.crashed(run_id, (
                 "agent.py was stopped while it was starting this flow run, and found no "
                 "process of the run when it restarted: the run may have started and ended, "
-                "or never started. So that it runs at most once, it is not started again.")})
+                "or never started. So that it runs at most once, it is not started again."))
+
+    def _recovered_by_launcher(self, run_id, entry):
+        """Ask the launcher that started the run what became of it: watch it again, or
+        report how it ended. False when it found nothing."""
+        launcher = self.launchers.get(entry.get("launcher")) or self.launchers["process"]
+        found = launcher.recover(run_id, entry, self.ledger.output_path(run_id))
+        if found is None:
+            return False
+        if isinstance(found, str):
+            self.ledger.crashed(run_id, found)
+            return True
+        self.ledger.reserve(run_id)
+        self.ledger.running(run_id, found)
+        self.supervisor.add(found)
+        self.reporter.log(run_id, "Agent '%s' %s after a restart" % (self.config.name, found.recovered))
+        return True
 
     def _stop_leftovers_of(self, run_id):
         """Processes a run left running while no agent watched it, stopped as at its end."""
         found = self._processes_of_runs.get(run_id)
         if found and not self.config.keep_leftover_processes:
-            self._leftovers_stopped(run_id, found)
+            self.ledger.note_leftovers(run_id, found)
             kill_at = time.monotonic() + Supervisor.LEFTOVER_GRACE_SECONDS
             self.supervisor.kill_leftovers_later(stop_leftovers(found, kill_at))
 
@@ -4541,99 +4966,28 @@ class Agent:
         try:
             run = self.api.read_run(run_id)
         except AnswerRefused as exc:  # it may be ours; it can run nowhere
-            if self._reserve_slot(run_id, ignore_limit=True):
-                self._crash_unstarted(run_id, exc)
+            if self.ledger.reserve(run_id):
+                self.ledger.crash_unstarted(run_id, exc)
             return
         state = _obj(run.get("state"))
         details = _obj(state.get("state_details"))
         if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
-            if self._reserve_slot(run_id):
+            if self.ledger.reserve(run_id, self.config.limit):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
                 run = dict(_obj(entry.get("run")), **dict(run, id=run_id))
-                problem = _run_problem(run)
+                problem = run_problem(run)
                 self._submit_claimed(dict(run, **{REFUSED: problem}) if problem else run)
             return
         if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
-            self.reporter.call(run_id, "cancelling a run that was never started",
-                               lambda: self._finish_cancellation(run_id, state, run.get("name") or run_id))
-        self._forget(run_id)
-
-    def _recover_container(self, run_id, entry):
-        """The `docker run` client is gone but its container may not be: ask the daemon for the
-        container labelled with this run (or, failing that, the one the journal names)."""
-        name = self.docker.container_for_run(run_id) or entry["container"]
-        state, code = self.docker.container_state(name)
-        if state in ("running", "created", "paused", "restarting"):
-            job = Job(self.docker.argv("start", "--attach", name), self.docker.env_for(run_id),
-                      self.journal.output_dir, bool(entry.get("stream_output")), container=name,
-                      docker=self.docker)
-            try:
-                child = start_process(run_id, entry.get("run_name") or run_id, job,
-                                      self.journal.output_path(run_id))
-            except LaunchError as exc:
-                self._owe(run_id, {"kind": "check", "message": "Could not re-attach to container "
-                                   "%s after a restart: %s" % (name, exc)})
-                return
-            self._reserve_slot(run_id, ignore_limit=True)
-            self.journal.update(run_id, phase="running", pid=child.pid,
-                                start_time=child.start_time, host=socket.gethostname())
-            self.supervisor.add(child)
-            self.reporter.log(run_id, "Agent '%s' re-attached to container %s after a restart"
-                              % (self.config.name, name))
-        elif state is not None and code:
-            self._owe(run_id, {"kind": "crash", "message": "Container %s exited with status code "
-                               "%d while agent.py was restarting: %s." % (name, code, explain_exit(code))})
+            self.ledger.cancel_never_started(run_id, state, run.get("name") or run_id)
         else:
-            self._owe(run_id, {"kind": "check", "message": (
-                "Container %s %s when agent.py restarted, and the run never reported a final "
-                "state." % (name, "had exited with status code 0" if state else "was gone"))})
-
-    def _adopt(self, run_id, entry):
-        child = Child(run_id, entry.get("run_name") or run_id, entry["pid"],
-                      entry.get("output") or self.journal.output_path(run_id),
-                      bool(entry.get("stream_output")), start_time=entry.get("start_time"),
-                      temp_dir=entry.get("temp_dir"), argv_text=entry.get("argv") or "",
-                      container=entry.get("container") if isinstance(entry.get("container"), str) else None,
-                      docker=self.docker)
-        child.open_output(from_end=True)
-        self._reserve_slot(run_id, ignore_limit=True)
-        self.supervisor.add(child)
-        self.reporter.log(run_id, "Agent '%s' adopted process %d after a restart"
-                          % (self.config.name, child.pid))
+            self.ledger.forget(run_id)
 
 
-def _still_ours(state, claim):
-    """Whether a run is still where our process left it: Running, or Pending by our own claim.
-    Anything else means it moved on without us: the engine finished it, or it is Pending by
-    another agent's stale claim of a run that had already ended, which that agent undoes."""
-    if state.get("type") == "RUNNING":
-        return True
-    transition = _obj(state.get("state_details")).get("transition_id")
-    return state.get("type") == "PENDING" and (claim is None or transition == claim)
-
-
-def _run_summary(run):
-    """What the journal keeps of a run to start it after a restart."""
-    summary = {key: run.get(key) for key in ("id", "name", "deployment_id", "flow_id", "job_variables")}
-    summary["scheduled_time"] = _scheduled_text(run)
-    return summary
-
-
-def _scheduled_text(run):
-    """The run's scheduled time as the API wrote it: a poll's answer leaves the state out
-    (seen on a 3.8.8 server), so the run's own next start is read when the state says
-    nothing."""
-    details = _obj(_obj(run.get("state")).get("state_details"))
-    for value in (details.get("scheduled_time"), run.get("next_scheduled_start_time"),
-                  run.get("expected_start_time"), run.get("scheduled_time")):
-        if parse_timestamp(value) is not None:
-            return value
-    return None
-
-
-def _scheduled_time(run):
-    """When the run is due, as a time.time() value, or None if it does not say."""
-    return parse_timestamp(_scheduled_text(run))
+def _gone_while_down(pid):
+    return ("Flow run process %s was gone when agent.py restarted: it ended while the agent "
+            "was down, so its exit code is unknown, and the run never reported a final state."
+            % pid)
 
 
 ###############################################################################
@@ -4679,7 +5033,8 @@ class HealthServer(threading.Thread):
     idle connection costs a descriptor, never a thread. A probe sends its request as soon as
     it connects, so one silent for REQUEST_SECONDS is dropped, and beyond MAX_CONNECTIONS the
     oldest is, to admit the newest: a flood of idle connections holds at most
-    MAX_CONNECTIONS descriptors, and cannot keep a real probe out once it ends."""
+    MAX_CONNECTIONS descriptors, and cannot keep a real probe out once it ends. It reads the
+    Agent's counters without a lock: each is one attribute, read whole."""
 
     #: See ControlChannel.MAX_LOGINS for how this leaves descriptors to the agent's own work.
     MAX_CONNECTIONS = 64
@@ -4929,8 +5284,9 @@ def start_agent(argv=None):
     install_signal_handlers(agent)
     if not config.hide_welcome:
         print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name))
-        if config.pool_type == "docker":
-            print(" docker CLI %s" % (agent.docker.path or "not found on PATH: docker runs will crash"))
+        line = agent.launchers[config.pool_type].banner_line()
+        if line:
+            print(line)
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
     return agent
 

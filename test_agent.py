@@ -316,7 +316,7 @@ class FakePrefect(object):
         self.errors = []  # tracebacks of requests the fake itself failed on (answered 500)
         self.latency = 0.0  # seconds each request waits before it is handled: a round trip
         self.latency_path = ""  # ... each request whose path contains this
-        self.connections_open = self.most_connections_open = 0
+        self.connections_open = self.most_connections_open = self.connections_made = 0
         self.claims_in_flight = self.most_claims_in_flight = 0
         uid = r"([0-9a-fA-F-]{32,36})"
         self._routes = [(m, re.compile(p + "$"), f) for m, p, f in (
@@ -521,6 +521,7 @@ class FakePrefect(object):
 
     def _connection_opened(self):
         with self._lock:
+            self.connections_made += 1
             self.connections_open += 1
             self.most_connections_open = max(self.most_connections_open, self.connections_open)
 
@@ -1655,11 +1656,14 @@ class ClientTests(unittest.TestCase):
         api = agent.PrefectAPI(self.fake.url)
         self.addCleanup(api.close)
         api.read_pool("pool")
-        first = api._local.connection.sock
         api.read_pool("pool")
-        self.assertIs(api._local.connection.sock, first)
+        self.assertEqual(self.fake.connections_made, 1)
+        other = threading.Thread(target=api.read_pool, args=("pool",))
+        other.start()
+        other.join()
+        self.assertEqual(self.fake.connections_made, 2)
         api.close()
-        self.assertEqual(first.fileno(), -1)  # closed
+        wait_for(lambda: self.fake.connections_open == 0, timeout=5, what="both closed")
 
     def test_reopens_a_connection_the_server_closed_while_idle(self):
         served = []
@@ -1686,36 +1690,50 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(served), 3)
 
     def test_an_idle_connection_is_reused_until_the_server_closes_it(self):
-        api = agent.PrefectAPI(self.fake.url)
+        served, close_after_answer = [], []
+
+        class ClosesWhenTold(QuietHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                served.append(self.client_address)
+                data = b'{"name": "pool"}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = bool(close_after_answer)
+
+        api = agent.PrefectAPI("http://127.0.0.1:%d/api" % self.serve(ClosesWhenTold),
+                               max_retries=0)
         self.addCleanup(api.close)
         api.read_pool("pool")
-        connection = api._local.connection
-        first = connection.sock
         time.sleep(0.3)
-        self.assertFalse(connection.dropped())
         api.read_pool("pool")
-        self.assertIs(connection.sock, first, "a live idle connection was reopened")
-        connection.sock.shutdown(socket.SHUT_WR)  # the server closes its side in answer
-        wait_for(connection.dropped, timeout=5, what="the server's close seen")
+        self.assertEqual(served[1], served[0], "a live idle connection was reopened")
+        close_after_answer.append(True)
+        api.read_pool("pool")
+        close_after_answer.clear()
+        time.sleep(0.1)  # the server's close arrives
         sent = []
         original = agent.HTTPConnection.request
         with mock.patch.object(agent.HTTPConnection, "request",
                                lambda *args: sent.append(args[1:3]) or original(*args)):
             api.read_pool("pool")
         self.assertEqual(len(sent), 1, "the request was first sent on the closed connection")
-        self.assertIsNot(connection.sock, first)
+        self.assertNotEqual(served[3], served[2])
         with mock.patch.object(agent, "KEEPALIVE_IDLE_SECONDS", 0.1):
-            second = connection.sock
             time.sleep(0.2)
             api.read_pool("pool")
-            self.assertIsNot(connection.sock, second, "reused past KEEPALIVE_IDLE_SECONDS")
+            self.assertNotEqual(served[4], served[3], "reused past KEEPALIVE_IDLE_SECONDS")
 
     def test_reads_chunked_interim_and_unsized_answers(self):
         answers = [
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"5;ext=1\r\n{\"nam\r\nB\r\ne\": \"pool\"}\r\n0\r\nX-Trailer: 1\r\n\r\n",
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
-            b"HTTP/1.0 200 OK\r\n\r\n{\"id\": \"x\"}"]  # no length: ends with the connection
+            b"HTTP/1.0 200 OK\r\n\r\n{\"id\": \"x\"}",  # no length: ends with the connection
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]
         connections = []
         listener = loopback_listener(self)
 
@@ -1733,6 +1751,7 @@ class ClientTests(unittest.TestCase):
                     answer = answers.pop(0)
                     conn.sendall(answer)
                     if answer.startswith(b"HTTP/1.0"):
+                        reader.close()
                         conn.close()
                         break
 
@@ -1743,7 +1762,13 @@ class ClientTests(unittest.TestCase):
         self.assertIsNone(api.request("PATCH", "/flow_runs/x", {"infrastructure_pid": "h:1"}))
         self.assertEqual(api.read_flow("x"), {"id": "x"})
         self.assertEqual(len(connections), 1)
-        self.assertIsNone(api._local.connection.sock)  # closed with the HTTP/1.0 answer
+        sent = []
+        original = agent.HTTPConnection.request
+        with mock.patch.object(agent.HTTPConnection, "request",
+                               lambda *args: sent.append(args[1:3]) or original(*args)):
+            self.assertEqual(api.read_flow("y"), {})
+        self.assertEqual((len(sent), len(connections)), (1, 2),
+                         "the connection was not closed with the HTTP/1.0 answer")
 
     def test_goes_through_the_proxy_the_environment_names(self):
         seen = []
@@ -1793,12 +1818,12 @@ class ClientTests(unittest.TestCase):
     def test_no_proxy_rules(self):
         proxied = {"https_proxy": "proxy.corp:3128"}
         url = "https://api.prefect.cloud/api/accounts/a"
-        self.assertEqual(agent._proxy_for(url, proxied), ("proxy.corp", 3128, None))
-        self.assertIsNone(agent._proxy_for("http://api.prefect.cloud/api", proxied))
+        self.assertEqual(agent.proxy_for(url, proxied), ("proxy.corp", 3128, None))
+        self.assertIsNone(agent.proxy_for("http://api.prefect.cloud/api", proxied))
         for no_proxy in ("*", "prefect.cloud", ".prefect.cloud", "x, api.prefect.cloud",
                          "api.prefect.cloud:443"):
-            self.assertIsNone(agent._proxy_for(url, dict(proxied, no_proxy=no_proxy)), no_proxy)
-        self.assertIsNotNone(agent._proxy_for(url, dict(proxied, no_proxy="refect.cloud")))
+            self.assertIsNone(agent.proxy_for(url, dict(proxied, no_proxy=no_proxy)), no_proxy)
+        self.assertIsNotNone(agent.proxy_for(url, dict(proxied, no_proxy="refect.cloud")))
 
     def test_gives_up_after_the_retries_with_a_clear_error(self):
         self.fake.fail_next(10, status=502, path_contains="/work_pools/pool")
@@ -1853,7 +1878,9 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(api.read_pool("p2")["type"], "process")
         created = [r for r in fake.calls("POST", "/work_pools/") if r[1].endswith("/work_pools/")]
         self.assertIn("prefect-csrf-token", created[-1][2])
-        self.assertEqual(created[-1][2]["prefect-csrf-client"], api._csrf_client)
+        token_reads = [r[1] for r in fake.calls("GET", "/csrf-token")]
+        self.assertEqual(["client=" + created[-1][2]["prefect-csrf-client"]],
+                         [path.partition("?")[2] for path in token_reads[-1:]])
 
     def test_user_agent_is_ours_not_prefects(self):
         agent.PrefectAPI(self.fake.url).read_pool("pool")
@@ -2108,16 +2135,16 @@ class HostileAnswerTests(AgentTestCase):
         copied, reloaded) and the template resolution all handle."""
         limit = agent.MAX_JSON_DEPTH
         run = {"id": str(uuid.uuid4()), "job_variables": {"deep": nested(limit - 2)}}
-        self.assertFalse(agent._nested_deeper(run, limit))
-        self.assertIsNone(agent._run_problem(run))
-        self.assertIsNotNone(agent._run_problem(dict(run, job_variables=nested(limit))))
+        self.assertFalse(agent.nested_deeper(run, limit))
+        self.assertIsNone(agent.run_problem(run))
+        self.assertIsNotNone(agent.run_problem(dict(run, job_variables=nested(limit))))
         template = {"job_configuration": {"env": "{{ env }}", "labels": "{{ deep }}",
                                           "name": "in {{ deep }}"}, "variables": {}}
         config = agent.resolve_job_configuration(template, run["job_variables"])
         self.assertEqual(config["labels"], nested(limit - 2))
         self.assertEqual(copy.deepcopy(config)["name"], "in " + json.dumps(nested(limit - 2)))
         journal = agent.Journal(self.tmp, "pool")
-        journal.update(run["id"], phase="claiming", run=agent._run_summary(run))
+        journal.update(run["id"], phase="claiming", run=agent.run_summary(run))
         self.assertEqual(journal.get(run["id"])["run"]["job_variables"], run["job_variables"])
         journal.close()
         with agent_log("WARNING") as logged:
@@ -2335,9 +2362,9 @@ class PoolTests(AgentTestCase):
         self.assertLess(paths.index("pool"), claim, "claimed before the pool (its template) was read")
 
     def test_start_up_reads_the_pool_first_when_it_must_create_it_or_queues(self):
-        with RunningAgent(self.fake) as running:  # no pool: the early poll's 404 is no outage
+        with agent_log("ERROR") as logs, RunningAgent(self.fake) as running:
             wait_for(lambda: running.agent.last_poll, what="first poll")
-            self.assertIsNone(running.agent._outage_since)
+        self.assertEqual(logs, [], "no pool: the early poll's 404 is no outage")
         self.assertIsNotNone(self.fake.pool("pool"))
         seen = len(self.fake.requests)
         with RunningAgent(self.fake, "-q", "fast") as running:
@@ -2357,12 +2384,13 @@ class PoolTests(AgentTestCase):
     def test_match_picks_up_queues_created_while_running(self):
         dep = self.deployment(command=marker_command(self.markers))
         self.fake.add_queue("pool", "etl-a")
-        with RunningAgent(self.fake, "--match", "etl-") as running:
+        # Each sync re-resolves the prefixes: here every half second instead of 30.
+        with mock.patch.object(agent, "SYNC_SECONDS", 0.5), \
+                RunningAgent(self.fake, "--match", "etl-"):
             first = self.fake.add_run(dep, queue="etl-a", pool="pool")
             wait_for(lambda: first in self.started_ids(), what="run on etl-a")
             other = self.fake.add_run(dep, queue="default", pool="pool")
             self.fake.add_queue("pool", "etl-b")
-            running.agent._next_sync = 0  # the next sync re-resolves prefixes
             late = self.fake.add_run(dep, queue="etl-b", pool="pool")
             wait_for(lambda: late in self.started_ids(), what="run on etl-b")
         self.assertNotIn(other, self.started_ids())
@@ -2410,11 +2438,11 @@ class PoolTests(AgentTestCase):
         with agent_log("ERROR") as logs:
             with RunningAgent(self.fake) as running:
                 wait_for(lambda: running.agent.last_poll, what="first poll")
-                real_check = running.agent._check_cancellations
-                running.agent._check_cancellations = lambda: 1 / 0
-                time.sleep(0.5)
-                self.assertTrue(running.thread.is_alive())
-                running.agent._check_cancellations = real_check
+                with mock.patch.object(running.agent.api, "scheduled_runs",
+                                       lambda *args: 1 / 0):
+                    wait_for(lambda: "ZeroDivisionError" in "\n".join(logs), what="the error")
+                    time.sleep(0.5)
+                    self.assertTrue(running.thread.is_alive())
                 run = self.fake.add_run(dep, pool="pool")
                 wait_for(lambda: run in self.started_ids(), timeout=30, what="a run after the error")
         self.assertIn("ZeroDivisionError", "\n".join(logs))
@@ -2425,9 +2453,12 @@ class PoolTests(AgentTestCase):
             with RunningAgent(self.fake, api_retries=0) as running:
                 wait_for(lambda: running.agent.last_poll, what="first poll")
                 self.fake.fail_next(10 ** 6, status=503)
-                wait_for(lambda: running.agent._outage_failures >= 3, timeout=60, what="3 failures")
+                failing_from = len(self.fake.requests)
+                wait_for(lambda: len(self.fake.requests) >= failing_from + 3, timeout=60,
+                         what="3 failures")
                 self.fake.clear_faults()
-                wait_for(lambda: running.agent._outage_since is None, timeout=60, what="recovery")
+                wait_for(lambda: [line for line in logs if "reachable again" in line],
+                         timeout=60, what="recovery")
         failing = [line for line in logs if "is failing" in line]
         recovered = [line for line in logs if "reachable again" in line]
         self.assertEqual((len(failing), len(recovered)), (1, 1), logs)
@@ -2483,8 +2514,14 @@ class ClaimTests(AgentTestCase):
         result = api.set_state(run, "PENDING")
         self.assertEqual(result["status"], "ACCEPT")
         with RunningAgent(self.fake, "--pool", "pool") as running:
-            self.assertFalse(running.agent._claim(self.fake.run(run)))
+            wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
+            claims = len(self.fake.calls("POST", "/set_state"))
+            running.agent.submit(self.fake.run(run))  # as a stale poll answer would
+            self.assertEqual(len(self.fake.calls("POST", "/set_state")), claims + 1)
+            self.assertEqual(running.agent.in_flight_count(), 0)
+            self.assertEqual(running.agent.journal.entries(), {})
         self.assertEqual(self.started_ids(), [])
+        self.assertEqual(self.fake.history(run), ["SCHEDULED", "PENDING"])
 
     def test_a_lost_claim_answer_is_recovered_from_the_run_itself(self):
         dep = self.deployment(command=marker_command(self.markers))
@@ -2513,8 +2550,7 @@ class ClaimTests(AgentTestCase):
                 "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
         with RunningAgent(self.fake) as running:
             wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
-            self.assertTrue(running.agent._reserve_slot(run))
-            running.agent._submit(stale)
+            running.agent.submit(stale)
         self.assertEqual(self.started_ids(), [])
         self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
         self.assertEqual(final_type(self.fake, run), "COMPLETED")
@@ -2547,8 +2583,7 @@ class ClaimTests(AgentTestCase):
         with RunningAgent(self.fake, api_retries=0) as running:
             wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
             self.fake.fail_next(3, status=503, path_contains="/flow_run_states/")
-            self.assertTrue(running.agent._reserve_slot(run))
-            running.agent._submit(stale)
+            running.agent.submit(stale)
             wait_for(lambda: final_type(self.fake, run) == "COMPLETED", timeout=30,
                      what="final state restored")
         self.assertEqual(self.started_ids(), [])
@@ -2568,9 +2603,16 @@ class ClaimTests(AgentTestCase):
         result = {"status": "REJECT", "details": {"reason": "x"}, "state": {
             "type": "PENDING", "state_details": {"transition_id": "someone-else",
                                                  "scheduled_time": "2026-01-01T00:00:00Z"}}}
-        with RunningAgent(self.fake) as running:
-            running.agent.api.set_state = lambda *args, **kwargs: result
-            self.assertFalse(running.agent._claim(self.fake.run(run)))
+        running = RunningAgent(self.fake)
+        proposals = []
+        running.agent.api.set_state = lambda *args, **kwargs: proposals.append(args) or result
+        with running:
+            wait_for(lambda: proposals, what="the claim proposed")
+            time.sleep(0.3)
+            self.assertEqual(running.agent.in_flight_count(), 0)
+            self.assertEqual(running.agent.journal.entries(), {})
+        self.assertEqual(self.started_ids(), [])
+        self.assertEqual(proposals[0][:2], (run, "PENDING"))
 
     def test_limit_caps_runs_in_flight(self):
         """Also while claims go out together (a burst of six behind 50 ms a request)."""
@@ -2928,12 +2970,12 @@ class WatchingTests(AgentTestCase):
                 "type": state, "state_details": {"transition_id": transition or str(uuid.uuid4())}}})
         with RunningAgent(self.fake) as running:
             for kind in ("crash", "check"):
-                running.agent._settle_owed(run, {"kind": kind, "message": "m", "claim": ours})
+                running.agent.ledger.deliver(run, {"kind": kind, "message": "m", "claim": ours})
         self.assertEqual(final_type(self.fake, run), "PENDING")
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
             "type": "PENDING", "state_details": {"transition_id": ours}}, "force": True})
         with RunningAgent(self.fake) as running:
-            running.agent._settle_owed(run, {"kind": "check", "message": "m", "claim": ours})
+            running.agent.ledger.deliver(run, {"kind": "check", "message": "m", "claim": ours})
         self.assertEqual(final_type(self.fake, run), "CRASHED")
 
     def test_killed_by_a_signal_is_explained(self):
@@ -2994,12 +3036,12 @@ class WatchingTests(AgentTestCase):
         pids = os.path.join(self.tmp, "pids")
         dep = self.deployment(command="sh -c %s" % shlex.quote("echo $$ >> %s; exec sleep 60" % pids))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(40)]
-        real_record = agent.Journal._record
+        real_update = agent.Journal.update
         exiting = threading.Event()
 
-        def slow_record(journal, change, durable=False):
+        def slow_update(journal, run_id, durable=False, **fields):
             time.sleep(0.05 if exiting.is_set() else 0)
-            return real_record(journal, change, durable)
+            return real_update(journal, run_id, durable, **fields)
 
         first_seen = {}  # zombie pid -> when it was first seen a zombie
 
@@ -3007,7 +3049,7 @@ class WatchingTests(AgentTestCase):
             now, zombies = time.monotonic(), zombie_children()
             return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
 
-        with mock.patch.object(agent.Journal, "_record", slow_record), RunningAgent(self.fake) as running:
+        with mock.patch.object(agent.Journal, "update", slow_update), RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
             exiting.set()
@@ -3512,7 +3554,7 @@ class RecoveryTests(AgentTestCase):
         if then:
             self.fake.set_run_state(run, then)
         state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": transition,
-                                             "run": agent._run_summary(self.fake.run(run))}})
+                                             "run": agent.run_summary(self.fake.run(run))}})
         return run, state_dir
 
     def test_a_run_claimed_but_never_started_is_started_after_a_restart(self):
@@ -3537,7 +3579,7 @@ class RecoveryTests(AgentTestCase):
         run = self.fake.add_run(dep, pool="pool")
         api_call(self.fake, "PATCH", "/work_pools/pool", {"is_paused": True})
         state_dir = self.journal_with({run: {"phase": "claiming", "transition_id": "never-sent",
-                                             "run": agent._run_summary(self.fake.run(run))}})
+                                             "run": agent.run_summary(self.fake.run(run))}})
         with RunningAgent(self.fake, "--state-dir", state_dir) as running:
             wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
         self.assertEqual(self.started_ids(), [])
@@ -3718,7 +3760,7 @@ class AtMostOnceTests(AgentTestCase):
             open(output, "w").close()
         state_dir = self.journal_with({run: {
             "phase": "starting", "transition_id": transition, "host": socket.gethostname(),
-            "output": output, "run": agent._run_summary(self.fake.run(run))}})
+            "output": output, "run": agent.run_summary(self.fake.run(run))}})
         with RunningAgent(self.fake, "--state-dir", state_dir):
             wait_for(lambda: final_type(self.fake, run) in agent_final(), what="final")
         return run, self.fake.run(run)["state"]
@@ -3764,10 +3806,13 @@ class ChattyRunTests(AgentTestCase):
         self.assertIn("skipped", running.console.getvalue())
 
     def test_an_adopted_run_keeps_its_last_lines_for_the_crash_message(self):
-        child = agent.Child("r", "r", os.getpid(), os.path.join(self.tmp, "out"), False)
-        with open(child.output_path, "w") as handle:
+        output = os.path.join(self.tmp, "out")
+        with open(output, "w") as handle:
             handle.write("x" * 20000 + "\n" + "".join("line %d\n" % n for n in range(30)))
-        child.open_output(from_end=True)
+        entry = {"phase": "running", "host": socket.gethostname(), "pid": os.getpid(),
+                 "start_time": agent.process_start_time(os.getpid()), "output": output}
+        child = agent.ProcessLauncher(None, os.environ).adopt("r", entry, output)
+        self.assertEqual(child.recovered, "adopted process %d" % os.getpid())
         self.assertEqual(list(child.tail)[-1], "line 29")
         self.assertEqual(len(child.tail), agent.Child.TAIL_LINES)
         child.output.close()
@@ -3790,7 +3835,7 @@ class BlockedConsoleTests(AgentTestCase):
         with RunningAgent(self.fake, console=console) as running:
             wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=10,
                      what="the short run reported while the console blocks")
-            wait_for(lambda: running.agent.supervisor.printer._dropped, timeout=30,
+            wait_for(lambda: running.agent.supervisor.printer.dropped, timeout=30,
                      what="more output than the printer keeps waiting")  # 8 MB of lines
             released.set()
             wait_for(lambda: "dropped" in console.getvalue(), what="the drop said")
@@ -4183,10 +4228,12 @@ class ReportOrderTests(AgentTestCase):
                 wait_for(lambda: running.agent.last_poll, what="first poll")
                 self.fake.fail_next(10 ** 6, status=503)
                 began = time.monotonic()
-                wait_for(lambda: running.agent._outage_since, timeout=60, what="outage noticed")
+                wait_for(lambda: [line for line in logs if "is failing" in line], timeout=60,
+                         what="outage noticed")
                 self.fake.clear_faults()
                 lasted = time.monotonic() - began
-                wait_for(lambda: running.agent._outage_since is None, timeout=60, what="recovery")
+                wait_for(lambda: [line for line in logs if "reachable again" in line],
+                         timeout=60, what="recovery")
         recovered = [line for line in logs if "reachable again" in line]
         self.assertEqual(len(recovered), 1, logs)
         logged = float(re.search(r"after (\d+) s", recovered[0]).group(1))
@@ -5127,7 +5174,8 @@ class InstallSecretTests(unittest.TestCase):
         started = agent.parse_config(agent.parse_flags(argv[2:]), agent_env)
         given = agent.parse_config(agent.parse_flags(self.FLAGS), env)
         self.assertEqual(started.api_url, "https://prefect.example/api")
-        self.assertEqual(vars(started), dict(vars(given), api_url=started.api_url))
+        fields = lambda config: {name: getattr(config, name) for name in agent.Config.__slots__}
+        self.assertEqual(fields(started), dict(fields(given), api_url=started.api_url))
         self.assertEqual(started.extra_env, {"DB_PASSWORD": "hunter2-db", "TOKEN": "tok,en %x",
                                              "LEVEL": "debug-level", "FROM_AGENT": "inherited-value"})
 
@@ -5237,7 +5285,7 @@ class ProxyTests(unittest.TestCase):
                 self.assertEqual(done.returncode, 2, done.stderr)
                 self.assertEqual(done.stderr, "agent.py: error: %s\n" % expected)
                 self.assertFalse(os.path.exists(state_dir), "started before refusing")
-        self.assertIsNone(agent._proxy_for("https://prefect.example/api", {
+        self.assertIsNone(agent.proxy_for("https://prefect.example/api", {
             "HTTPS_PROXY": "https://proxy.example:3128", "NO_PROXY": "prefect.example"}))
 
 
@@ -5841,7 +5889,7 @@ class ParsingHelpersFuzzTest(FuzzTestCase):
     @example(body=DEEP_JSON)
     @example(body=b'{"detail": "line one\\nline two"}')
     def test_error_detail(self, body):
-        detail = agent._error_detail(body)
+        detail = agent.error_detail(body)
         self.assertIsInstance(detail, str)
         self.assertNotIn("\n", detail)
         self.assertNotIn("\r", detail)
@@ -5853,7 +5901,7 @@ class ParsingHelpersFuzzTest(FuzzTestCase):
          "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 -2359", "Thu, 32 Feb 2024 99:99:99"])
         | st.datetimes(timezones=st.sampled_from(TIMEZONES)).map(email.utils.format_datetime))
     def test_retry_after_seconds(self, text):
-        seconds = agent._retry_after_seconds(text)
+        seconds = agent.retry_after_seconds(text)
         if seconds is not None:
             self.assertIsInstance(seconds, float)
             self.assertGreaterEqual(seconds, 0.0)
@@ -5946,8 +5994,9 @@ def _echo(value, transition_id):
 
 @needs_hypothesis
 class AgentFuzzTest(FuzzTestCase):
-    """An Agent (not started) whose API answers anything. Only PrefectAPI.request is faked, so
-    what reaches the agent is what the real set_state/read_run/... let through."""
+    """A fresh Agent (not started) for each example, whose API answers anything. Only
+    PrefectAPI.request is faked, so what reaches the agent is what the real set_state,
+    read_run, ... let through; the reporter's calls are kept, and run here."""
 
     @classmethod
     def setUpClass(cls):
@@ -5956,17 +6005,19 @@ class AgentFuzzTest(FuzzTestCase):
         args = agent.parse_flags(
             ["--api", "http://127.0.0.1:9/api", "--pool", "pool", "--name", "fuzz-agent",
              "--hide-welcome"])
-        cls.agent = agent.Agent(agent.parse_config(args, environ))
+        cls.config = agent.parse_config(args, environ)
+        cls.agent = None
 
     @classmethod
     def tearDownClass(cls):
-        journal = getattr(cls.agent, "journal", None)
-        if journal is not None:
-            journal.close()
+        if cls.agent is not None:
+            cls.agent.journal.close()
+            cls.agent.supervisor.channel.close()
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
-    def reset(self, routes, transition_id=None):
-        """Fake the API with per-route answer lists (the last answer repeats)."""
+    def reset(self, routes, transition_id=None, journal=None):
+        """A new Agent on an empty journal (or one holding `journal`'s entries), its API faked
+        with per-route answer lists (the last answer repeats)."""
         routes = {name: list(answers) for name, answers in routes.items()}
         proposed = {"transition_id": transition_id}
 
@@ -5983,26 +6034,26 @@ class AgentFuzzTest(FuzzTestCase):
                 raise agent.APIError(method, path, 404 if answer == NOT_FOUND else 409, "no")
             return _echo(answer, proposed["transition_id"])
 
+        if type(self).agent is not None:
+            type(self).agent.journal.close()
+            type(self).agent.supervisor.channel.close()
+        shutil.rmtree(self.config.state_dir, ignore_errors=True)
+        if journal:
+            os.makedirs(self.config.state_dir, 0o700)
+            with open(os.path.join(self.config.state_dir, "journal-pool-0.json"), "w") as handle:
+                json.dump({"runs": journal}, handle)
+        type(self).agent = agent.Agent(self.config)
         self.agent.api.request = request
-        self.agent._unsettled.clear()
-        self.agent._deployments.clear()
-        self.agent._flows.clear()
-        self.agent._in_flight.clear()
-        self.agent.reporter._calls.clear()
-        self.agent.reporter._runs_waiting.clear()
-        self.agent.reporter._logs.clear()
+        self.calls = []
+        self.agent.reporter.call = lambda run_id, what, action: self.calls.append(action)
         del self.logged[:]
-
-    def queued_calls(self):
-        return [(run_id, what, action) for run_id, calls in list(self.agent.reporter._calls.items())
-                for what, action in calls]
 
     def run_queued_calls(self):
         """What the reporter thread would do: each action may fail only in the ways
         Reporter._attempt handles on purpose (anything else is a traceback and a lost report)."""
-        for run_id, what, action in self.queued_calls():
+        while self.calls:
             try:
-                action()
+                self.calls.pop(0)()
             except API_ERRORS as exc:
                 assert_one_line(self, exc)
 
@@ -6010,19 +6061,34 @@ class AgentFuzzTest(FuzzTestCase):
         for line in self.logged:
             self.assertNotIn("\n", line, "a traceback or a second line in the log")
 
+    def submit(self, run, pool=None):
+        """Agent.submit, and the start it may schedule, with no process started."""
+        self.agent.pool = {} if pool is None else pool
+        started = []
+
+        def start_process(launcher, run_id, run_name, job, *args):
+            started.append(job)
+            raise agent.LaunchError("fuzz tests start no processes")
+
+        with mock.patch.object(agent, "start_process", start_process):
+            self.agent.submit(run)
+            start = self.agent.timetable.take(run["id"])  # the timetable thread is not running
+            if start is not None:
+                start()
+        return started
+
     # regression: AttributeError when the answer's state / state_details / details is not an object
     @fuzz_settings(examples=100)
     @given(routes=routes)
     @example(routes=route_answers([{}], set_state=[{"status": "ACCEPT", "state": [1]}]))
     @example(routes=route_answers([{}], set_state=[UNREACHABLE], read_run=[{"state": "PENDING"}]))
     def test_claim_decision(self, routes):
+        """Whatever the claim's answer, the agent decides (claimed or not) with at most one
+        line of log: an exception the claim does not expect would log a traceback."""
         self.reset(routes)
-        try:
-            claimed = self.agent._claim({"id": RUN_ID, "name": "fuzzy-run"})
-        except (agent.APIError, agent.APIUnreachable) as exc:
-            assert_one_line(self, exc)
-        else:
-            self.assertIsInstance(claimed, bool)
+        self.submit({"id": RUN_ID, "name": "fuzzy-run"})
+        self.run_queued_calls()
+        self.assert_clean_log()
 
     # regression: AttributeError/TypeError in _restore_final_state for junk flow run states
     @fuzz_settings(examples=60)
@@ -6031,14 +6097,15 @@ class AgentFuzzTest(FuzzTestCase):
                                   states=[[{"type": "COMPLETED", "state_details": [1]}]],
                                   set_state=[{}]))
     def test_stale_claim_restore(self, routes):
-        """A claim that lands on a finished run queues _restore_final_state on the reporter;
+        """A claim that lands on a finished run queues the restore of its final state;
         whatever the run's states look like, it may only fail the ways the reporter expects."""
         accepted = {"status": "ACCEPT", "state": {"type": "PENDING", "state_details": {
             "transition_id": ECHO, "scheduled_time": None}}}
         self.reset(dict(routes, set_state=[accepted] + routes["set_state"]))
-        self.assertIs(self.agent._claim({"id": RUN_ID}), False)
-        self.assertTrue(self.queued_calls(), "no restore queued for a claim of a finished run")
+        self.assertEqual(self.submit({"id": RUN_ID}), [])
+        self.assertTrue(self.calls, "no restore queued for a claim of a finished run")
         self.run_queued_calls()
+        self.assert_clean_log()
 
     # regression: TypeError for a non-str deployment_id/flow_id; junk job configuration escapes _launch
     @fuzz_settings(examples=100)
@@ -6053,23 +6120,11 @@ class AgentFuzzTest(FuzzTestCase):
                                        "type": "PENDING", "state_details": {
                                            "scheduled_time": "2030-01-01T00:00:00Z"}}}]))
     def test_submit(self, run, pool, routes):
-        """_submit (read deployment and flow, claim, resolve the job, start) never raises: a
+        """submit (read deployment and flow, claim, resolve the job, start) never raises: a
         run it cannot start is left unclaimed or reported, with one log line, no traceback."""
         self.reset(routes)
-        self.agent.pool = pool
-        started = []
-
-        def start_process(run_id, run_name, job, *args):
-            started.append(job)
-            raise agent.LaunchError("fuzz tests start no processes")
-
-        self.assertTrue(self.agent._reserve_slot(run["id"]))
-        with mock.patch.object(agent, "start_process", start_process):
-            self.agent._submit(run)
-            start = self.agent.timetable.take(run["id"])  # the timetable thread is not running
-            if start is not None:
-                start()
-            self.run_queued_calls()
+        self.submit(run, pool)
+        self.run_queued_calls()
         self.assertEqual(self.agent.in_flight_count(), 0, "the run's slot was never released")
         self.assert_clean_log()
 
@@ -6088,13 +6143,12 @@ class AgentFuzzTest(FuzzTestCase):
     @example(owed={"kind": "crash", "message": "m"},
              routes=route_answers([{}], set_state=[{"status": "REJECT", "state": "x"}]))
     def test_reporting_how_a_run_ended(self, owed, routes):
-        """_owe queues the report (CRASHED, or a check, or finishing a cancellation) on the
+        """What a journal says is owed (a crash, a cancellation, a hand-back) is queued on the
         reporter; junk answers may only fail it the ways the reporter handles on purpose."""
         self.reset(routes)
-        if not hasattr(self.agent, "_owe"):
-            self.skipTest("agent.py has no Agent._owe")
-        self.agent._owe(RUN_ID, owed)
+        self.agent.ledger.owed_again(RUN_ID, owed)
         self.run_queued_calls()
+        self.assert_clean_log()
 
     # regression: AttributeError in _recover_claim (a non-object state) stops Agent.run() at startup
     @fuzz_settings(examples=60)
@@ -6103,18 +6157,18 @@ class AgentFuzzTest(FuzzTestCase):
              summary={"id": RUN_ID})
     def test_recovering_a_claim_after_a_restart(self, routes, summary):
         """Restart recovery runs inside Agent.run()'s loop, which only survives API errors."""
-        if not hasattr(self.agent, "_recover_claim"):
-            self.skipTest("agent.py has no Agent._recover_claim")
         transition_id = str(uuid.uuid4())
-        self.reset(routes, transition_id=transition_id)
-        launched = []
-        entry = {"phase": "claiming", "transition_id": transition_id, "run": summary}
-        with mock.patch.object(self.agent, "_submit_claimed", launched.append):
+        self.reset(routes, transition_id=transition_id, journal={RUN_ID: {
+            "phase": "claiming", "transition_id": transition_id, "run": summary}})
+        self.agent.pool = {}
+        with mock.patch.object(agent, "start_process", mock.Mock(side_effect=agent.LaunchError)):
             try:
-                self.agent._recover_claim(RUN_ID, entry)
+                self.agent.recover()
             except (agent.APIError, agent.APIUnreachable) as exc:
                 assert_one_line(self, exc)
-        self.agent._in_flight.clear()
+            start = self.agent.timetable.take(RUN_ID)
+            if start is not None:
+                start()
         self.run_queued_calls()
 
 
