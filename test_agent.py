@@ -4287,9 +4287,9 @@ class JournalTests(unittest.TestCase):
 class OutageTests(AgentTestCase):
     def test_reports_owed_during_an_outage_arrive_once_and_in_order_afterwards(self):
         flag = os.path.join(self.tmp, "go")
-        dep = self.deployment(command=py_command(
-            "import os,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
-            "print('failing now'); sys.exit(3)", flag))
+        dep = self.deployment(command=py_command(  # it leaves a process behind: a 2nd line
+            "import os,subprocess,sys,time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+            "subprocess.Popen(['sleep', '60']); print('failing now'); sys.exit(3)", flag))
         run = self.fake.add_run(dep, pool="pool")
         with RunningAgent(self.fake, api_retries=0) as running:
             wait_for(lambda: self.fake.run(run).get("infrastructure_pid"), what="launched")
@@ -4307,8 +4307,9 @@ class OutageTests(AgentTestCase):
         exits = [m for m in logs if "exited with status code: 3" in m]
         self.assertEqual(len(exits), 1, logs)
         order = [next(i for i, m in enumerate(logs) if needle in m) for needle in (
-            "submitting flow run", "submitted to infrastructure", "exited with status code: 3")]
-        self.assertEqual(order, sorted(order), logs)  # the line held by the outage came last
+            "submitting flow run", "submitted to infrastructure", "exited with status code: 3",
+            "left running")]
+        self.assertEqual(order, sorted(order), logs)  # the two lines held by the outage last
         self.assertIn("failing now", self.fake.run(run)["state"]["message"])
 
 
