@@ -1,5 +1,7 @@
-"""Unit tests for agent.py (stdlib only: python -m unittest -v test_agent)."""
+"""Unit tests for agent.py (stdlib only). `python test_agent.py` runs them in parallel processes
+and names the slowest ten; `python -m unittest -v test_agent` runs them one after another."""
 
+import argparse
 import atexit
 import base64
 import contextlib
@@ -11,6 +13,8 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shlex
@@ -6977,5 +6981,159 @@ class RealServerConformance(unittest.TestCase):
                          sorted(PROCESS_POOL_TEMPLATE["variables"]["properties"]))
 
 
+# =============================================================================
+# The parallel runner (python test_agent.py): most tests wait on agents, processes and
+# timers rather than compute, so a few worker processes finish the suite several times
+# sooner than one process even on 2 cores.
+# =============================================================================
+
+# Seconds the slowest tests take alone on a 2-core machine: they are handed out first, so
+# that no worker picks one up while the others are running out of work. Others count as 0.
+KNOWN_SECONDS = {
+}
+
+
+class TimedResult(unittest.TestResult):
+    """A TestResult that times each test and hands over what it gathered since last asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def startTest(self, test):
+        super().startTest(test)
+        self._began = time.monotonic()
+
+    def stopTest(self, test):
+        super().stopTest(test)
+        self.seconds.append((test.id(), time.monotonic() - self._began))
+
+    def take(self):
+        """What happened since the last take(), in plain values a pipe can carry."""
+        taken = {"run": self.testsRun, "seconds": self.seconds,
+                 "errors": [(str(t), text) for t, text in self.errors],
+                 "failures": [(str(t), text) for t, text in self.failures],
+                 "skipped": [(str(t), reason) for t, reason in self.skipped],
+                 "expectedFailures": [(str(t), text) for t, text in self.expectedFailures],
+                 "unexpectedSuccesses": [str(t) for t in self.unexpectedSuccesses]}
+        self.testsRun, self.seconds = 0, []
+        for name in ("errors", "failures", "skipped", "expectedFailures", "unexpectedSuccesses"):
+            setattr(self, name, [])
+        return taken
+
+
+def _work(tests, conn):
+    """A worker: runs the tests whose indexes come down `conn`, one at a time, until None."""
+    result = TimedResult()
+    # Not a top-level run, so a suite of one test does not tear the module fixture down:
+    # setUpModule runs once per worker (and a class fixture again only when the class changes).
+    result._testRunEntered = True
+    while True:
+        index = conn.recv()
+        if index is None:
+            break
+        unittest.TestSuite([tests[index]]).run(result)
+        conn.send(result.take())
+    closing = unittest.TestSuite()
+    closing._tearDownPreviousClass(None, result)
+    closing._handleModuleTearDown(result)
+    conn.send(result.take())
+
+
+def _flatten(suite):
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _flatten(test)
+        else:
+            yield test
+
+
+def _outcome(taken):
+    for key, word in (("errors", "ERROR"), ("failures", "FAIL"),
+                      ("unexpectedSuccesses", "unexpected success")):
+        if taken[key]:
+            return word
+    if taken["skipped"]:
+        return "skipped %r" % taken["skipped"][0][1]
+    return "expected failure" if taken["expectedFailures"] else "ok"
+
+
+def run_in_parallel(argv):
+    flags = argparse.ArgumentParser(description="Run test_agent.py's tests in parallel.")
+    flags.add_argument("-j", "--jobs", type=int, default=4, help="worker processes (default 4)")
+    flags.add_argument("-v", "--verbose", action="store_true", help="a line per test")
+    flags.add_argument("tests", nargs="*", help="test ids (default: all of test_agent)")
+    args = flags.parse_args(argv)
+    suite = unittest.defaultTestLoader.loadTestsFromNames(args.tests or [__name__])
+    tests = sorted(_flatten(suite), key=lambda t: -KNOWN_SECONDS.get(t.id().split(".", 1)[1], 0))
+    began = time.monotonic()
+    total = {"run": 0, "seconds": [], "errors": [], "failures": [], "skipped": [],
+             "expectedFailures": [], "unexpectedSuccesses": []}
+    fork = multiprocessing.get_context("fork")  # the workers inherit the loaded tests
+    busy = {}  # a worker's end of its pipe -> the index of the test it runs (None: closing)
+    for _ in range(max(1, min(args.jobs, len(tests)))):
+        mine, theirs = fork.Pipe()
+        fork.Process(target=_work, args=(tests, theirs), daemon=True).start()
+        theirs.close()
+        busy[mine] = None
+    waiting = iter(range(len(tests)))
+    for conn in list(busy):
+        _hand_out(conn, waiting, busy)
+    while busy:
+        for conn in multiprocessing.connection.wait(list(busy)):
+            index = busy[conn]
+            try:
+                taken = conn.recv()
+            except EOFError:  # the worker died: say which test it was running
+                del busy[conn]
+                if index is not None:
+                    total["run"] += 1
+                    total["errors"].append((str(tests[index]), "the worker process running "
+                                            "this test died\n"))
+                continue
+            for key in total:
+                total[key] += taken[key]
+            if args.verbose and index is not None:
+                print("%s ... %s" % (tests[index], _outcome(taken)), flush=True)
+            if index is None:
+                del busy[conn]
+            else:
+                _hand_out(conn, waiting, busy)
+    _print_summary(total, time.monotonic() - began)
+    return 0 if not (total["errors"] or total["failures"] or total["unexpectedSuccesses"]) else 1
+
+
+def _hand_out(conn, waiting, busy):
+    index = next(waiting, None)
+    conn.send(index)
+    busy[conn] = index
+
+
+def _print_summary(total, seconds):
+    """unittest's own summary (.ci/run reads its "Ran N tests" and "skipped=" lines), with the
+    skip reasons and the slowest ten tests before it."""
+    line, thin = "=" * 70, "-" * 70
+    for kind, key in (("ERROR", "errors"), ("FAIL", "failures")):
+        for name, text in total[key]:
+            print("%s\n%s: %s\n%s\n%s" % (line, kind, name, thin, text))
+    reasons = {}
+    for _, reason in total["skipped"]:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items()):
+        print("skipped %d: %s" % (count, reason))
+    print("Slowest ten tests (seconds):")
+    for name, took in sorted(total["seconds"], key=lambda pair: -pair[1])[:10]:
+        print("%8.2f  %s" % (took, name))
+    print("%s\nRan %d test%s in %.3fs\n" % (thin, total["run"], "" if total["run"] == 1 else "s",
+                                           seconds))
+    counts = ["%s=%d" % (name, len(total[key])) for name, key in (
+        ("failures", "failures"), ("errors", "errors"), ("skipped", "skipped"),
+        ("expected failures", "expectedFailures"),
+        ("unexpected successes", "unexpectedSuccesses")) if total[key]]
+    failed = total["errors"] or total["failures"] or total["unexpectedSuccesses"]
+    print(("FAILED" if failed else "OK") + (" (%s)" % ", ".join(counts) if counts else ""))
+
+
 if __name__ == "__main__":
-    unittest.main()
+    import test_agent  # the tests under their importable name, so a printed id can be rerun
+    sys.exit(test_agent.run_in_parallel(sys.argv[1:]))
