@@ -2372,15 +2372,24 @@ class PoolTests(AgentTestCase):
         self.assertNotIn(other, self.started_ids())
 
     def test_paused_pool_claims_nothing_until_resumed(self):
+        # The server hands out no runs from a paused pool; what the agent owes is to say so
+        # once, keep polling and re-reading the pool, and say when the pool is resumed.
         dep = self.deployment(command=marker_command(self.markers))
         api_call(self.fake, "PATCH", "/work_pools/pool", {"is_paused": True})
         run = self.fake.add_run(dep, pool="pool")
-        with RunningAgent(self.fake) as running:
-            wait_for(lambda: running.agent.last_poll, what="poll")
-            time.sleep(0.5)
-            self.assertEqual(self.started_ids(), [])
-            api_call(self.fake, "PATCH", "/work_pools/pool", {"is_paused": False})
-            wait_for(lambda: run in self.started_ids(), what="run after resume")
+        paused, resumed = "Work pool 'pool' is paused", "Work pool 'pool' was resumed"
+        with agent_log("INFO") as logs, mock.patch.object(agent, "SYNC_SECONDS", 0.3):
+            with RunningAgent(self.fake):
+                wait_for(lambda: len(self.fake.calls("GET", "/work_pools/pool")) >= 3,
+                         what="the pool read again while paused")
+                said = [line for line in logs if paused in line or resumed in line]
+                self.assertEqual(len(said), 1, logs)  # said once, however many reads
+                self.assertIn(paused, said[0])
+                self.assertEqual(self.fake.calls("POST", "/set_state"), [])
+                api_call(self.fake, "PATCH", "/work_pools/pool", {"is_paused": False})
+                wait_for(lambda: any(resumed in line for line in logs), what="the resume noticed")
+                wait_for(lambda: run in self.started_ids(), what="run after resume")
+        self.assertEqual(len([line for line in logs if paused in line]), 1, logs)
 
     def test_paused_queue_is_not_served(self):
         dep = self.deployment(command=marker_command(self.markers))
