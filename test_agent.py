@@ -3805,18 +3805,25 @@ class BlockedConsoleTests(AgentTestCase):
                 released.wait(60)
                 return Console.write(self, text)
 
+        # 1 MB of lines, four times what the printer may keep waiting; then the run lives on
+        # until the test is done with it.
+        done = os.path.join(self.tmp, "done")
         self.fake.add_run(self.deployment(command=py_command(
-            "import time\nfor n in range(400000): print('line %d' % n)\ntime.sleep(5)")),
+            "import os,sys,time\nfor n in range(80000): print('line %d' % n)\n"
+            "for _ in range(600):\n    if os.path.exists(sys.argv[1]): break\n    time.sleep(0.05)",
+            done)),
             pool="pool", name="chatty")
         short = self.fake.add_run(self.deployment(command="false"), pool="pool")
         console = BlockedConsole()
-        with RunningAgent(self.fake, console=console) as running:
+        with mock.patch.object(agent.ConsolePrinter, "MAX_WAITING_BYTES", 256 * 1024), \
+                RunningAgent(self.fake, console=console) as running:
             wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=10,
                      what="the short run reported while the console blocks")
             wait_for(lambda: running.agent.supervisor.printer._dropped, timeout=30,
                      what="more output than the printer keeps waiting")  # 8 MB of lines
             released.set()
             wait_for(lambda: "dropped" in console.getvalue(), what="the drop said")
+            open(done, "w").close()
 
 
 class FullDiskTests(AgentTestCase):
@@ -7011,6 +7018,24 @@ class RealServerConformance(unittest.TestCase):
 # Seconds the slowest tests take alone on a 2-core machine: they are handed out first, so
 # that no worker picks one up while the others are running out of work. Others count as 0.
 KNOWN_SECONDS = {
+    "AtMostOnceTests.test_a_kill_as_any_request_goes_out_runs_each_run_at_most_once": 14,
+    "AtMostOnceTests.test_a_kill_as_any_answer_comes_in_runs_each_run_at_most_once": 14,
+    "AtMostOnceTests.test_a_kill_at_any_journal_write_or_process_start_runs_each_run_at_most_once": 12,
+    "BlockedConsoleTests.test_a_console_that_blocks_holds_up_no_run_and_says_what_it_dropped": 7,
+    "FullDiskTests.test_a_full_disk_stops_claiming_says_why_keeps_reporting_and_recovers": 6,
+    "WatchingTests.test_hundreds_of_children_leave_no_zombies": 6,
+    "DispatchTests.test_a_stop_while_claims_wait_on_a_silent_server_ends_in_seconds": 5,
+    "WatchingTests.test_children_that_exit_while_a_burst_of_exits_is_handled_are_reaped_at_once": 5,
+    "DispatchTests.test_claims_in_flight_when_the_agent_is_stopped_are_handed_back": 4,
+    "ConnectionFloodTests.test_running_out_of_descriptors_costs_one_log_line_and_no_run": 4,
+    "AgentFuzzTest.test_claim_decision": 4,
+    "SignalFloodTests.test_a_flood_of_signals_neither_kills_the_agent_nor_stops_its_runs": 4,
+    "ReportOrderTests.test_an_outage_is_timed_from_its_first_failed_request": 4,
+    "RecoveryTests.test_kill_9_mid_run_then_restart_finishes_every_run_exactly_once": 3,
+    "ClaimTests.test_restoring_after_a_stale_claim_survives_an_api_blip": 3,
+    "DispatchTests.test_a_burst_of_claims_is_concurrent_and_bounded": 3,
+    "AtMostOnceTests.test_a_kill_right_after_the_process_started_does_not_start_it_again": 3,
+    "ClaimTests.test_limit_caps_runs_in_flight": 3,
 }
 
 
