@@ -7145,6 +7145,9 @@ def run_in_parallel(argv):
                 del busy[conn]
             else:
                 _hand_out(conn, waiting, busy)
+    for index in waiting:  # left over when every worker died
+        total["run"] += 1
+        total["errors"].append((str(tests[index]), "not run: every worker process died\n"))
     _print_summary(total, time.monotonic() - began)
     return 0 if not (total["errors"] or total["failures"] or total["unexpectedSuccesses"]) else 1
 
