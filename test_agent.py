@@ -3138,7 +3138,11 @@ class AgentProcess:
         return read(self.log_path)
 
     def wait(self, timeout=30):
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # say what the agent was doing, not only that it hung
+            raise AssertionError("agent.py did not exit within %s s; the end of its output:\n%s"
+                                 % (timeout, self.output()[-4000:])) from None
 
     def signal(self, signum):
         self.proc.send_signal(signum)
