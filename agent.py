@@ -21,7 +21,7 @@ flows:
   The agent loop        Agent: poll, claim (Dispatcher), start on time (Timetable), recover
   Health server         GET /api/health
   Command line          main, start_agent, install
-Threads: "main" parses and starts, then only runs signal handlers; "agent" runs Agent.run;
+Threads: "main" parses and starts, then waits for the others; "agent" runs Agent.run;
 "dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
 them and "console" prints their output; "reporter-N" deliver reports; "health" answers
 probes. Each class says which of them call it.
@@ -1025,9 +1025,9 @@ class PrefectAPI:
     def interrupt(self, thread_ids=None):
         """End the requests that the interruptible threads of give_up_retries_when (or the
         threads `thread_ids`) wait on, if any: a silent server would hold a stop for the
-        whole request timeout. Signal-safe: list() of a dict is one step for other threads
-        and handlers alike, and a shutdown() takes no lock; a connection is opened anew for
-        its thread's next request."""
+        whole request timeout. It never blocks: list() of a dict is one step for other
+        threads, and a shutdown() takes no lock; a connection is opened anew for its
+        thread's next request."""
         for thread_id, (connection, interruptible) in list(self._stoppable.items()):
             sock = connection.sock
             if sock is not None and (thread_id in thread_ids if thread_ids else interruptible):
@@ -2727,7 +2727,7 @@ class Supervisor(threading.Thread):
 
     Its callbacks (on_exit, on_infrastructure, on_leftovers) run on its thread. Other
     threads add children, ask for them and terminate them, under `_lock`; wake() is
-    signal-safe (a byte on a pipe)."""
+    never blocks (a byte on a pipe)."""
 
     TICK_SECONDS = 0.25
     QUIET_TICK_SECONDS = 1.0
@@ -2758,6 +2758,7 @@ class Supervisor(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
+        self._signals_r = self._on_signal = None  # see take_signals
         self._lock = threading.Lock()
         self._children = {}
         self._helpers = []  # helper processes of children that have ended
@@ -2768,6 +2769,12 @@ class Supervisor(threading.Thread):
     def add(self, child):
         with self._lock:
             self._children[child.run_id] = child
+        self.wake()
+
+    def take_signals(self, read_fd, on_signal):
+        """Read the numbers of the signals that come (the read end of signal.set_wakeup_fd's
+        pipe) and pass each to on_signal on this thread; SIGCHLD only wakes it."""
+        self._signals_r, self._on_signal = read_fd, on_signal
         self.wake()
 
     def wake(self):
@@ -2826,9 +2833,10 @@ class Supervisor(threading.Thread):
         look = self.channel.seconds_to_look()
         if look is not None and (timeout is None or look < timeout):
             timeout = look
+        wakers = [self._wake_r] + ([self._signals_r] if self._signals_r is not None else [])
         try:
-            readable = _wait_readable([self._wake_r] + self.channel.sockets(), timeout)
-            acknowledged = self.channel.service([r for r in readable if r is not self._wake_r])
+            readable = _wait_readable(wakers + self.channel.sockets(), timeout)
+            acknowledged = self.channel.service([r for r in readable if r not in wakers])
         except Exception:  # a bug in the channel must not stop supervision
             log.exception("the flow-run control channel failed; it is closed, and cancelled "
                           "runs get SIGTERM without notice until the next run starts")
@@ -2838,7 +2846,22 @@ class Supervisor(threading.Thread):
         woken = self._wake_r in readable
         if woken:
             _drain_fd(self._wake_r)
+        if self._signals_r in readable:
+            woken = True
+            self._pass_on_signals()
         return woken, acknowledged
+
+    def _pass_on_signals(self):
+        try:
+            numbers = os.read(self._signals_r, 4096)
+        except OSError:
+            return
+        for signum in numbers:
+            if signum != signal.SIGCHLD:
+                try:
+                    self._on_signal(signum)
+                except Exception:  # a bug of ours must not stop supervision
+                    log.exception("handling signal %d failed", signum)
 
     def tick(self, acknowledged=()):
         """One look at every child: (anything happened or is about to, output was left
@@ -3744,7 +3767,7 @@ class RunLedger:
         return run_id in self._in_flight
 
     def in_flight_count(self):
-        return len(self._in_flight)  # no lock: a signal handler asks, and len() is atomic
+        return len(self._in_flight)  # no lock: len() is atomic, and the health check asks
 
     # -- the journal entry ----------------------------------------------------------
 
@@ -4022,11 +4045,11 @@ def run_summary(run):
 
 
 class Wakeup:
-    """A sleep that another thread, or a signal handler, can cut short.
+    """A sleep that another thread can cut short.
 
     threading.Event would do, but its wait runs Python code on every wake-up (a seventh of an
-    idle agent's CPU), and its set() takes a lock that a signal handler may interrupt the same
-    thread holding: a deadlock. Here a wake is one lock release, which never blocks."""
+    idle agent's CPU), and its set() waits for a lock. Here a wake is one lock release, which
+    never blocks."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -4121,7 +4144,7 @@ class Dispatcher:
     connection as it ends with the burst (an idle agent keeps one), and the loop thread
     watches them: it calls `between`, and on a stop lets the requests in flight finish, for
     a claim cut short could land unseen, but cuts them after STOPPING_REQUEST_SECONDS.
-    stop() is signal-safe: it only wakes the threads' retry waits."""
+    stop() never blocks: it only wakes the threads' retry waits."""
 
     def __init__(self, api, stopping):
         self.api = api
@@ -4341,7 +4364,8 @@ class Agent:
     dispatch threads claim during a burst (submit and what it calls: they share _claimed and
     _unsettled only through single list and dict operations, which CPython makes atomic,
     and take the ledger's and the journal's locks); the timetable thread calls _start;
-    signal handlers call stop, force_stop and on_signal, which only set flags and wake."""
+    the supervisor thread passes on signals (on_signal); stop, force_stop and on_signal
+    only set flags and wake, and may be called from any thread."""
 
     def __init__(self, config, api=None, console=None):
         self.config = config
@@ -4362,7 +4386,7 @@ class Agent:
         self.pool = None
         self.queues = list(config.queues)
         self._queues_to_create = list(config.queues)
-        # Plain flags, not Events: a signal handler sets them, and must never wait on a lock.
+        # Plain flags, not Events: set by stop() from any thread, which must never block.
         self._stopping = False  # stop claiming; wait for running flows
         self._forced = False  # stop now: terminate running flows
         self._retry_wakeup = Wakeup()  # cuts the agent loop's API retries short on a stop
@@ -4397,7 +4421,8 @@ class Agent:
                 if self._forced or not self.config.run_once:
                     self._hand_back_held_runs()
                 if drain_until is None:
-                    drain_until = time.monotonic() + (self.config.drain_timeout or float("inf"))
+                    drain = self.config.drain_timeout
+                    drain_until = time.monotonic() + (float("inf") if drain is None else drain)
                 if not self.in_flight_count():
                     break
                 if self._forced or time.monotonic() >= drain_until:
@@ -4463,7 +4488,7 @@ class Agent:
 
     def stop(self):
         """Stop claiming; keep supervising until running flows finish (or the drain timeout).
-        Safe in a signal handler: no lock is waited for, nothing is written."""
+        Any thread may call it: it never blocks (no lock is waited for, nothing is written)."""
         self._stopping = True
         self._wakeup.wake()
         self._retry_wakeup.wake()
@@ -4471,14 +4496,14 @@ class Agent:
         self.api.interrupt()
 
     def force_stop(self):
-        """Stop now: terminate running flows and report them crashed (signal-safe too)."""
+        """Stop now: terminate running flows and report them crashed (never blocks either)."""
         self._forced = True
         self.stop()
 
     def on_signal(self, signum):
-        """The signal handlers' whole work: count and wake, nothing that can block or nest.
-        The agent loop logs what came (_log_signals). TERM and INT stop the agent, the
-        second one now; others are ignored."""
+        """What a signal does, on the supervisor thread (install_signal_handlers): count and
+        wake, nothing that can block. The agent loop logs what came (_log_signals). TERM and
+        INT stop the agent, the second one now; others are ignored."""
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._stop_signals += 1
             self._last_stop_signal = signum
@@ -5225,15 +5250,25 @@ def install_signal_handlers(agent):
     now. SIGHUP/SIGUSR1/SIGUSR2 are logged and ignored (their default would kill the agent and
     orphan every run). SIGCHLD wakes the supervisor so exits are reaped at once.
 
-    A handler runs between two bytecodes of the main thread, and the next signal can
-    interrupt it the same way: one that logs (a write, a lock) nests under a flood of
-    signals until RecursionError kills the agent. So each handler only counts and wakes."""
-    def on_signal(signum, frame):
-        agent.on_signal(signum)
+    The kernel hands a signal to any thread, and CPython runs a Python handler only on the
+    main thread, between two of its bytecodes: once the script has ended the main thread
+    sleeps in the interpreter's shutdown (run_after_the_script), and would never run it. So
+    the Python handlers do nothing; the C handler that CPython installs with them writes
+    each signal's number to a pipe (set_wakeup_fd), on whatever thread it lands, and the
+    supervisor thread reads the pipe and passes each number to Agent.on_signal. Called on
+    the main thread (set_wakeup_fd must be)."""
+    read_fd, write_fd = os.pipe()
+    for fd in (read_fd, write_fd):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGCHLD):
+        signal.signal(signum, _noted_by_the_wakeup_fd)
+    agent.supervisor.take_signals(read_fd, agent.on_signal)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, on_signal)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: agent.supervisor.wake())
+
+def _noted_by_the_wakeup_fd(signum, frame):
+    """The Python half of every handler: nothing (see install_signal_handlers)."""
 
 
 def _signal_name(signum):

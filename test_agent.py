@@ -2752,7 +2752,7 @@ class DispatchTests(AgentTestCase):
         """A claim whose answer is lost and whose run cannot be read means the API is gone:
         the rest of the poll's runs wait for the next poll instead of each waiting out its
         own retries."""
-        runs = self.runs(40)
+        self.runs(40)
         self.fake.fail_next(10 ** 6, status=503, path_contains="/flow_runs/")
         with RunningAgent(self.fake, "--run-once", api_retries=0) as running:
             wait_for(lambda: not running.thread.is_alive(), timeout=30, what="--run-once exit")
@@ -3193,6 +3193,17 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def thread_kill():
+    """tgkill(pid, tid, signum) for one thread of another process (Linux), or None where
+    this test does not know the system call's number."""
+    number = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+    if number is None or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return lambda pid, tid, signum: libc.syscall(number, pid, tid, signum)
 
 
 def pid_alive(pid):
@@ -3973,6 +3984,25 @@ class SignalFloodTests(AgentTestCase):
         agent_proc.signal(signal.SIGTERM)
         self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
         self.assertLess(agent_proc.output().count("ignored"), 100)
+
+    def test_a_stop_signal_that_lands_on_any_thread_is_acted_on(self):
+        """The kernel hands a process's signal to any thread that does not block it, and
+        CPython runs Python handlers only on the main thread, which sleeps once the script
+        has ended (run_after_the_script): a SIGTERM that landed on another thread went
+        unheeded until supervisord's SIGKILL."""
+        syscall = thread_kill()
+        if syscall is None:
+            self.skipTest("tgkill is called here only on Linux x86_64 and aarch64")
+        dep = self.deployment(command=marker_command(self.markers, "import time; time.sleep(60)"))
+        self.fake.add_run(dep, pool="pool")
+        agent_proc = AgentProcess(self, self.fake, "--drain-timeout", "0")
+        wait_for(lambda: len(self.started_ids()) == 1, what="run started")
+        pid = agent_proc.proc.pid
+        threads = [int(tid) for tid in os.listdir("/proc/%d/task" % pid) if int(tid) != pid]
+        self.assertTrue(threads)
+        self.assertEqual(syscall(pid, threads[-1], signal.SIGTERM), 0)
+        self.assertEqual(agent_proc.wait(10), 1, agent_proc.output())  # the drain cut short
+        self.assertIn("Received SIGTERM", agent_proc.output())
 
     def test_a_stop_signal_while_the_server_says_nothing_is_acted_on_at_once(self):
         silent = socket.socket()
@@ -5485,7 +5515,7 @@ flow_run_envs = st.dictionaries(env_names, st.text(max_size=10).filter(lambda s:
 
 
 class _LookupRaises:
-    """A lookup_prefect that refuses, the way Agent._lookup_prefect refuses blocks."""
+    """A lookup_prefect that refuses, the way the agent refuses blocks."""
 
     def __call__(self, name):
         raise agent.JobConfigError("placeholder {{ %s }} is not supported" % name)
