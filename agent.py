@@ -1169,7 +1169,7 @@ class PrefectAPI:
 
     def create_pool(self, pool, pool_type, base_job_template):
         body = {"name": pool, "type": pool_type, "base_job_template": base_job_template}
-        return self.request("POST", "/work_pools/", body)
+        return _expect_dict(self.request("POST", "/work_pools/", body), "work pool")
 
     def heartbeat(self, pool, worker_name, interval):
         self.request("POST", "/work_pools/%s/workers/heartbeat" % _quote(pool),
@@ -4562,9 +4562,6 @@ class Agent:
         pool = self.api.read_pool(self.config.pool)
         if pool is None:
             pool = self._create_pool()
-        if not isinstance(pool, dict):
-            raise APIError("GET", "/work_pools/" + self.config.pool, 200,
-                           "expected a work pool object, got %.200r" % (pool,))
         self._note_pool_changes(pool)
         self.pool = pool
         self._resolve_queues()
@@ -4585,7 +4582,11 @@ class Agent:
                                         LAUNCHERS[pool_type].base_job_template)
         except APIError as exc:
             if exc.status == 409:  # another agent created it a moment ago
-                return self.api.read_pool(self.config.pool)
+                pool = self.api.read_pool(self.config.pool)
+                if pool is None:
+                    raise APIError("", "work pool", 404, "work pool %r was created by another "
+                                   "agent, and deleted again" % self.config.pool)
+                return pool
             if exc.status == 403:
                 raise UsageError("the server refused to create work pool %r: %s"
                                  % (self.config.pool, exc.detail))

@@ -2484,7 +2484,7 @@ class PoolTests(AgentTestCase):
             self.addCleanup(server.close)
             host, port = server.server_address[:2]
             self.assertEqual(host, "127.0.0.1")
-            wait_for(lambda: running.agent.last_poll, what="first poll")
+            wait_for(lambda: running.agent.last_contact, what="the first pass done")
             with urllib.request.urlopen("http://127.0.0.1:%d/api/health" % port, timeout=5) as resp:
                 self.assertEqual(resp.status, 200)
                 self.assertEqual(json.load(resp)["status"], "healthy")
