@@ -1374,6 +1374,10 @@ def agent_log(level):
         yield lines
 
 
+def lines_with(lines, text):
+    return [line for line in lines if text in line]
+
+
 def wait_for(predicate, timeout=15.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -2471,10 +2475,10 @@ class PoolTests(AgentTestCase):
                 wait_for(lambda: len(self.fake.requests) >= failing_from + 3, timeout=60,
                          what="3 failures")
                 self.fake.clear_faults()
-                wait_for(lambda: [line for line in logs if "reachable again" in line],
+                wait_for(lambda: lines_with(logs, "reachable again"),
                          timeout=60, what="recovery")
-        failing = [line for line in logs if "is failing" in line]
-        recovered = [line for line in logs if "reachable again" in line]
+        failing = lines_with(logs, "is failing")
+        recovered = lines_with(logs, "reachable again")
         self.assertEqual((len(failing), len(recovered)), (1, 1), logs)
 
     def test_health_endpoint_over_http_binds_only_the_address_given(self):
@@ -4298,13 +4302,13 @@ class ReportOrderTests(AgentTestCase):
                 wait_for(lambda: running.agent.last_poll, what="first poll")
                 self.fake.fail_next(10 ** 6, status=503)
                 began = time.monotonic()
-                wait_for(lambda: [line for line in logs if "is failing" in line], timeout=60,
+                wait_for(lambda: lines_with(logs, "is failing"), timeout=60,
                          what="outage noticed")
                 self.fake.clear_faults()
                 lasted = time.monotonic() - began
-                wait_for(lambda: [line for line in logs if "reachable again" in line],
+                wait_for(lambda: lines_with(logs, "reachable again"),
                          timeout=60, what="recovery")
-        recovered = [line for line in logs if "reachable again" in line]
+        recovered = lines_with(logs, "reachable again")
         self.assertEqual(len(recovered), 1, logs)
         logged = float(re.search(r"after (\d+) s", recovered[0]).group(1))
         self.assertGreaterEqual(logged, math.floor(lasted - 1), recovered[0])
