@@ -18,12 +18,13 @@ flows:
   Launchers             Job -> a watched Child: ProcessLauncher, DockerLauncher (LAUNCHERS)
   Supervision           Supervisor: output, exits, signals, the cancellation notice
   Ledger and reporting  Journal (on disk), RunLedger (each run's story), Reporter (delivery)
-  The agent loop        Agent: poll, claim (Dispatcher), start on time (Timetable), recover
+  The agent loop        Agent: poll, claim (Dispatcher), make jobs (JobBuilder), start them
+                        on time (Timetable), recover after a restart
   Health server         GET /api/health
   Command line          main, start_agent, install
 Threads: "main" parses and starts, then waits for the others; "agent" runs Agent.run;
 "dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
-them and "console" prints their output; "reporter-N" deliver reports; "health" answers
+them and passes on signals, and "console" prints their output; "reporter-N" deliver reports; "health" answers
 probes. Each class says which of them call it.
 
 Start-up time is measured against Prefect's worker, so modules that only some paths need
