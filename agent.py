@@ -296,6 +296,9 @@ def _remove(path):
 ###############################################################################
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+#: The pool of `prefect agent start -q QUEUE` without a pool (Prefect 2.20: its agent's queues
+#: live in this pool, of type prefect-agent).
+DEFAULT_AGENT_POOL = "default-agent-pool"
 #: Seconds between polls and of prefetch: Prefect's agent defaults (PREFECT_AGENT_*).
 DEFAULT_POLL_SECONDS = 15.0
 DEFAULT_PREFETCH_SECONDS = 15.0
@@ -415,7 +418,8 @@ FLAGS = (
     (("--key",), "KEY", False, "Prefect API key, sent as a Bearer token (default: "
      "$PREFECT_API_KEY); prefer --key-file or the variable, which ps cannot show"),
     (("--key-file",), "PATH", False, "read the API key from this file"),
-    (("-p", "--pool"), "POOL", False, "work pool to take runs from (required)"),
+    (("-p", "--pool"), "POOL", False, "work pool to take runs from (required, unless -q or -m "
+     "name queues of Prefect 2's %s)" % DEFAULT_AGENT_POOL),
     (("-q", "--work-queue"), "QUEUE", True,
      "only this queue of the pool (repeatable; created when missing)"),
     (("-m", "--match"), "PREFIX", True,
@@ -522,8 +526,10 @@ def help_text():
 
 def parse_config(args, environ):
     """Turn parsed flags plus the environment into a Config, or raise UsageError."""
-    if not args.pool:
-        raise UsageError("--pool is required: name the work pool to take runs from")
+    pool = args.pool
+    if not pool and not (args.work_queue or args.match):
+        raise UsageError("--pool is required (or -q/-m, which serve queues of the pool %s, as "
+                         "Prefect 2's `prefect agent start -q` does)" % DEFAULT_AGENT_POOL)
     if args.key and args.key_file:
         raise UsageError("give either --key or --key-file, not both")
     key = args.key or environ.get("PREFECT_API_KEY") or None
@@ -575,7 +581,7 @@ def parse_config(args, environ):
         api_url=_api_url(args.api or environ.get("PREFECT_API_URL") or DEFAULT_API_URL),
         api_key=key,
         auth_string=environ.get("PREFECT_API_AUTH_STRING") or None,
-        pool=args.pool,
+        pool=pool or DEFAULT_AGENT_POOL,
         queues=list(dict.fromkeys(args.work_queue)),
         match=list(dict.fromkeys(args.match)),
         limit=limit,
@@ -1274,6 +1280,13 @@ class PrefectAPI:
     def read_flow(self, flow_id):
         return _expect_dict(self.request("GET", "/flows/" + _quote(flow_id)), "flow")
 
+    def read_block_document(self, document_id):
+        """A block document with its secrets, as Prefect 2's agent reads an infrastructure
+        block (checked on a 2.20 server: `data` holds the fields, `block_type.slug` the kind)."""
+        return _expect_dict(self.request(
+            "GET", "/block_documents/%s?include_secrets=true" % _quote(document_id)),
+            "block document")
+
     def read_run_states(self, run_id):
         """Every state the run has been in, oldest first."""
         return _expect_list(self.request("GET", "/flow_run_states/?flow_run_id=" + _quote(run_id)),
@@ -1542,6 +1555,63 @@ _MISSING = object()
 
 class JobConfigError(Exception):
     """The run's job configuration cannot be turned into something to start."""
+
+
+class BlockUnusable(Exception):
+    """The deployment's infrastructure block cannot be read, or is not a block document."""
+
+
+def block_type_of(block):
+    """An infrastructure block document's type slug ("process", "docker-container", ...)."""
+    slug = _obj(block.get("block_type")).get("slug")
+    return slug if isinstance(slug, str) else _obj(block.get("data")).get("type")
+
+
+def block_problem(block):
+    """Why a block document from the API cannot be used, or None."""
+    if not isinstance(block.get("data"), dict):
+        return "its data is not an object"
+    if not isinstance(block_type_of(block), str):
+        return "it names no block type"
+    return None
+
+
+def _set_dotted(data, path, value):
+    """Set `value` at the dot-path `path` ("env.FOO") in `data`, making objects on the way,
+    as Prefect 2's agent applies a deployment's infra_overrides to its block."""
+    if not isinstance(path, str) or not path:
+        raise JobConfigError("the deployment's infra_overrides has a key that is not a "
+                             "dot-path: %.100r" % (path,))
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[last] = value
+
+
+def block_command(data):
+    """The block's command (a list, used as argv without splitting; None: the default) as
+    the one string the job configuration's command is, each word quoted."""
+    command = data.get("command")
+    if command is None:
+        return None
+    if not isinstance(command, list) or not command or not all(
+            isinstance(word, str) for word in command):
+        raise JobConfigError("the infrastructure block's command must be a list of strings "
+                             "or null, got %.100r" % (command,))
+    return " ".join(shlex.quote(word) for word in command)
+
+
+def block_env(flow_run_env, data):
+    """What the agent sets for every run, with the block's env on top (Prefect 2's agent
+    order: the block wins; a null removes), except the run's id, by which a restarted agent
+    finds the run's processes."""
+    env = dict(flow_run_env)
+    env.update(_as_env(data.get("env")))
+    env["PREFECT__FLOW_RUN_ID"] = flow_run_env["PREFECT__FLOW_RUN_ID"]
+    return env
 
 
 class Job:
@@ -2226,6 +2296,8 @@ class Launcher:
 
     name = None
     base_job_template = None
+    #: The Prefect 2 infrastructure block type it runs, or None.
+    block_type = None
     #: The run's engine can connect to the agent's loopback (the cancellation notice).
     engine_on_host = True
 
@@ -2239,6 +2311,18 @@ class Launcher:
         return job
 
     def _build(self, job_configuration, run, flow_run_env, output_path):
+        raise NotImplementedError
+
+    def job_from_block(self, data, run, flow_run_env, output_path):
+        """The Job for a Prefect 2 infrastructure block's data (its infra_overrides set):
+        the block's fields as the job configuration this launcher reads, its env over
+        flow_run_env. JobConfigError for a field it cannot honour."""
+        job = self._build(self._job_configuration_of_block(data), run,
+                          block_env(flow_run_env, data), output_path)
+        job.launcher = self
+        return job
+
+    def _job_configuration_of_block(self, data):
         raise NotImplementedError
 
     def start(self, run_id, run_name, job, output_path, temp_dir):
@@ -2298,10 +2382,15 @@ class ProcessLauncher(Launcher):
 
     name = "process"
     base_job_template = PROCESS_BASE_JOB_TEMPLATE
+    block_type = "process"
 
     def _build(self, job_configuration, run, flow_run_env, output_path):
         return build_job(job_configuration, flow_run_env,
                          [self.config.python, "-m", "prefect.engine"], self.config.show_flow_logs)
+
+    def _job_configuration_of_block(self, data):
+        return {"command": block_command(data), "working_dir": data.get("working_dir"),
+                "stream_output": data.get("stream_output", True)}
 
     def signal(self, child, signum):
         try:
@@ -2378,6 +2467,11 @@ class DockerLauncher(Launcher):
 
     name = "docker"
     base_job_template = DOCKER_BASE_JOB_TEMPLATE
+    block_type = "docker-container"
+    #: A DockerContainer block's fields that become the same job variables of a docker pool.
+    BLOCK_FIELDS = ("image", "image_pull_policy", "networks", "network_mode", "labels",
+                    "auto_remove", "volumes", "stream_output", "mem_limit", "memswap_limit",
+                    "privileged")
     engine_on_host = False  # an engine in a container cannot reach the host's loopback
 
     def __init__(self, config, environ):
@@ -2389,6 +2483,15 @@ class DockerLauncher(Launcher):
                                 self._labels(run, flow_run_env),
                                 container_name(run.get("name"), run["id"]), output_path + ".cid",
                                 self.config.show_flow_logs, self.cli)
+
+    def _job_configuration_of_block(self, data):
+        if data.get("image_registry"):
+            raise JobConfigError("the DockerContainer block's field 'image_registry' is not "
+                                 "supported by agent.py, which drives the docker CLI: remove "
+                                 "it (log in with `docker login` on the host instead)")
+        config = {field: data[field] for field in self.BLOCK_FIELDS if field in data}
+        config["command"] = block_command(data)
+        return config
 
     def _labels(self, run, flow_run_env):
         """Prefect's labels for a flow run's container (its docker worker's names)."""
@@ -3927,7 +4030,7 @@ class RunLedger:
             # A run the API cannot even serve readably can run nowhere: report it anyway.
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
             return
-        if state.get("type") == "CANCELLING" and report == self._report_crash:
+        if being_cancelled(state) and report == self._report_crash:
             report = self._report_cancelled  # cancelled while its process was ending
             owed = dict(owed, message="Flow run was cancelled; its process had already ended.")
         report(run_id, owed, state)
@@ -3981,7 +4084,8 @@ class RunLedger:
                            details=_obj(previous.get("state_details")))
 
     def finish_cancellation(self, run_id, state, run_name, message=None):
-        if state.get("type") == "CANCELLED":  # the engine was told in time (ControlChannel)
+        if state.get("type") == "CANCELLED" and not being_cancelled(state):
+            # The engine was told in time (ControlChannel) and reported it.
             self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
             return
         if state.get("type") in ("COMPLETED", "FAILED"):
@@ -4021,6 +4125,14 @@ def _exit_report(child):
     return ("Flow run process exited with status code 0 without reporting a final state to "
             "Prefect: the command may not run a Prefect engine, or the engine was stopped "
             "before it could report. Command: %s." % child.argv_text) + _tail_text(child)
+
+
+def being_cancelled(state):
+    """Whether someone asked for the run to be cancelled and it has not ended yet: state
+    CANCELLING, or, as Prefect 2 clients cancelled before CANCELLING existed, CANCELLED with
+    the name "Cancelling" (Prefect 2.20's agent and worker still look for both)."""
+    return state.get("type") == "CANCELLING" or (
+        state.get("type") == "CANCELLED" and state.get("name") == "Cancelling")
 
 
 def _still_ours(state, claim):
@@ -4245,6 +4357,7 @@ class JobBuilder:
     def __init__(self, config, api, launchers):
         self.config, self.api, self.launchers = config, api, launchers
         self._deployments = {}  # id -> (when it expires, the deployment)
+        self._blocks = {}  # infrastructure block document id -> (when it expires, the document)
         self._flow_names = {}  # id -> name
         self._failed_reads = None  # during a burst: id -> the error its read met
 
@@ -4266,27 +4379,55 @@ class JobBuilder:
             deployment_id, flow_id = run.get("deployment_id"), run.get("flow_id")
             if deployment_id and self._cached_deployment(deployment_id) is None:
                 reads["deployment", deployment_id] = (
-                    lambda i=deployment_id: self._read_quietly(self._deployment, i))
+                    lambda i=deployment_id: self._read_quietly(self._deployment_and_block, i))
             if flow_id and flow_id not in self._flow_names:
                 reads["flow", flow_id] = lambda i=flow_id: self._read_quietly(self._flow_name, i)
         return list(reads.values())
 
     def needs(self, run):
-        """(its deployment or {}, its flow's name or None); APIError, APIUnreachable."""
+        """What the run needs read before it is claimed: (its deployment or {}, its flow's
+        name or None, its deployment's infrastructure block document or None). APIError,
+        APIUnreachable; BlockUnusable when the block cannot be read or used."""
         deployment = self._deployment(run["deployment_id"]) if run.get("deployment_id") else {}
-        return deployment, self._flow_name(run.get("flow_id"))
+        return deployment, self._flow_name(run.get("flow_id")), self._block_of(deployment)
 
-    def job(self, run, deployment, flow_name, pool, output_path):
+    def job(self, run, needs, pool, output_path):
         """The run's Job; JobConfigError (or an API error reading a variable) when it has
-        none that can run."""
+        none that can run. A Prefect 2 deployment with an infrastructure block runs as the
+        block says; any other as the pool's type and base job template say."""
+        deployment, flow_name, block = needs
+        flow_run_env = self._flow_run_env(run, deployment, flow_name)
+        if block is not None:
+            return self._block_job(run, deployment, block, flow_run_env, output_path)
         values = merge_job_variables(
             deployment.get("job_variables", deployment.get("infra_overrides")),
             run.get("job_variables"))
         launcher = self.launchers.get(pool.get("type")) or self.launchers["process"]
         template = pool.get("base_job_template") or launcher.base_job_template
         config = resolve_job_configuration(template, values, self._lookup_prefect)
-        return launcher.job(config, run, self._flow_run_env(run, deployment, flow_name),
-                            output_path)
+        return launcher.job(config, run, flow_run_env, output_path)
+
+    def _block_job(self, run, deployment, block, flow_run_env, output_path):
+        """Prefect 2.20's agent: the block's data with each of the deployment's
+        infra_overrides (a dot-path, "env.FOO") set on it, run by the launcher of the
+        block's type, the block's env over what the agent sets."""
+        block_type = block_type_of(block)
+        launcher = next((launcher for launcher in self.launchers.values()
+                         if launcher.block_type == block_type), None)
+        if launcher is None:
+            raise JobConfigError(
+                "the deployment's infrastructure block is of type %r, which agent.py does not "
+                "run: it runs %s blocks" % (block_type, " and ".join(
+                    sorted(repr(l.block_type) for l in self.launchers.values() if l.block_type))))
+        import copy
+        data = copy.deepcopy(block["data"])
+        overrides = deployment.get("infra_overrides") or {}
+        if not isinstance(overrides, dict):
+            raise JobConfigError("the deployment's infra_overrides is not an object: %.100r"
+                                 % (overrides,))
+        for path, value in overrides.items():
+            _set_dotted(data, path, value)
+        return launcher.job_from_block(data, run, flow_run_env, output_path)
 
     @staticmethod
     def _read_quietly(read, key):
@@ -4299,6 +4440,35 @@ class JobBuilder:
         # Deployments change rarely but are read for every run: cached per sync period.
         cached = self._deployments.get(deployment_id)
         return cached[1] if cached and cached[0] > time.monotonic() else None
+
+    def _deployment_and_block(self, deployment_id):
+        try:
+            self._block_of(self._deployment(deployment_id))
+        except BlockUnusable:
+            pass  # each run of it says so
+
+    def _block_of(self, deployment):
+        """The deployment's infrastructure block document (Prefect 2), or None."""
+        document_id = deployment.get("infrastructure_document_id")
+        if document_id is None:
+            return None
+        if not _is_uuid(document_id):
+            raise BlockUnusable("its infrastructure_document_id %s is not a UUID"
+                                % _id_text(document_id))
+        cached = self._blocks.get(document_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            block = self._read_once(self.api.read_block_document, document_id)
+        except APIError as exc:
+            raise BlockUnusable("its infrastructure block %s cannot be read: %s"
+                                % (document_id, exc))
+        problem = block_problem(block)
+        if problem:
+            raise BlockUnusable("its infrastructure block %s cannot be used: %s"
+                                % (document_id, problem))
+        self._blocks[document_id] = (time.monotonic() + SYNC_SECONDS, block)
+        return block
 
     def _deployment(self, deployment_id):
         _expect_id(deployment_id, "deployment_id")
@@ -4600,13 +4770,25 @@ class Agent:
                      self.config.pool)
         elif old.get("is_paused") and not pool.get("is_paused"):
             log.info("Work pool '%s' was resumed", self.config.pool)
-        if pool.get("type") != old.get("type"):
-            launcher = self.launchers.get(pool.get("type"))
-            note = launcher.pool_note(self.config.pool) if launcher else (WARNING, (
-                "Work pool '%s' has type %r; agent.py runs its flows as local processes"
-                % (self.config.pool, pool.get("type"))))
-            if note:
-                log.log(*note)
+        note = self._pool_type_note(pool.get("type"))
+        if note and pool.get("type") != old.get("type"):
+            log.log(*note)
+
+    def _pool_type_note(self, pool_type):
+        """(level, line) to log when the pool's type is first seen, or changes; or None."""
+        launcher = self.launchers.get(pool_type)
+        if launcher is not None:
+            return launcher.pool_note(self.config.pool)
+        blocks = " and ".join(sorted("'%s'" % l.block_type for l in self.launchers.values()
+                                     if l.block_type))
+        if pool_type == "prefect-agent":  # Prefect 2's agent pool
+            return INFO, ("Work pool '%s' is a Prefect 2 agent pool: a deployment's "
+                          "infrastructure block decides how its runs start (agent.py runs %s "
+                          "blocks); a deployment without one runs as local processes"
+                          % (self.config.pool, blocks))
+        return WARNING, ("Work pool '%s' has type %r; agent.py runs its flows as local "
+                         "processes (or as their deployment's %s infrastructure block says)"
+                         % (self.config.pool, pool_type, blocks))
 
     def _resolve_queues(self):
         for queue in self._queues_to_create:
@@ -4705,12 +4887,12 @@ class Agent:
         crashed with the reason. False when the API is unreachable: the burst stops there."""
         run_id = run["id"]
         refused = run.get(REFUSED)
-        deployment, flow_name = {}, None
+        needs = None
         try:
             if refused is None:
                 try:
-                    deployment, flow_name = self.jobs.needs(run)
-                except AnswerRefused as exc:  # every read would be refused the same way
+                    needs = self.jobs.needs(run)
+                except (AnswerRefused, BlockUnusable) as exc:  # so would every read be
                     refused = str(exc)
             claimed = self._claim(run)
         except DeploymentGone:
@@ -4733,7 +4915,7 @@ class Agent:
         if claimed and refused:
             self.ledger.crash_unstarted(run_id, refused)
         elif claimed:
-            self._launch(run, deployment, flow_name)
+            self._launch(run, needs)
         else:
             self.ledger.release(run_id)
         return True
@@ -4802,13 +4984,13 @@ class Agent:
             self.ledger.crash_unstarted(run["id"], run[REFUSED])
             return
         try:
-            deployment, flow_name = self.jobs.needs(run)
-        except (APIError, APIUnreachable) as exc:
+            needs = self.jobs.needs(run)
+        except (APIError, APIUnreachable, BlockUnusable) as exc:
             self.ledger.crash_unstarted(run["id"], exc)
             return
-        self._launch(run, deployment, flow_name)
+        self._launch(run, needs)
 
-    def _launch(self, run, deployment, flow_name):
+    def _launch(self, run, needs):
         """Prepare the run's job now; start it at its scheduled time, or at once if it is due."""
         run_id = run["id"]
         if self._stopping and not self.config.run_once:  # a claim in flight when told to stop
@@ -4816,7 +4998,7 @@ class Agent:
             return
         self.reporter.log(run_id, "Agent '%s' submitting flow run '%s'" % (self.config.name, run_id))
         try:
-            job = self.jobs.job(run, deployment, flow_name, self.pool,
+            job = self.jobs.job(run, needs, self.pool,
                                 self.ledger.output_path(run_id))
         except (JobConfigError, APIError, APIUnreachable) as exc:
             self.ledger.crash_unstarted(run_id, exc)
@@ -4887,7 +5069,10 @@ class Agent:
         watching = [c.run_id for c in self.supervisor.children() if c.stop_reason is None]
         watching += self.timetable.held()
         for offset in range(0, len(watching), 200):
-            for run in self.api.runs_in_state(watching[offset:offset + 200], ["CANCELLING"]):
+            for run in self.api.runs_in_state(watching[offset:offset + 200],
+                                              ["CANCELLING", "CANCELLED"]):
+                if not being_cancelled(_obj(run.get("state"))):
+                    continue
                 run_id = run["id"]
                 if self.timetable.take(run_id):
                     self.ledger.cancelled_unstarted(run_id, run.get("name") or run_id)
@@ -5005,7 +5190,7 @@ class Agent:
                 problem = run_problem(run)
                 self._submit_claimed(dict(run, **{REFUSED: problem}) if problem else run)
             return
-        if state.get("type") == "CANCELLING" and not run.get("infrastructure_pid"):
+        if being_cancelled(state) and not run.get("infrastructure_pid"):
             self.ledger.cancel_never_started(run_id, state, run.get("name") or run_id)
         else:
             self.ledger.forget(run_id)
@@ -5191,7 +5376,8 @@ def start_health_server(agent, host, port):
 
 BANNER = """\
  agent.py %s: Prefect flow runs from work pool '%s', standard library only
- API %s, worker name '%s'"""
+ API %s, worker name '%s'
+ %s"""
 
 
 def supervisord_section(argv, config, executable, script):
@@ -5320,12 +5506,20 @@ def start_agent(argv=None):
                        % (host, port, exc.strerror or exc))
     install_signal_handlers(agent)
     if not config.hide_welcome:
-        print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name))
+        print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name,
+                        _queues_text(config)))
         line = agent.launchers[config.pool_type].banner_line()
         if line:
             print(line)
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
     return agent
+
+
+def _queues_text(config):
+    """Which queues the banner says the agent serves."""
+    named = ["'%s'" % queue for queue in config.queues]
+    named += ["those starting with '%s'" % prefix for prefix in config.match]
+    return "queues: " + (", ".join(named) if named else "every queue of the pool")
 
 
 def usage_exit(reason):

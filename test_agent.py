@@ -314,6 +314,7 @@ class FakePrefect(object):
         self._lock = threading.RLock()  # one lock around all state, like one DB transaction
         self._pools, self._queues, self._workers = {}, {}, {}  # keyed by pool name
         self._flows, self._deployments, self._runs = {}, {}, {}
+        self._block_documents = {}
         self._history, self._logs = {}, {}  # run id -> states / log entries
         self._requests, self._faults, self._csrf_tokens = [], [], {}
         self._server = self.url = None
@@ -345,6 +346,8 @@ class FakePrefect(object):
             ("GET", r"/deployments/" + uid,
              lambda b, q, i: (200, self._get(self._deployments, i, "Deployment not found"))),
             ("GET", r"/flows/" + uid, lambda b, q, i: (200, self._get(self._flows, i, "Flow not found"))),
+            ("GET", r"/block_documents/" + uid, lambda b, q, i: (200, self._get(
+                self._block_documents, i, "Block document not found"))),
             ("GET", r"/flow_run_states/", self._run_states),
             ("POST", r"/logs/", self._create_logs))]
 
@@ -386,6 +389,19 @@ class FakePrefect(object):
         with self._lock:
             return self._queue_out(self._new_queue(self._pools[pool], name, priority, paused,
                                                    concurrency_limit))
+
+    def add_block_document(self, slug, data, name=None):
+        """An infrastructure block document as Prefect 2.20 serves it (GET
+        /block_documents/{id}?include_secrets=true): its fields in `data`, its kind in
+        `block_type.slug`. Deployments name it as infrastructure_document_id."""
+        with self._lock:
+            block_type = self._stamp({"name": slug.replace("-", " ").title(), "slug": slug})
+            document = self._stamp({"name": name, "data": dict(data, type=slug),
+                                    "block_type_id": block_type["id"],
+                                    "block_type": block_type, "block_type_name":
+                                    block_type["name"], "is_anonymous": name is None})
+            self._block_documents[document["id"]] = document
+            return document["id"]
 
     def add_flow(self, name):
         with self._lock:
@@ -1552,6 +1568,12 @@ class ConfigurationTests(unittest.TestCase):
             handle.write("  file-key\n")
         self.addCleanup(os.unlink, handle.name)
         self.assertEqual(self.parse(["-p", "p", "--key-file", handle.name]).api_key, "file-key")
+
+    def test_queues_without_a_pool_are_the_default_agent_pools_as_prefect_2s_agent_has_it(self):
+        for argv in (["-q", "agentq"], ["-m", "etl-"]):
+            with self.subTest(argv=argv):
+                self.assertEqual(self.parse(argv).pool, "default-agent-pool")
+        self.assertEqual(self.parse(["-q", "agentq", "-p", "mine"]).pool, "mine")
 
     def test_worker_names_are_unique_per_process_by_default(self):
         self.assertNotEqual(self.parse(["-p", "p"]).name, self.parse(["-p", "p"]).name)
@@ -3131,6 +3153,12 @@ class ShippedFilesTests(unittest.TestCase):
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("Agent started! Looking for work from work pool 'pool'...", proc.stdout)
+        self.assertIn(" queues: every queue of the pool\n", proc.stdout)
+        queues = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-q", "agentq", "-m", "etl-",
+                                 "--run-once"], capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        self.assertIn("work pool 'default-agent-pool'", queues.stdout)
+        self.assertIn(" queues: 'agentq', those starting with 'etl-'\n", queues.stdout)
         hidden = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--run-once",
                                  "--hide-welcome"], capture_output=True, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL)
@@ -4949,6 +4977,135 @@ class HostileDockerTests(AgentTestCase):
             if b"PREFECT__FLOW_RUN_ID=%s\0" % run_id.encode() in environ:
                 found.append((cmdline, environ))
         return found
+
+
+class InfrastructureBlockTests(AgentTestCase):
+    """Prefect 2 deployments whose infrastructure block says how their runs start, served
+    from the default agent pool, as `prefect agent start -q` serves them."""
+
+    POOL = "default-agent-pool"
+
+    def block_deployment(self, slug, data, **fields):
+        if self.fake.pool(self.POOL) is None:
+            self.fake.add_pool(self.POOL, type="prefect-agent")
+            self.fake.add_queue(self.POOL, "agentq")
+        block = self.fake.add_block_document(slug, data)
+        flow_id = self.fake.add_flow("flow-%s" % uuid.uuid4().hex[:6])
+        return self.fake.add_deployment(flow_id, "dep", infrastructure_document_id=block, **fields)
+
+    def final_state(self, deployment, *flags):
+        run = self.fake.add_run(deployment, pool=self.POOL, queue="agentq", name="brave-otter")
+        with RunningAgent(self.fake, "--pool", self.POOL, "-q", "agentq", *flags):
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="a final state")
+        return run, self.fake.run(run)["state"]
+
+    def test_a_process_block_runs_its_command_env_and_working_dir_with_its_overrides(self):
+        seen, workdir = os.path.join(self.tmp, "seen.json"), os.path.join(self.tmp, "work")
+        os.mkdir(workdir)
+        code = ("import json,os,sys; json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd(), "
+                "'env': {k: os.environ.get(k) for k in ('FROM_BLOCK', 'FOO', "
+                "'AGENTPY_TEST_INHERITED', 'PREFECT__FLOW_RUN_ID', 'PREFECT_API_URL')}}, "
+                "open(sys.argv[1], 'w')); sys.exit(3)")
+        dep = self.block_deployment("process", {
+            "command": [PY, "-c", code, seen, "two words"], "working_dir": workdir,
+            "env": {"FROM_BLOCK": "b", "FOO": "block", "AGENTPY_TEST_INHERITED": None,
+                    "PREFECT_API_URL": "http://block.example/api"},
+            "stream_output": False, "labels": {}, "name": None},
+            infra_overrides={"env.FOO": "override"})
+        with mock.patch.dict(os.environ, {"AGENTPY_TEST_INHERITED": "x"}):
+            run, state = self.final_state(dep)
+        got = json.loads(read(seen))
+        self.assertEqual(got["argv"], [seen, "two words"])  # a list is argv: never split
+        self.assertEqual(os.path.realpath(got["cwd"]), os.path.realpath(workdir))
+        self.assertEqual(got["env"], {"FROM_BLOCK": "b", "FOO": "override",
+                                      "AGENTPY_TEST_INHERITED": None, "PREFECT__FLOW_RUN_ID": run,
+                                      "PREFECT_API_URL": "http://block.example/api"})
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("status code 3", state["message"])
+
+    def test_a_process_block_without_a_command_runs_the_prefect_engine(self):
+        config = config_for(self.fake, "--python", PY)
+        launcher = agent.ProcessLauncher(config, os.environ)
+        job = launcher.job_from_block({"command": None, "env": {}, "stream_output": True},
+                                      {"id": "r"}, {"PREFECT__FLOW_RUN_ID": "r"}, "/x")
+        self.assertEqual(job.argv, [PY, "-m", "prefect.engine"])
+        self.assertIsNone(job.working_dir)
+        self.assertTrue(job.stream_output)
+        self.assertIs(job.launcher, launcher)
+        for command in ("python flow.py", [], [1]):
+            with self.assertRaisesRegex(agent.JobConfigError, "command must be a list"):
+                launcher.job_from_block({"command": command}, {"id": "r"},
+                                        {"PREFECT__FLOW_RUN_ID": "r"}, "/x")
+
+    def test_a_docker_container_block_becomes_a_docker_run(self):
+        docker, record = fake_docker_on_path(self)
+        launcher = agent.DockerLauncher(config_for(self.fake), os.environ)
+        data = {"image": "registry.local/flows:1.0", "command": ["python", "-m", "flow", "a b"],
+                "env": {"A": "1"}, "labels": {"team": "data"}, "name": "ignored",
+                "networks": ["n1"], "network_mode": None, "volumes": ["/data:/data:ro"],
+                "auto_remove": True, "image_pull_policy": "Never", "mem_limit": "512m",
+                "memswap_limit": "1g", "privileged": False, "stream_output": True,
+                "image_registry": None}
+        job = launcher.job_from_block(data, {"id": "r" * 8, "name": "brave-otter"},
+                                      {"PREFECT__FLOW_RUN_ID": "r" * 8,
+                                       "PREFECT_API_URL": "http://api.example/api"},
+                                      os.path.join(self.tmp, "out"))
+        for word in ("--pull=never", "--network=n1", "--volume=/data:/data:ro", "--rm",
+                     "--memory=512m", "--memory-swap=1g", "--label=team=data"):
+            self.assertIn(word, job.argv)
+        self.assertEqual(job.argv[-5:], ["registry.local/flows:1.0", "python", "-m", "flow", "a b"])
+        self.assertIn(b"A=1\n", job.stdin_data)
+        self.assertIs(job.launcher, launcher)
+        with self.assertRaisesRegex(agent.JobConfigError, "'image_registry' is not supported"):
+            launcher.job_from_block(dict(data, image_registry={"username": "u"}), {"id": "r"},
+                                    {"PREFECT__FLOW_RUN_ID": "r"}, "/x")
+
+    def test_a_block_of_a_type_agent_py_cannot_run_crashes_the_run_naming_the_type(self):
+        dep = self.block_deployment("kubernetes-job", {"image": "x", "namespace": "default"})
+        run, state = self.final_state(dep)
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("'kubernetes-job'", state["message"])
+        self.assertIn("'docker-container' and 'process'", state["message"])
+
+    def test_a_block_that_cannot_be_read_crashes_the_run_with_the_reason(self):
+        flow_id = self.fake.add_flow("flow")
+        self.fake.add_pool(self.POOL, type="prefect-agent")
+        self.fake.add_queue(self.POOL, "agentq")
+        missing = self.fake.add_deployment(flow_id, "dep",
+                                           infrastructure_document_id=str(uuid.uuid4()))
+        run, state = self.final_state(missing)
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("cannot be read", state["message"])
+        self.assertIn("404", state["message"])
+        shapeless = self.block_deployment("process", {})
+        block = self.fake._deployments[shapeless]["infrastructure_document_id"]
+        self.fake.edit_answers("/block_documents/" + block, lambda doc: dict(doc, data=[1]))
+        run, state = self.final_state(shapeless)
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("its data is not an object", state["message"])
+
+    def test_a_run_cancelled_the_prefect_2_way_is_terminated_and_ends_cancelled(self):
+        """Prefect 2 clients cancelled by setting CANCELLED named "Cancelling"."""
+        dep = self.block_deployment("process", {"command": [PY, "-c", "import time; "
+                                                            "time.sleep(60)"]})
+        run = self.fake.add_run(dep, pool=self.POOL, queue="agentq")
+        with RunningAgent(self.fake, "--pool", self.POOL, "-q", "agentq") as running:
+            wait_for(lambda: running.agent.in_flight_count(), what="the run started")
+            wait_for(lambda: self.fake.run(run).get("infrastructure_pid"), what="its pid")
+            self.fake.set_run_state(run, "CANCELLED", name="Cancelling")
+            wait_for(lambda: not running.agent.in_flight_count(), timeout=20,
+                     what="the run's process ended")
+            wait_for(lambda: self.fake.run(run)["state"]["name"] == "Cancelled", what="Cancelled")
+        self.assertEqual(final_type(self.fake, run), "CANCELLED")
+
+    def test_the_agent_pool_says_blocks_decide(self):
+        self.block_deployment("process", {})
+        with agent_log("INFO") as logs, RunningAgent(self.fake, "--pool", self.POOL) as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        said = lines_with(logs, "Prefect 2 agent pool")
+        self.assertEqual(len(said), 1, logs)
+        self.assertIn("'docker-container' and 'process' blocks", said[0])
+        self.assertFalse(lines_with(logs, "WARNING"), logs)
 
 
 class SupervisordTests(AgentTestCase):
