@@ -2469,9 +2469,12 @@ class DockerLauncher(Launcher):
     base_job_template = DOCKER_BASE_JOB_TEMPLATE
     block_type = "docker-container"
     #: A DockerContainer block's fields that become the same job variables of a docker pool.
-    BLOCK_FIELDS = ("image", "image_pull_policy", "networks", "network_mode", "labels",
-                    "auto_remove", "volumes", "stream_output", "mem_limit", "memswap_limit",
-                    "privileged")
+    BLOCK_FIELDS = ("image", "networks", "network_mode", "labels", "auto_remove", "volumes",
+                    "stream_output", "mem_limit", "memswap_limit", "privileged")
+    #: The block's image_pull_policy values (Prefect 2.20) as the job variable's.
+    BLOCK_PULL_POLICIES = {"IF_NOT_PRESENT": "IfNotPresent", "ALWAYS": "Always", "NEVER": "Never"}
+    #: What a DockerContainer block runs when it names no command (Prefect 2.20's).
+    BLOCK_DEFAULT_COMMAND = "python -m prefect.engine"
     engine_on_host = False  # an engine in a container cannot reach the host's loopback
 
     def __init__(self, config, environ):
@@ -2490,7 +2493,9 @@ class DockerLauncher(Launcher):
                                  "supported by agent.py, which drives the docker CLI: remove "
                                  "it (log in with `docker login` on the host instead)")
         config = {field: data[field] for field in self.BLOCK_FIELDS if field in data}
-        config["command"] = block_command(data)
+        policy = data.get("image_pull_policy")
+        config["image_pull_policy"] = self.BLOCK_PULL_POLICIES.get(policy, policy)
+        config["command"] = block_command(data) or self.BLOCK_DEFAULT_COMMAND
         return config
 
     def _labels(self, run, flow_run_env):

@@ -5043,7 +5043,7 @@ class InfrastructureBlockTests(AgentTestCase):
         data = {"image": "registry.local/flows:1.0", "command": ["python", "-m", "flow", "a b"],
                 "env": {"A": "1"}, "labels": {"team": "data"}, "name": "ignored",
                 "networks": ["n1"], "network_mode": None, "volumes": ["/data:/data:ro"],
-                "auto_remove": True, "image_pull_policy": "Never", "mem_limit": "512m",
+                "auto_remove": True, "image_pull_policy": "NEVER", "mem_limit": "512m",
                 "memswap_limit": "1g", "privileged": False, "stream_output": True,
                 "image_registry": None}
         job = launcher.job_from_block(data, {"id": "r" * 8, "name": "brave-otter"},
@@ -5056,6 +5056,11 @@ class InfrastructureBlockTests(AgentTestCase):
         self.assertEqual(job.argv[-5:], ["registry.local/flows:1.0", "python", "-m", "flow", "a b"])
         self.assertIn(b"A=1\n", job.stdin_data)
         self.assertIs(job.launcher, launcher)
+        engine = launcher.job_from_block(dict(data, command=None, image_pull_policy=None),
+                                         {"id": "r" * 8}, {"PREFECT__FLOW_RUN_ID": "r" * 8}, "/x")
+        self.assertEqual(engine.argv[-4:], ["registry.local/flows:1.0", "python", "-m",
+                                            "prefect.engine"])
+        self.assertIn("--pull=missing", engine.argv)  # a pinned tag: Prefect's rule
         with self.assertRaisesRegex(agent.JobConfigError, "'image_registry' is not supported"):
             launcher.job_from_block(dict(data, image_registry={"username": "u"}), {"id": "r"},
                                     {"PREFECT__FLOW_RUN_ID": "r"}, "/x")
