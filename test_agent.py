@@ -5103,6 +5103,28 @@ class InfrastructureBlockTests(AgentTestCase):
             wait_for(lambda: self.fake.run(run)["state"]["name"] == "Cancelled", what="Cancelled")
         self.assertEqual(final_type(self.fake, run), "CANCELLED")
 
+    def test_a_block_run_survives_kill_9_and_restart_and_runs_once(self):
+        slow = self.block_deployment("process", {"command": shlex.split(marker_command(
+            self.markers, "import time; time.sleep(2)\n" + REPORT_STATES, "RUNNING",
+            "COMPLETED"))})
+        failing = self.block_deployment("process", {"command": shlex.split(marker_command(
+            self.markers, "import time; time.sleep(2); sys.exit(3)"))})
+        runs = {self.fake.add_run(slow, pool=self.POOL, queue="agentq"): "COMPLETED",
+                self.fake.add_run(failing, pool=self.POOL, queue="agentq"): "CRASHED"}
+        flags = ("-p", self.POOL, "-q", "agentq")
+        first = AgentProcess(self, self.fake, *flags)
+        wait_for(lambda: len(self.started_ids()) == 2, what="2 starts")
+        first.proc.kill()
+        first.wait(10)
+        second = AgentProcess(self, self.fake, *flags, state_dir=first.state_dir)
+        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
+                 timeout=30, what="every run final")
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        self.assertEqual({r: final_type(self.fake, r) for r in runs}, runs)
+        self.assertEqual(sorted(self.started_ids()), sorted(runs))
+        self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
+
     def test_the_agent_pool_says_blocks_decide(self):
         self.block_deployment("process", {})
         with agent_log("INFO") as logs, RunningAgent(self.fake, "--pool", self.POOL) as running:
