@@ -6436,8 +6436,10 @@ class AgentFuzzTest(FuzzTestCase):
 #
 # agent.py runs as a subprocess against a live server and real flow-run
 # children. Needs AGENT_TEST_PREFECT_API (the server's API URL) and
-# AGENT_TEST_FLOW_PYTHON (a Python with prefect 3.x). Without them the tests
-# skip with the reason, or fail when AGENT_TEST_REQUIRE_REAL=1 (as in .ci/run).
+# AGENT_TEST_FLOW_PYTHON (a Python with prefect 3.x); the same tests run against
+# a Prefect 2 server with AGENT_TEST_PREFECT2_API and AGENT_TEST_FLOW_PYTHON2
+# (Prefect2ServerConformance). Without them the tests skip with the reason, or
+# fail when AGENT_TEST_REQUIRE_REAL=1 (as in .ci/run).
 # Each test uses a fresh pool, stops its agents in tearDown and has a deadline.
 # =============================================================================
 
@@ -6716,29 +6718,33 @@ class RealServerConformance(unittest.TestCase):
     TEST_TIMEOUT = 150.0      # overall deadline per test (seconds)
     STOP_GRACE = 8.0          # SIGTERM -> SIGKILL
     MANY_RUNS = 50
-
-    _env_checked = None       # (ok, reason) cached across tests
+    # Where this class finds its server, flow Python and docker image, and the major version
+    # of prefect that Python must have: flows run with the server's major version.
+    API_VARIABLE = "AGENT_TEST_PREFECT_API"
+    PYTHON_VARIABLE = "AGENT_TEST_FLOW_PYTHON"
+    DOCKER_IMAGE_VARIABLE = "AGENT_TEST_DOCKER_IMAGE"
+    PREFECT_MAJOR = "3"
 
     # -- environment ---------------------------------------------------------
     @classmethod
     def _check_env(cls):
-        if cls._env_checked is not None:
-            return cls._env_checked
-        api = os.environ.get("AGENT_TEST_PREFECT_API", "").strip()
-        flow_py = os.environ.get("AGENT_TEST_FLOW_PYTHON", "").strip()
-        missing = [n for n, v in (("AGENT_TEST_PREFECT_API", api),
-                                  ("AGENT_TEST_FLOW_PYTHON", flow_py)) if not v]
+        """(verdict, reason), worked out once per class (a subclass has other variables)."""
+        if "_env_checked" not in cls.__dict__:
+            cls._env_checked = cls._work_out_env()
+        return cls._env_checked
+
+    @classmethod
+    def _work_out_env(cls):
+        api = os.environ.get(cls.API_VARIABLE, "").strip()
+        flow_py = os.environ.get(cls.PYTHON_VARIABLE, "").strip()
+        missing = [n for n, v in ((cls.API_VARIABLE, api), (cls.PYTHON_VARIABLE, flow_py)) if not v]
         if missing:
-            cls._env_checked = ("skip", "real Prefect server not configured: set %s "
-                                "(see .ci/run)" % " and ".join(missing))
-            return cls._env_checked
+            return ("skip", "real Prefect server not configured: set %s (see .ci/run)"
+                    % " and ".join(missing))
         if not os.path.isfile(AGENT_PY):
-            cls._env_checked = ("fail", "agent.py not found at %s" % AGENT_PY)
-            return cls._env_checked
+            return ("fail", "agent.py not found at %s" % AGENT_PY)
         if not (os.path.isfile(flow_py) and os.access(flow_py, os.X_OK)):
-            cls._env_checked = ("fail", "AGENT_TEST_FLOW_PYTHON=%r is not an executable file"
-                                % flow_py)
-            return cls._env_checked
+            return ("fail", "%s=%r is not an executable file" % (cls.PYTHON_VARIABLE, flow_py))
         try:
             out = subprocess.run([flow_py, "-c", "import prefect; print(prefect.__version__)"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -6746,17 +6752,18 @@ class RealServerConformance(unittest.TestCase):
             if out.returncode != 0:
                 raise RuntimeError(out.stdout.decode("utf-8", "replace")[-500:])
         except Exception as e:  # noqa: BLE001 - reported to the user
-            cls._env_checked = ("fail", "AGENT_TEST_FLOW_PYTHON cannot import prefect: %s" % e)
-            return cls._env_checked
+            return ("fail", "%s cannot import prefect: %s" % (cls.PYTHON_VARIABLE, e))
+        version = out.stdout.decode("utf-8", "replace").strip().splitlines()[-1]
+        if version.split(".")[0] != cls.PREFECT_MAJOR:
+            return ("fail", "%s has prefect %s; these tests need prefect %s.x"
+                    % (cls.PYTHON_VARIABLE, version, cls.PREFECT_MAJOR))
         rest = Rest(api, retry_for=30)
         try:
             if rest.health() is not True:
                 raise RuntimeError("GET /health did not answer true")
         except Exception as e:  # noqa: BLE001
-            cls._env_checked = ("fail", "Prefect server at %s not healthy: %s" % (api, e))
-            return cls._env_checked
-        cls._env_checked = ("ok", "")
-        return cls._env_checked
+            return ("fail", "Prefect server at %s not healthy: %s" % (api, e))
+        return ("ok", "")
 
     def setUp(self):
         verdict, reason = self._check_env()
@@ -6766,8 +6773,8 @@ class RealServerConformance(unittest.TestCase):
             self.skipTest(reason)
         if verdict == "fail":
             self.fail(reason)
-        self.api = os.environ["AGENT_TEST_PREFECT_API"].strip().rstrip("/")
-        self.flow_python = os.environ["AGENT_TEST_FLOW_PYTHON"].strip()
+        self.api = os.environ[self.API_VARIABLE].strip().rstrip("/")
+        self.flow_python = os.environ[self.PYTHON_VARIABLE].strip()
         self.deadline = time.monotonic() + self.TEST_TIMEOUT
         self.rest = Rest(self.api)
         self.rest.deadline = self.deadline
@@ -6784,8 +6791,9 @@ class RealServerConformance(unittest.TestCase):
         name = kw.get("name") or "conf-" + uuid.uuid4().hex[:8]
         api = kw.get("api") or self.api
         log_path = os.path.join(self.tmp, "agent-%d.log" % len(self.agents))
+        serve = kw.get("serve") or ["--pool", self.pool]  # what to take runs from
         argv = list(kw.get("prefix", ())) + [
-            sys.executable, AGENT_PY, "start", "--pool", self.pool, "--api", api, "--name", name,
+            sys.executable, AGENT_PY, "start"] + serve + ["--api", api, "--name", name,
             "--python", self.flow_python, "--poll-interval", "1", "--prefetch-seconds", "5"] + \
             list(extra)
         env = dict(os.environ)
@@ -6794,6 +6802,7 @@ class RealServerConformance(unittest.TestCase):
             env.pop(k, None)
         env["PREFECT_HOME"] = os.path.join(self.tmp, "prefect-home")
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(kw.get("env") or {})
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=self.tmp, env=env,
@@ -7045,12 +7054,13 @@ class RealServerConformance(unittest.TestCase):
         self.start_agent("--state-dir", state_dir)
         self.expect_final(run, "CANCELLED", 30)
 
-    # -- docker pools: real containers (AGENT_TEST_DOCKER_IMAGE: an image with prefect) --------
+    # -- docker pools: real containers (DOCKER_IMAGE_VARIABLE: an image with prefect) ---------
 
     def docker_image(self):
-        image = os.environ.get("AGENT_TEST_DOCKER_IMAGE", "").strip()
+        image = os.environ.get(self.DOCKER_IMAGE_VARIABLE, "").strip()
         if not image:
-            reason = "AGENT_TEST_DOCKER_IMAGE is not set (.ci/run builds one with .ci/prefect-image.sh)"
+            reason = ("%s is not set (.ci/run builds one with .ci/prefect-image.sh)"
+                      % self.DOCKER_IMAGE_VARIABLE)
             if os.environ.get("AGENT_TEST_REQUIRE_REAL", "").strip() == "1":
                 self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
             self.skipTest(reason)
@@ -7288,6 +7298,183 @@ class RealServerConformance(unittest.TestCase):
                          PROCESS_POOL_TEMPLATE["job_configuration"])
         self.assertEqual(sorted((tmpl.get("variables") or {}).get("properties") or {}),
                          sorted(PROCESS_POOL_TEMPLATE["variables"]["properties"]))
+
+
+# Deployments as a Prefect 2 user makes them: Deployment.build_from_flow with an infrastructure
+# block, run by AGENT_TEST_FLOW_PYTHON2 in the flow's directory; prints the deployment's id.
+BLOCK_DEPLOYMENT_SOURCE = textwrap.dedent('''\
+    import json, sys, warnings
+    warnings.simplefilter("ignore")  # 2.20 deprecates the blocks in favour of workers
+    sys.path.insert(0, ".")
+    from prefect.deployments import Deployment
+    from prefect.infrastructure import DockerContainer, KubernetesJob, Process
+    from flow import conformance_flow
+
+    spec = json.loads(sys.argv[1])
+    kind = {"process": Process, "docker-container": DockerContainer,
+            "kubernetes-job": KubernetesJob}[spec["kind"]]
+    print(Deployment.build_from_flow(
+        conformance_flow, name=spec["name"], work_queue_name=spec["queue"],
+        infrastructure=kind(**spec["block"]), infra_overrides=spec["overrides"]).apply())
+    ''')
+
+# Records the environment, working directory and argv it was started with as JSON in
+# argv[1], then becomes the command in argv[2:].
+ENV_RECORDER_SOURCE = textwrap.dedent('''\
+    import json, os, sys
+    with open(sys.argv[1], "w") as f:
+        json.dump({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv}, f)
+    os.execv(sys.argv[2], sys.argv[2:])
+    ''')
+
+
+class Prefect2ServerConformance(RealServerConformance):
+    """The conformance tests against a real Prefect 2 server (2.20.x) and flows run by prefect 2,
+    plus what only Prefect 2 has: deployments whose infrastructure is a block
+    (infrastructure_document_id, infra_overrides), served by `agent.py -q QUEUE` alone as
+    `prefect agent start -q QUEUE` serves them from the pool default-agent-pool."""
+
+    API_VARIABLE = "AGENT_TEST_PREFECT2_API"
+    PYTHON_VARIABLE = "AGENT_TEST_FLOW_PYTHON2"
+    DOCKER_IMAGE_VARIABLE = "AGENT_TEST_DOCKER_IMAGE2"
+    PREFECT_MAJOR = "2"
+
+    def setUp(self):
+        RealServerConformance.setUp(self)
+        self.queue = "agentq-" + uuid.uuid4().hex[:8]
+
+    # -- fixtures --------------------------------------------------------------
+    def block_deployment(self, kind, block, overrides=None):
+        """A deployment of the conformance flow in self.queue whose infrastructure is a
+        block of `kind` (its slug) with the fields `block`, made by the prefect 2 client."""
+        code = os.path.join(self.tmp, "code")
+        os.makedirs(code, exist_ok=True)
+        self.flow_marker = os.path.join(self.tmp, "ran.txt")
+        with open(os.path.join(code, "flow.py"), "w") as f:
+            f.write(FLOW_SOURCE.format(marker=self.flow_marker, flow_name="agentpy-conformance-flow"))
+        with open(os.path.join(code, "make_deployment.py"), "w") as f:
+            f.write(BLOCK_DEPLOYMENT_SOURCE)
+        spec = {"kind": kind, "block": block, "overrides": overrides or {}, "queue": self.queue,
+                "name": "dep-" + uuid.uuid4().hex[:8]}
+        env = dict(os.environ, PREFECT_API_URL=self.api,
+                   PREFECT_HOME=os.path.join(self.tmp, "prefect-home"))
+        made = subprocess.run([self.flow_python, "make_deployment.py", json.dumps(spec)], cwd=code,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=self.remaining(120))
+        text = made.stdout.decode("utf-8", "replace")
+        if made.returncode != 0:
+            self.fail("making a %s deployment with prefect 2 failed:\n%s" % (kind, text[-2000:]))
+        deployment = self.rest.call("GET", "/deployments/" + text.split()[-1])
+        self.assertTrue(deployment["infrastructure_document_id"], deployment)
+        return deployment
+
+    def start_queue_agent(self, *extra, **kw):
+        """agent.py as a Prefect 2 user starts `prefect agent start -q QUEUE`: no pool named."""
+        return self.start_agent(*extra, serve=["-q", self.queue], **kw)
+
+    # -- the block path ------------------------------------------------------------
+    def test_block_process_runs_its_command_as_argv_with_its_env_working_dir_and_overrides(self):
+        """(issue 15) A Process block's command list is the argv (an argument with spaces stays
+        one); its env is laid over the agent's (null removes a variable), then the deployment's
+        infra_overrides (env.FOO); it starts in the block's working_dir; the run COMPLETES."""
+        command, launches = self.child_command()
+        recorder = os.path.join(self.tmp, "recorder.py")
+        with open(recorder, "w") as f:
+            f.write(ENV_RECORDER_SOURCE)
+        seen_path = os.path.join(self.tmp, "what the command saw.json")
+        workdir = os.path.join(self.tmp, "workdir")
+        os.makedirs(workdir)
+        dep = self.block_deployment("process", {
+            "command": [sys.executable, recorder, seen_path] + shlex.split(command),
+            "env": {"BLOCK_ONLY": "block", "AGENT_AND_BLOCK": "block", "AGENT_ONLY_DROPPED": None},
+            "working_dir": workdir}, overrides={"env.FOO": "from-infra-overrides"})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent(env={"AGENT_AND_BLOCK": "agent", "AGENT_ONLY_DROPPED": "agent",
+                                    "AGENT_ONLY": "agent"})
+        self.expect_final(run_id, "COMPLETED", 60)
+        with open(seen_path) as f:
+            seen = json.load(f)
+        env = seen["env"]
+        self.assertEqual(seen["argv"][1], seen_path)
+        self.assertEqual(os.path.realpath(seen["cwd"]), os.path.realpath(workdir))
+        self.assertEqual(env.get("PREFECT__FLOW_RUN_ID"), run_id)
+        self.assertEqual(env.get("PREFECT_API_URL"), self.api)
+        self.assertEqual((env.get("FOO"), env.get("BLOCK_ONLY"), env.get("AGENT_AND_BLOCK"),
+                          env.get("AGENT_ONLY"), env.get("AGENT_ONLY_DROPPED")),
+                         ("from-infra-overrides", "block", "block", "agent", None))
+        self.assertEqual(self.read_launches(launches), [[run_id, "PENDING"]])
+
+    def test_block_process_command_that_exits_3_is_crashed_naming_the_code(self):
+        """(issue 15) The block's own command runs (not `python -m prefect.engine`): it exits 3
+        without touching the run, which ends CRASHED with the code and its output."""
+        dep = self.block_deployment("process", {"command": ["sh", "-c", "echo going down; exit 3"]})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent()
+        st = self.expect_final(run_id, "CRASHED", 60)
+        if not re.search(r"(?<!\d)3(?!\d)", st[2] or "") or "going down" not in st[2]:
+            self.fail_with_logs("CRASHED message should name exit code 3 and the output: %r"
+                                % (st[2],))
+
+    def test_block_process_without_command_runs_the_real_flow(self):
+        """(issue 15) A Process block with no command runs `<--python> -m prefect.engine`, which
+        imports the flow from the deployment's path: the flow body runs once and COMPLETES."""
+        dep = self.block_deployment("process", {"env": {"FLOW_SLEEP": "0"}})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent()
+        self.expect_final(run_id, "COMPLETED", 120)
+        self.assertEqual(self.flow_starts(), [run_id])
+
+    def test_block_docker_container_runs_the_flow_in_a_container(self):
+        """(issue 15) A DockerContainer block runs on the real Docker engine: its image (with
+        prefect 2), volumes (2.20 makes the deployment's path /opt/prefect/flows for this
+        block, so the code is mounted there) and env; the flow COMPLETES in the container."""
+        image = self.docker_image()
+        code = os.path.join(self.tmp, "code")
+        dep = self.block_deployment("docker-container", {
+            "image": image, "image_pull_policy": "NEVER", "auto_remove": True,
+            "volumes": ["%s:%s" % (self.tmp, self.tmp), "%s:/opt/prefect/flows" % code],
+            "env": {"FLOW_SLEEP": "0"}})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent()
+        self.expect_final(run_id, "COMPLETED", 120)
+        self.assertEqual(self.flow_starts(), [run_id])
+        self.assertTrue(self.rest.read_run(run_id)["infrastructure_pid"].startswith("docker://"))
+
+    def test_block_of_a_type_agent_py_cannot_run_ends_crashed_naming_it(self):
+        """(issue 15) A KubernetesJob block is not run some other way: the run ends CRASHED
+        with a message naming the block type."""
+        dep = self.block_deployment("kubernetes-job", {})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent()
+        st = self.expect_final(run_id, "CRASHED", 60)
+        if not re.search(r"kubernetes[- ]job", st[2] or "", re.IGNORECASE):
+            self.fail_with_logs("CRASHED message should name the block type: %r" % (st[2],))
+
+    def test_old_style_cancellation_ends_the_run_cancelled(self):
+        """(issue 15) Cancelled named "Cancelling" (how 2.x clients cancelled before CANCELLING
+        existed; 2.20's agent still looks for it) stops the flow's process and ends the run
+        Cancelled, not left "Cancelling"."""
+        dep = self.block_deployment("process", {"env": {"FLOW_SLEEP": "120"}})
+        run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.start_queue_agent("--cancel-grace-seconds", "5")
+        end = time.monotonic() + self.remaining(120)
+        while time.monotonic() < end and not (
+                state_of(self.rest.read_run(run_id))[0] == "RUNNING" and self.flow_starts()):
+            self.check_agents_alive()
+            time.sleep(0.5)
+        pid = int(self.rest.read_run(run_id)["infrastructure_pid"].rsplit(":", 1)[1])
+        answer = self.rest.call("POST", "/flow_runs/%s/set_state" % run_id, {"state": {
+            "type": "CANCELLED", "name": "Cancelling"}})
+        self.assertEqual(answer["status"], "ACCEPT", answer)
+        end = time.monotonic() + self.remaining(30)
+        while time.monotonic() < end and state_of(self.rest.read_run(run_id))[:2] != (
+                "CANCELLED", "Cancelled"):
+            self.check_agents_alive()
+            time.sleep(0.5)
+        st = state_of(self.rest.read_run(run_id))
+        if st[:2] != ("CANCELLED", "Cancelled"):
+            self.fail_with_logs("run should end Cancelled, is %r" % (st,))
+        self.assertFalse(os.path.exists("/proc/%d" % pid), "the flow's process still runs")
 
 
 # =============================================================================

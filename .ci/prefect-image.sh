@@ -21,6 +21,11 @@
 #   PREFECT_WHEEL_DIR      default $CONTAINER_STATE_DIR/prefect-wheels-$PREFECT_VERSION-cpXY
 #   HOST_PYTHON            python used for `pip download`, default python3 (any version works:
 #                          the target version/platform are passed explicitly)
+#   HOST_BUILT_WHEELS      requirements PyPI has no wheel of for the image's Python, built with
+#                          `HOST_PYTHON -m pip wheel` first (HOST_PYTHON must then be the image's
+#                          Python version). prefect 2.20 needs "pendulum<3" on Python < 3.12, whose
+#                          last release (2.1.2) has no cp311 wheel: without it the binary-only
+#                          download falls back to pendulum 0.4 and `import prefect` fails.
 set -euo pipefail
 
 PREFECT_VERSION="${PREFECT_VERSION:-3.8.8}"
@@ -29,6 +34,7 @@ TAG="${PREFECT_TEST_IMAGE:-local/bookworm-prefect:$PREFECT_VERSION}"
 RUNTIME="${CONTAINER_RUNTIME_SCRIPT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/container_runtime.sh}"
 STATE_DIR="${CONTAINER_STATE_DIR:-/var/lib/container-runtime-bench}"
 HOST_PYTHON="${HOST_PYTHON:-python3}"
+HOST_BUILT_WHEELS="${HOST_BUILT_WHEELS:-}"
 
 log() { printf '[build_prefect_image] %s\n' "$*" >&2; }
 die() { printf '[build_prefect_image] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -61,7 +67,7 @@ PYTAG="cp${PYVER/./}"
 log "base $BASE: python $PYVER, glibc $GLIBC, $MACHINE"
 
 WHEELS="${PREFECT_WHEEL_DIR:-$STATE_DIR/prefect-wheels-$PREFECT_VERSION-$PYTAG}"
-MARK="$WHEELS/.complete-prefect-$PREFECT_VERSION-fastapi-${FASTAPI_PIN:-none}"
+MARK="$WHEELS/.complete-prefect-$PREFECT_VERSION-fastapi-${FASTAPI_PIN:-none}${HOST_BUILT_WHEELS:+-host-built}"
 if [ -e "$MARK" ]; then
   log "wheels cached in $WHEELS"
 else
@@ -74,7 +80,15 @@ else
   plat+=(--platform "manylinux2014_${MACHINE}" --platform "manylinux2010_${MACHINE}"
          --platform "manylinux1_${MACHINE}" --platform "linux_${MACHINE}")
   common=(download --only-binary=:all: --python-version "$PYVER" --implementation cp
-          --abi "$PYTAG" --abi abi3 --abi none "${plat[@]}" -d "$WHEELS")
+          --abi "$PYTAG" --abi abi3 --abi none "${plat[@]}" --find-links "$WHEELS" -d "$WHEELS")
+  if [ -n "$HOST_BUILT_WHEELS" ]; then
+    hostver=$("$HOST_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$hostver" = "$PYVER" ] || die "HOST_BUILT_WHEELS needs HOST_PYTHON $PYVER (the image's), not $hostver"
+    log "pip wheel $HOST_BUILT_WHEELS -> $WHEELS"
+    # shellcheck disable=SC2086  # a list of requirements
+    "$HOST_PYTHON" -m pip wheel -q -w "$WHEELS" $HOST_BUILT_WHEELS >"$WHEELS/host-built.log" 2>&1 \
+      || { tail -20 "$WHEELS/host-built.log" >&2; die "pip wheel $HOST_BUILT_WHEELS failed"; }
+  fi
   log "pip download prefect==$PREFECT_VERSION ${FASTAPI_PIN:+fastapi==$FASTAPI_PIN }pip -> $WHEELS (log: $WHEELS/download.log)"
   {
     "$HOST_PYTHON" -m pip "${common[@]}" "prefect==$PREFECT_VERSION"
