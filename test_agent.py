@@ -6693,7 +6693,10 @@ class InterceptingProxy(object):
                     self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(out)))
                 self.end_headers()
-                self.wfile.write(out)
+                try:
+                    self.wfile.write(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the agent gave up waiting (it was stopped): nothing to say
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
 
