@@ -6688,12 +6688,12 @@ class InterceptingProxy(object):
                     status, ctype, out = e.code, e.headers.get("Content-Type"), e.read()
                 except Exception:  # noqa: BLE001
                     status, ctype, out = 502, "application/json", b'{"detail":"proxy error"}'
-                self.send_response(status)
-                if ctype:
-                    self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
                 try:
+                    self.send_response(status)
+                    if ctype:
+                        self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
                     self.wfile.write(out)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the agent gave up waiting (it was stopped): nothing to say
