@@ -2370,11 +2370,19 @@ class PoolTests(AgentTestCase):
         # out with it (pool read, heartbeat, poll), rather than wake the agent (and open a
         # connection) on its own. The first pass polls first, heartbeat last.
         self.fake.add_pool("pool")
+
+        def paths_and_beats():
+            paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests]
+            return paths, [i for i, path in enumerate(paths) if path == "heartbeat"]
+
+        def three_syncs_and_their_polls():
+            paths, beats = paths_and_beats()
+            return len(beats) >= 3 and "get_scheduled_flow_runs" in paths[beats[-1]:]
+
         with mock.patch.object(agent, "SYNC_SECONDS", 0.3):
             with RunningAgent(self.fake, "--poll-interval", "1"):
-                wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3, what="3 syncs")
-        paths = [r[1].rsplit("/", 1)[-1] for r in self.fake.requests]
-        beats = [i for i, path in enumerate(paths) if path == "heartbeat"]
+                wait_for(three_syncs_and_their_polls, what="3 syncs, each with its poll")
+        paths, beats = paths_and_beats()
         self.assertEqual(paths[beats[0] - 2:beats[0] + 1],
                          ["get_scheduled_flow_runs", "pool", "heartbeat"])
         for i in beats[1:]:
