@@ -6599,6 +6599,8 @@ FLOW_SOURCE = textwrap.dedent('''\
         finally:
             os.close(fd)
         time.sleep(float(os.environ.get("FLOW_SLEEP", "0")))
+        if os.environ.get("FLOW_RAISE"):
+            raise ValueError("the conformance flow fails on purpose")
         return 42
     ''')
 
@@ -6927,6 +6929,17 @@ class RealServerConformance(unittest.TestCase):
         with open(marker) as f:
             self.assertEqual(f.read().split(), [run["id"]],
                              "the flow body must run exactly once, with PREFECT__FLOW_RUN_ID set")
+
+    def test_a_real_flow_that_raises_ends_failed_not_crashed(self):
+        """The engine reports FAILED and exits 1: the run is not the agent's to call Crashed."""
+        self.make_pool()
+        dep = self.real_flow_deployment(env={"FLOW_RAISE": "1"})
+        run = self.rest.create_flow_run(dep["id"])
+        self.start_agent()
+        self.expect_final(run["id"], "FAILED", 120)
+        time.sleep(2)  # the agent's report of the exit, were it to overwrite FAILED
+        self.assertEqual(state_of(self.rest.read_run(run["id"]))[0], "FAILED")
+        self.assertEqual(self.flow_starts(), [run["id"]])
 
     def real_flow_deployment(self, **job_variables):
         code = os.path.join(self.tmp, "code")
