@@ -296,6 +296,8 @@ def _remove(path):
 ###############################################################################
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+#: Where Prefect's worker serves its health check (PREFECT_WORKER_WEBSERVER_HOST/PORT; 3.8.8).
+DEFAULT_WORKER_WEBSERVER = ("0.0.0.0", 8080)
 #: The pool of `prefect agent start -q QUEUE` without a pool (Prefect 2.20: its agent's queues
 #: live in this pool, of type prefect-agent).
 DEFAULT_AGENT_POOL = "default-agent-pool"
@@ -348,7 +350,8 @@ class Config:
         "extra_env",  # {str: str}: set on every run
         "name",  # str: the worker name, without "/" or "%"
         "python",  # str: path of the Python that runs flows
-        "health_address",  # (host, port), or None: no health server
+        "health_address",  # (host, port) of GET /api/health, or None
+        "worker_health_address",  # (host, port) of Prefect's worker GET /health, or None
         "pool_type",  # str: a key of LAUNCHERS, for a pool created by the agent
         "state_dir",  # str: where the journal lives
     )
@@ -393,6 +396,14 @@ def _http_address(text, what):
     if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
         raise UsageError("%s must look like http://HOST:PORT, got %r" % (what, text))
     return parsed.hostname, parsed.port
+
+
+def _worker_webserver(environ):
+    host = environ.get("PREFECT_WORKER_WEBSERVER_HOST") or DEFAULT_WORKER_WEBSERVER[0]
+    port = environ.get("PREFECT_WORKER_WEBSERVER_PORT") or str(DEFAULT_WORKER_WEBSERVER[1])
+    if not port.strip().isdigit() or not 0 < int(port) < 65536:
+        raise UsageError("PREFECT_WORKER_WEBSERVER_PORT must be a port number, got %r" % port)
+    return host.strip(), int(port)
 
 
 def _api_url(text):
@@ -441,6 +452,9 @@ FLAGS = (
      "stream every run's output here, even where the job says stream_output: false"),
     (("--agent-address",), "http://HOST:PORT", False,
      "serve GET /api/health here (default: $PREFECT__CLOUD__AGENT__AGENT_ADDRESS)"),
+    (("--with-healthcheck",), None, False, "serve GET /health as Prefect's worker does, at "
+     "the host and port that PREFECT_WORKER_WEBSERVER_HOST and _PORT name (default %s:%d)"
+     % DEFAULT_WORKER_WEBSERVER),
     (("--cancel-grace-seconds",), "SECONDS", False, "after SIGTERM, seconds a cancelled run "
      "gets before SIGKILL (default: %g)" % DEFAULT_CANCEL_GRACE_SECONDS),
     (("--drain-timeout",), "SECONDS", False, "on SIGTERM/SIGINT, seconds to wait for running "
@@ -557,6 +571,7 @@ def parse_config(args, environ):
     poll = _number(poll_text, "--poll-interval / PREFECT_AGENT_QUERY_INTERVAL")
     address = args.agent_address or environ.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
     health = _http_address(address, "--agent-address") if address else None
+    worker_health = _worker_webserver(environ) if args.with_healthcheck else None
     name = args.name or "agent.py %s %s" % (socket.gethostname(), random_uuid()[:8])
     if "/" in name or "%" in name:
         raise UsageError("--name may not contain '/' or '%%', got %r" % name)
@@ -594,6 +609,7 @@ def parse_config(args, environ):
         python=python,
         show_flow_logs=args.show_flow_logs,
         health_address=health,
+        worker_health_address=worker_health,
         cancel_grace_seconds=grace,
         pool_type=pool_type,
         drain_timeout=drain,
@@ -5212,6 +5228,17 @@ def _gone_while_down(pid):
 ###############################################################################
 
 
+def worker_health_report(agent, now=None):
+    """(HTTP status, body) for GET /health, as Prefect's worker answers it (--with-healthcheck;
+    3.8.8): healthy while the last poll, or before the first one the start, is at most 30
+    poll intervals old."""
+    now = time.monotonic() if now is None else now
+    since = agent.last_poll if agent.last_poll is not None else agent.started
+    if now - since <= 30 * agent.config.poll_seconds:
+        return 200, {"message": "OK"}
+    return 503, {"message": "Worker may be unresponsive at this time"}
+
+
 def health_report(agent, now=None):
     """(HTTP status, body) for GET /api/health: healthy while polls keep succeeding."""
     now = time.monotonic() if now is None else now
@@ -5244,7 +5271,8 @@ def health_report(agent, now=None):
 
 
 class HealthServer(threading.Thread):
-    """GET /api/health on one address, answered from its own thread.
+    """GET /api/health, and Prefect's worker GET /health, on one address, answered from its
+    own thread.
 
     One thread polls every connection, rather than http.server's thread per connection: an
     idle connection costs a descriptor, never a thread. A probe sends its request as soon as
@@ -5261,9 +5289,10 @@ class HealthServer(threading.Thread):
     REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                503: "Service Unavailable"}
 
-    def __init__(self, agent, host, port):
+    def __init__(self, agent, host, port, routes=None):
         super().__init__(name="health", daemon=True)
         self._agent = agent
+        self._routes = routes or {"/api/health": health_report}  # path -> report(agent)
         self._listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -5350,11 +5379,11 @@ class HealthServer(threading.Thread):
             status, body = 400, {"detail": "not an HTTP request"}
         elif words[0] != "GET":
             status, body = 405, {"detail": "only GET is answered"}
-        elif words[1].split("?")[0].rstrip("/") != "/api/health":
-            status, body = 404, {"detail": "not found; try /api/health"}
+        elif words[1].split("?")[0].rstrip("/") not in self._routes:
+            status, body = 404, {"detail": "not found; try %s" % " or ".join(self._routes)}
         else:
             try:
-                status, body = health_report(self._agent)
+                status, body = self._routes[words[1].split("?")[0].rstrip("/")](self._agent)
             except Exception:  # a bug of ours must not stop the health checks
                 log.exception("answering a health check failed")
                 status, body = 503, {"status": "unhealthy", "reason": "see the agent's log"}
@@ -5368,9 +5397,10 @@ class HealthServer(threading.Thread):
         sock.close()
 
 
-def start_health_server(agent, host, port):
-    """Serve GET /api/health on host:port from a daemon thread; returns the server."""
-    server = HealthServer(agent, host, port)
+def start_health_server(agent, host, port, routes=None):
+    """Serve `routes` (default GET /api/health) on host:port from a daemon thread; returns
+    the server."""
+    server = HealthServer(agent, host, port, routes)
     server.start()
     return server
 
@@ -5502,10 +5532,9 @@ def start_agent(argv=None):
         agent = Agent(config)
     except UsageError as exc:
         usage_exit(exc)
-    if config.health_address:
-        host, port = config.health_address
+    for (host, port), routes in _health_routes(config).items():
         try:
-            start_health_server(agent, host, port)
+            start_health_server(agent, host, port, routes)
         except OSError as exc:
             usage_exit("cannot serve health checks on %s:%d: %s"
                        % (host, port, exc.strerror or exc))
@@ -5518,6 +5547,17 @@ def start_agent(argv=None):
             print(line)
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)
     return agent
+
+
+def _health_routes(config):
+    """{(host, port): {path: report}}: one server per address, both checks on one that both
+    name."""
+    servers = {}
+    if config.health_address:
+        servers.setdefault(config.health_address, {})["/api/health"] = health_report
+    if config.worker_health_address:
+        servers.setdefault(config.worker_health_address, {})["/health"] = worker_health_report
+    return servers
 
 
 def _queues_text(config):

@@ -4213,6 +4213,61 @@ class ConnectionFloodTests(AgentTestCase):
         self.assertEqual(agent_proc.output().count("open files"), 1, agent_proc.output())
 
 
+class WorkerHealthcheckTests(AgentTestCase):
+    """--with-healthcheck: GET /health as Prefect's worker serves it (3.8.8), for container
+    probes written for it."""
+
+    def test_the_address_is_prefects_unless_its_settings_name_another(self):
+        parse = lambda env, *flags: agent.parse_config(agent.parse_flags(
+            ["-p", "p"] + list(flags)), env).worker_health_address
+        self.assertIsNone(parse({}))
+        self.assertEqual(parse({}, "--with-healthcheck"), ("0.0.0.0", 8080))
+        self.assertEqual(parse({"PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+                                "PREFECT_WORKER_WEBSERVER_PORT": "9090"}, "--with-healthcheck"),
+                         ("127.0.0.1", 9090))
+        with self.assertRaisesRegex(agent.UsageError, "PREFECT_WORKER_WEBSERVER_PORT"):
+            parse({"PREFECT_WORKER_WEBSERVER_PORT": "http"}, "--with-healthcheck")
+
+    def test_healthy_within_thirty_poll_intervals_of_the_last_poll_as_prefect_says(self):
+        with RunningAgent(self.fake, "--poll-interval", "2") as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+            now = running.agent.last_poll
+            self.assertEqual(agent.worker_health_report(running.agent, now + 60),
+                             (200, {"message": "OK"}))
+            self.assertEqual(agent.worker_health_report(running.agent, now + 61),
+                             (503, {"message": "Worker may be unresponsive at this time"}))
+            running.agent.last_poll = None  # before the first poll: counted from the start
+            started = running.agent.started
+            self.assertEqual(agent.worker_health_report(running.agent, started + 60)[0], 200)
+            self.assertEqual(agent.worker_health_report(running.agent, started + 61)[0], 503)
+            running.agent.last_poll = now
+
+    def test_a_real_agent_serves_it_beside_its_own_check_on_one_address(self):
+        port = free_port()
+        env = dict(os.environ, PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
+                   PREFECT_WORKER_WEBSERVER_PORT=str(port))
+        agent_proc = AgentProcess(self, self.fake, "--with-healthcheck", "--agent-address",
+                                  "http://127.0.0.1:%d" % port, env=env)
+        url = "http://127.0.0.1:%d" % port
+        answer = wait_for(lambda: http_get(url + "/health"), what="GET /health")
+        self.assertEqual(answer, (200, {"message": "OK"}))
+        wait_for(lambda: http_get(url + "/api/health")[0] == 200, what="/api/health healthy")
+        self.assertEqual(http_get(url + "/nothing")[0], 404)
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+
+
+def http_get(url):
+    """(status, JSON body) of GET url, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return None
+
+
 class EndedWhileDownTests(AgentTestCase):
     """Runs whose process ended while no agent was running."""
 
