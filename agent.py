@@ -439,9 +439,9 @@ FLAGS = (
      "queues whose name starts with PREFIX (repeatable; re-resolved while running)"),
     (("-l", "--limit"), "N", False, "most flow runs in flight at once (default: no limit)"),
     (("--prefetch-seconds",), "SECONDS", False, "claim runs scheduled up to this far ahead "
-     "(default: $PREFECT_AGENT_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS),
+     "(default: PREFECT_WORKER_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS),
     (("--poll-interval",), "SECONDS", False, "seconds between polls "
-     "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS),
+     "(default: PREFECT_WORKER_QUERY_SECONDS or %g)" % DEFAULT_POLL_SECONDS),
     (("--run-once",), None, False, "poll once, wait for those runs, exit"),
     (("--hide-welcome",), None, False, "do not print the start-up banner"),
     (("-e", "--env"), "KEY[=VALUE]", True, "environment variable set on every flow run "
@@ -468,7 +468,9 @@ FLAGS = (
 )
 USAGE = "usage: agent.py [start | install] --pool POOL [flags]"
 HELP_INTRO = """Run Prefect flow runs from a work pool: as local processes, or, in a docker
-pool, as containers through the docker CLI on this host.
+pool, as containers through the docker CLI on this host. Settings such as
+PREFECT_API_URL come, after the flags, from the environment, .env, prefect.toml,
+pyproject.toml and the active Prefect profile, as for Prefect 3.
 
 Commands: 'start' (the default) runs the agent; 'install' prints a supervisord
 program section for the same flags."""

@@ -1748,7 +1748,7 @@ class SettingsSourcesTests(unittest.TestCase):
                                                     "D": 'a\nb "q"', "E": "", "F": "a#b"})
 
     def test_the_small_reader_skips_what_a_pyproject_holds_outside_tool_prefect(self):
-        text = ('[project]\ndependencies = [\n  "a",\n  [1, 2],\n]\ndescription = """\n'
+        text = ('requires = ["x"]\n[project]\ndependencies = [\n  "a",\n  [1, 2],\n]\ndescription = """\n'
                 'many\n"""\n[[tool.other]]\nx = {a = 1}\n[tool.prefect.worker]\n'
                 "query_seconds = 2.5  # fast\n")
         wanted = {"tool": {"prefect": {"worker": {"query_seconds": 2.5}}}}
@@ -1830,6 +1830,21 @@ class SettingsSourcesTests(unittest.TestCase):
             self.assertEqual(_nan_free(mine), _nan_free(tomllib.loads(text)), text)
         check()
 
+    def test_the_small_reader_reads_the_edge_cases_as_tomllib_does(self):
+        tomllib = self.tomllib_or_skip(needs_hypothesis=False)
+        for text in ["a = 01", "a = 1__0", "a = 1_", "a = 0x", "a = +0x1", "a = 0X1", "a = 1.",
+                     "a = .5", "a = 1e", "a = 1e05", "a = 1.5E-0_1", "a = -inf", "a = nan",
+                     "a = 'x'#", "a = tru", "a = true1", "a = 1 2", '"" = 1', "a = 1\r",
+                     "a = 1\r\n", "[a]\n[a]", "a = 1\n[a]", "[a.b]\n[a]\nb = 1",
+                     "[a.b]\n[a]\nc = 1", 'a = "\\ud800"', 'a = "\\U00110000"', 'a = "\\e"',
+                     "a = 'x\x7f'", "a = 1 # \x01", "[ a . 'b' ]", "[a.]", "[]", "a = 1\na = 2"]:
+            with self.subTest(text=text):
+                self.assertSameReading(text, tomllib)
+        for outside in ["a.b = 1", "a = [1]", "a = {}", "a = 1979-05-27", "a = '''x'''", "[[a]]"]:
+            with self.subTest(text=outside), self.assertRaisesRegex(agent.SettingsSyntaxError,
+                                                                    "^line 1: "):
+                agent.read_small_toml(outside)
+
     def assertSameReading(self, text, tomllib):
         try:
             expected = tomllib.loads(text)
@@ -1839,8 +1854,8 @@ class SettingsSourcesTests(unittest.TestCase):
             return
         self.assertEqual(_nan_free(agent.read_small_toml(text)), _nan_free(expected), text)
 
-    def tomllib_or_skip(self):
-        if hypothesis is None:
+    def tomllib_or_skip(self, needs_hypothesis=True):
+        if needs_hypothesis and hypothesis is None:
             self.skipTest(HYPOTHESIS_MISSING)
         try:
             import tomllib
