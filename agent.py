@@ -12,7 +12,8 @@ the Python (or the image) that runs them (see --python), not in the one that run
 
 Map. After the log and small helpers that every part uses, the sections in the order data
 flows:
-  Configuration         flags and environment, checked once: FLAGS, parse_flags, Config
+  Configuration         flags, environment and settings files, checked once: FLAGS,
+                        parse_flags, read_settings, Config
   API client            the only code that knows the API's paths: HTTPConnection, PrefectAPI
   Job configuration     pure functions: job variables and base job template -> Job
   Launchers             Job -> a watched Child: ProcessLauncher, DockerLauncher (LAUNCHERS)
@@ -340,6 +341,7 @@ class Config:
 
     __slots__ = (
         "api_url",  # str: http(s) URL, no trailing slash
+        "api_url_source",  # str: where it came from: "flag", "env", ..., "profile 'x'", "default"
         "api_key", "auth_string",  # str or None: secrets, sent as Bearer / Basic
         "pool",  # str
         "queues", "match",  # [str]: queue names and name prefixes, no repeats
@@ -374,6 +376,17 @@ def _number(text, what, allow_zero=False):
         raise UsageError("%s must be %s, got %r"
                          % (what, "zero or more" if allow_zero else "a positive number", text))
     return value
+
+
+def _number_setting(text, flag, settings, names, default, allow_zero=False):
+    """The flag's number, else the first of the setting `names` that settings hold, else
+    the default; a message that names where a wrong one came from."""
+    what = flag
+    if text is None:
+        text, name, source = settings.find(*names)
+        what = "%s (from %s)" % (name, source) if source else flag
+        text = default if source is None else text
+    return _number(text, what, allow_zero)
 
 
 def _env_pair(text, environ):
@@ -437,9 +450,9 @@ FLAGS = (
      "queues whose name starts with PREFIX (repeatable; re-resolved while running)"),
     (("-l", "--limit"), "N", False, "most flow runs in flight at once (default: no limit)"),
     (("--prefetch-seconds",), "SECONDS", False, "claim runs scheduled up to this far ahead "
-     "(default: $PREFECT_AGENT_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS),
+     "(default: PREFECT_WORKER_PREFETCH_SECONDS or %g)" % DEFAULT_PREFETCH_SECONDS),
     (("--poll-interval",), "SECONDS", False, "seconds between polls "
-     "(default: $PREFECT_AGENT_QUERY_INTERVAL or %g)" % DEFAULT_POLL_SECONDS),
+     "(default: PREFECT_WORKER_QUERY_SECONDS or %g)" % DEFAULT_POLL_SECONDS),
     (("--run-once",), None, False, "poll once, wait for those runs, exit"),
     (("--hide-welcome",), None, False, "do not print the start-up banner"),
     (("-e", "--env"), "KEY[=VALUE]", True, "environment variable set on every flow run "
@@ -469,7 +482,9 @@ FLAGS = (
 )
 USAGE = "usage: agent.py [start | install] --pool POOL [flags]"
 HELP_INTRO = """Run Prefect flow runs from a work pool: as local processes, or, in a docker
-pool, as containers through the docker CLI on this host.
+pool, as containers through the docker CLI on this host. Settings such as
+PREFECT_API_URL come, after the flags, from the environment, .env, prefect.toml,
+pyproject.toml and the active Prefect profile, as for Prefect 3.
 
 Commands: 'start' (the default) runs the agent; 'install' prints a supervisord
 program section for the same flags."""
@@ -538,15 +553,18 @@ def help_text():
     return "\n".join(lines) + "\n"
 
 
-def parse_config(args, environ):
-    """Turn parsed flags plus the environment into a Config, or raise UsageError."""
+def parse_config(args, environ, settings=None):
+    """Turn parsed flags plus the settings (read_settings; by default `environ` alone) into a
+    Config, or raise UsageError. `environ` is the agent's own environment, for --env KEY."""
+    if settings is None:
+        settings = Settings([("env", environ)])
     pool = args.pool
     if not pool and not (args.work_queue or args.match):
         raise UsageError("--pool is required (or -q/-m, which serve queues of the pool %s, as "
                          "Prefect 2's `prefect agent start -q` does)" % DEFAULT_AGENT_POOL)
     if args.key and args.key_file:
         raise UsageError("give either --key or --key-file, not both")
-    key = args.key or environ.get("PREFECT_API_KEY") or None
+    key = args.key or settings.get("PREFECT_API_KEY") or None
     if args.key_file:
         try:
             with open(args.key_file) as handle:
@@ -560,16 +578,13 @@ def parse_config(args, environ):
         if not re.match(r"^\d+$", args.limit.strip()) or int(args.limit) < 1:
             raise UsageError("--limit must be a whole number of 1 or more, got %r" % args.limit)
         limit = int(args.limit)
-    prefetch_text = args.prefetch_seconds
-    if prefetch_text is None:
-        prefetch_text = environ.get("PREFECT_AGENT_PREFETCH_SECONDS", DEFAULT_PREFETCH_SECONDS)
-    prefetch = _number(prefetch_text, "--prefetch-seconds / PREFECT_AGENT_PREFETCH_SECONDS",
-                       allow_zero=True)
-    poll_text = args.poll_interval
-    if poll_text is None:
-        poll_text = environ.get("PREFECT_AGENT_QUERY_INTERVAL", DEFAULT_POLL_SECONDS)
-    poll = _number(poll_text, "--poll-interval / PREFECT_AGENT_QUERY_INTERVAL")
-    address = args.agent_address or environ.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
+    prefetch = _number_setting(args.prefetch_seconds, "--prefetch-seconds", settings,
+                               ("PREFECT_WORKER_PREFETCH_SECONDS", "PREFECT_AGENT_PREFETCH_SECONDS"),
+                               DEFAULT_PREFETCH_SECONDS, allow_zero=True)
+    poll = _number_setting(args.poll_interval, "--poll-interval", settings,
+                           ("PREFECT_WORKER_QUERY_SECONDS", "PREFECT_AGENT_QUERY_INTERVAL"),
+                           DEFAULT_POLL_SECONDS)
+    address = args.agent_address or settings.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
     health = _http_address(address, "--agent-address") if address else None
     worker_health = _worker_webserver(environ) if args.with_healthcheck else None
     name = args.name or "agent.py %s %s" % (socket.gethostname(), random_uuid()[:8])
@@ -592,10 +607,15 @@ def parse_config(args, environ):
                          % (", ".join(sorted(LAUNCHERS)), pool_type))
     if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError("--python %r is not an executable file" % python)
+    api_url, _, api_url_source = (args.api, None, "flag") if args.api else settings.find(
+        "PREFECT_API_URL")
+    if not api_url:
+        api_url, api_url_source = DEFAULT_API_URL, "default"
     return Config(
-        api_url=_api_url(args.api or environ.get("PREFECT_API_URL") or DEFAULT_API_URL),
+        api_url=_api_url(api_url),
+        api_url_source=api_url_source,
         api_key=key,
-        auth_string=environ.get("PREFECT_API_AUTH_STRING") or None,
+        auth_string=settings.get("PREFECT_API_AUTH_STRING") or None,
         pool=pool or DEFAULT_AGENT_POOL,
         queues=list(dict.fromkeys(args.work_queue)),
         match=list(dict.fromkeys(args.match)),
@@ -616,6 +636,293 @@ def parse_config(args, environ):
         state_dir=state_dir,
         keep_leftover_processes=args.keep_leftover_processes,
     )
+
+
+# -- Settings sources -----------------------------------------------------------
+# Prefect 3 (checked on 3.8.8, prefect/settings/base.py and sources.py) reads a setting from,
+# highest first: its init arguments (here: the flags), environment variables, `.env` in the
+# working directory, `prefect.toml`, pyproject.toml's [tool.prefect], the active profile. In
+# the TOML files a table path is the setting's name: [api] url = ... is PREFECT_API_URL.
+
+
+class Settings:
+    """PREFECT_* settings from the sources Prefect 3 reads (read_settings): a name's value
+    comes from the highest source that has it. Values are text, as in the environment."""
+
+    def __init__(self, sources):
+        self.sources = sources  # [(label for the banner, {NAME: text})], highest first
+
+    def find(self, *names):
+        """(value, name, source label) of the first of `names` in the highest source holding
+        any of them, or (None, None, None). Within a source the first name wins: a Prefect 3
+        name before its Prefect 1/2 one."""
+        for label, values in self.sources:
+            for name in names:
+                if name in values:
+                    return values[name], name, label
+        return None, None, None
+
+    def get(self, name, default=None):
+        value, _, label = self.find(name)
+        return default if label is None else value
+
+
+def read_settings(environ):
+    """Settings from `environ` and the files Prefect 3 reads, or UsageError naming the file
+    and line that cannot be parsed. A file that is not there costs a stat, and no import."""
+    sources = [("env", environ)]
+    settings = Settings(sources)
+    dotenv = _read_settings_file(".env", parse_dotenv)
+    if dotenv is not None:
+        sources.append((".env", dotenv))
+    for path, table in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        data = _read_settings_file(path, lambda text: parse_toml(text, only=table))
+        for key in table:
+            data = data.get(key) if isinstance(data, dict) else None
+        if isinstance(data, dict):
+            sources.append((path, _setting_names(data, "PREFECT_")))
+    # The profiles file is found the way Prefect's _get_profiles_path finds it.
+    path = settings.get("PREFECT_PROFILES_PATH") or os.path.join(
+        environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect"),
+        "profiles.toml")
+    profiles = _read_settings_file(path, parse_toml) or {}
+    name = environ.get("PREFECT_PROFILE") or profiles.get("active")
+    profile = profiles.get("profiles")
+    profile = profile.get(name) if isinstance(profile, dict) and isinstance(name, str) else None
+    if isinstance(profile, dict):
+        sources.append(("profile '%s'" % escape_controls(name), _setting_names(profile, "")))
+    return settings
+
+
+def _read_settings_file(path, parse):
+    """parse(text of the file), or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    where = os.path.abspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return parse(data.decode("utf-8"))
+    except OSError as exc:
+        raise UsageError("cannot read the settings file %s: %s" % (where, exc.strerror or exc))
+    except UnicodeDecodeError as exc:
+        raise UsageError("the settings file %s is not UTF-8 text: line %d"
+                         % (where, data.count(b"\n", 0, exc.start) + 1))
+    except SettingsSyntaxError as exc:
+        raise UsageError("the settings file %s cannot be parsed: %s" % (where, exc))
+
+
+def _setting_names(table, prefix):
+    """{NAME: text} of a settings table: nested tables join their keys into the name, as
+    Prefect's nested settings do ([worker.webserver] port is PREFECT_WORKER_WEBSERVER_PORT).
+    Values other than strings, numbers and booleans are no setting agent.py reads."""
+    names = {}
+    for key, value in table.items():
+        name = prefix + key.upper()
+        if isinstance(value, dict):
+            names.update(_setting_names(value, name + "_"))
+        elif isinstance(value, bool):
+            names[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            names[name] = str(value)
+    return names
+
+
+class SettingsSyntaxError(ValueError):
+    """A settings file that cannot be parsed; the message names the line, never its text
+    (a profile may hold an API key)."""
+
+
+def parse_dotenv(text):
+    """{KEY: value} of a .env file, as python-dotenv reads the usual lines: `KEY=value`,
+    `export KEY=value`, 'single' or "double" quotes (with \\n \\t \\" \\\\ escapes), a
+    comment after whitespace. No ${VAR} expansion, no value spanning lines."""
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _DOTENV_LINE.match(line)
+        if match is None:
+            raise SettingsSyntaxError("line %d is not KEY=VALUE" % number)
+        key, single, double, bare = match.groups()
+        if key is None:
+            continue  # blank or a comment
+        if single is not None:
+            values[key] = single
+        elif double is not None:
+            values[key] = _DOTENV_ESCAPE.sub(
+                lambda escape: _DOTENV_ESCAPES.get(escape.group(1), escape.group(0)), double)
+        else:
+            values[key] = re.sub(r"\s+#.*", "", bare).strip()
+    return values
+
+
+_DOTENV_LINE = re.compile(r"""\s*(?:\#.*)?$|\s*(?:export\s+)?([^=\#\s'"]+)\s*=\s*(?:
+    '([^']*)'|"((?:[^"\\]|\\.)*)"|(?![\s'"])([^\r\n]*))\s*(?:\#.*)?$""", re.X)
+_DOTENV_ESCAPE = re.compile(r"\\(.)")
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def parse_toml(text, only=()):
+    """The TOML document `text` as a dict, by tomllib where this Python has it (3.11+), else
+    by read_small_toml. `only` names the table wanted (("tool", "prefect") of a
+    pyproject.toml), which the small reader confines itself to."""
+    try:
+        import tomllib
+    except ImportError:
+        return read_small_toml(text, only)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsSyntaxError(str(exc))
+
+
+def read_small_toml(text, only=()):
+    """The subset of TOML that settings files use, for Pythons without tomllib: [table]
+    headers, `key = value` with a string ("basic" or 'literal'), integer, float or boolean
+    value, comments. Anything else is refused (SettingsSyntaxError naming the line), never
+    read differently from tomllib. Tables outside `only` are skipped unread: a
+    pyproject.toml holds arrays and more that are no business of agent.py."""
+    root, headers = {}, set()
+    table = None if only else root  # None while in a table outside `only`
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if number < len(lines) and line.endswith("\r"):
+            line = line[:-1]  # a CRLF line end; a lone CR is an error, as in tomllib
+        try:
+            if table is None:
+                header = _toml_header(line, lenient=True)
+            else:
+                header = _toml_line(line, table)
+            if header is not None:
+                inside = tuple(header[:len(only)]) == tuple(only)
+                table = _toml_table(root, header, headers) if inside else None
+        except SettingsSyntaxError as exc:
+            raise SettingsSyntaxError("line %d: %s" % (number, exc))
+    return root
+
+
+_TOML_SPACE = re.compile(r"[ \t]*")
+_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_END = re.compile(r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?$")
+_TOML_NUMBER = re.compile(r"""(?x)
+    (?P<based>0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|0o[0-7](?:_?[0-7])*|0b[01](?:_?[01])*)
+  | (?P<float>[+-]?(?:0|[1-9](?:_?[0-9])*)
+        (?:\.[0-9](?:_?[0-9])*(?:[eE][+-]?[0-9](?:_?[0-9])*)?|[eE][+-]?[0-9](?:_?[0-9])*))
+  | [+-]?(?:inf|nan)
+  | (?P<int>[+-]?(?:0|[1-9](?:_?[0-9])*))""")
+_TOML_STRING_CHARS = {"'": re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*"),
+                      '"': re.compile(r'(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*')}
+_TOML_ESCAPE = re.compile(r"\\(?:([btnfr\"\\])|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))", re.S)
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+
+
+def _toml_line(line, table):
+    """Adds a `key = value` line to table; the key path of a [header] line; None for a
+    blank or a comment."""
+    at = _TOML_SPACE.match(line).end()
+    if _TOML_END.match(line, at):
+        return None
+    if line.startswith("[", at):
+        return _toml_header(line)
+    key, at = _toml_key(line, at)
+    at = _TOML_SPACE.match(line, at).end()
+    if line.startswith(".", at):
+        raise SettingsSyntaxError("dotted keys need Python 3.11's tomllib; use a [table]")
+    if not line.startswith("=", at):
+        raise SettingsSyntaxError("expected '=' after the key")
+    value, at = _toml_value(line, _TOML_SPACE.match(line, at + 1).end())
+    if not _TOML_END.match(line, at):
+        raise SettingsSyntaxError("unexpected text after the value")
+    if key in table:
+        raise SettingsSyntaxError("a key defined twice")
+    table[key] = value
+    return None
+
+
+def _toml_header(line, lenient=False):
+    """The key path of a [table] header line; None for any other line when lenient."""
+    at = _TOML_SPACE.match(line).end()
+    try:
+        if not line.startswith("[", at) or line.startswith("[[", at):
+            if lenient:
+                return None
+            raise SettingsSyntaxError("arrays of tables need Python 3.11's tomllib")
+        path, at = [], at + 1
+        while True:
+            key, at = _toml_key(line, _TOML_SPACE.match(line, at).end())
+            path.append(key)
+            at = _TOML_SPACE.match(line, at).end()
+            if not line.startswith(".", at):
+                break
+            at += 1
+        if not line.startswith("]", at) or not _TOML_END.match(line, at + 1):
+            raise SettingsSyntaxError("a [table] header must end with ']'")
+    except SettingsSyntaxError:
+        if lenient:
+            return None
+        raise
+    return path
+
+
+def _toml_key(line, at):
+    bare = _TOML_BARE_KEY.match(line, at)
+    if bare:
+        return bare.group(), bare.end()
+    if line.startswith(("'", '"'), at) and not line.startswith(("'''", '"""'), at):
+        return _toml_string(line, at)
+    raise SettingsSyntaxError("expected a key")
+
+
+def _toml_value(line, at):
+    if line.startswith(("'", '"'), at):
+        if line.startswith(("'''", '"""'), at):
+            raise SettingsSyntaxError("multi-line strings need Python 3.11's tomllib")
+        return _toml_string(line, at)
+    for word, value in (("true", True), ("false", False)):
+        if line.startswith(word, at) and _TOML_END.match(line, at + len(word)):
+            return value, at + len(word)
+    number = _TOML_NUMBER.match(line, at)
+    if number and _TOML_END.match(line, number.end()):
+        text = number.group().replace("_", "")
+        if number.group("int") or number.group("based"):
+            return int(text, 0), number.end()
+        return float(text), number.end()
+    raise SettingsSyntaxError("expected a string, a number, true or false (arrays, inline "
+                              "tables and dates need Python 3.11's tomllib)")
+
+
+def _toml_string(line, at):
+    quote = line[at]
+    body = _TOML_STRING_CHARS[quote].match(line, at + 1)
+    if not line.startswith(quote, body.end()):
+        raise SettingsSyntaxError("a string without its closing quote")
+    text = body.group()
+    if quote == '"':
+        text = _TOML_ESCAPE.sub(_toml_unescape, text)
+    return text, body.end() + 1
+
+
+def _toml_unescape(match):
+    simple, short, long, other = match.groups()
+    if simple:
+        return _TOML_ESCAPES[simple]
+    code = int(short or long or "-1", 16)
+    if other is not None or not (0 <= code < 0xD800 or 0xDFFF < code <= 0x10FFFF):
+        raise SettingsSyntaxError("an escape that TOML does not have")
+    return chr(code)
+
+
+def _toml_table(root, path, headers):
+    """The table a [header] opens, created with any missing parents; SettingsSyntaxError for
+    a header given twice or through a value."""
+    if tuple(path) in headers:
+        raise SettingsSyntaxError("a [table] defined twice")
+    headers.add(tuple(path))
+    table = root
+    for key in path:
+        table = table.setdefault(key, {})
+        if not isinstance(table, dict):
+            raise SettingsSyntaxError("a [table] whose name is already a value")
+    return table
 
 
 ###############################################################################
@@ -5411,7 +5718,7 @@ def start_health_server(agent, host, port, routes=None):
 
 BANNER = """\
  agent.py %s: Prefect flow runs from work pool '%s', standard library only
- API %s, worker name '%s'
+ API %s (from %s), worker name '%s'
  %s"""
 
 
@@ -5520,7 +5827,7 @@ def start_agent(argv=None):
         if args.help:
             sys.stdout.write(help_text())
             return None
-        config = parse_config(args, os.environ)
+        config = parse_config(args, os.environ, read_settings(os.environ))
     except UsageError as exc:
         usage_exit(exc)
     if command == "install":
@@ -5540,7 +5847,8 @@ def start_agent(argv=None):
                        % (host, port, exc.strerror or exc))
     install_signal_handlers(agent)
     if not config.hide_welcome:
-        print(BANNER % (__version__, config.pool, redact_url(config.api_url), config.name,
+        print(BANNER % (__version__, config.pool, redact_url(config.api_url),
+                        config.api_url_source, config.name,
                         _queues_text(config)))
         line = agent.launchers[config.pool_type].banner_line()
         if line:
