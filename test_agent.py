@@ -5468,6 +5468,151 @@ class InfrastructureBlockTests(AgentTestCase):
         self.assertFalse(lines_with(logs, "WARNING"), logs)
 
 
+def systemd_unit_settings(unit):
+    """{(section, key): [values]} of a unit file's settings, in order; no line continuations
+    (the units `install --systemd` writes have none)."""
+    settings, section = {}, None
+    for line in unit.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            settings.setdefault((section, key), []).append(value)
+    return settings
+
+
+def systemd_command(line, state_root="/var/lib"):
+    """The argv systemd runs for an ExecStart= value: specifiers (%% and %S) and $$ first (a
+    lone $ is refused: systemd would substitute a variable there), then words split as
+    systemd.syntax(7) says: quotes anywhere in a word, C escapes."""
+    line = re.sub(r"%(.)", lambda m: {"%": "%", "S": state_root}[m.group(1)], line)
+    if "$" in line.replace("$$", ""):
+        raise ValueError("systemd would substitute a variable in %r" % line)
+    line = line.replace("$$", "$")
+    words, word, quote, i = [], None, None, 0
+    while i < len(line):
+        char = line[i]
+        if char == "\\":
+            escape = line[i + 1]
+            if escape == "x":
+                char, i = chr(int(line[i + 2:i + 4], 16)), i + 3
+            else:
+                char, i = {"n": "\n", "t": "\t"}.get(escape, escape), i + 1
+            word = (word or "") + char
+        elif quote and char == quote:
+            quote = None
+        elif not quote and char in "\"'":
+            quote, word = char, word or ""
+        elif not quote and char.isspace():
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + char
+        i += 1
+    if quote:
+        raise ValueError("unbalanced quoting in %r" % line)
+    return words + ([word] if word is not None else [])
+
+
+class SystemdTests(unittest.TestCase):
+    """`install --systemd`: a unit for the same flags, no secret in it, a stop that drains."""
+
+    FLAGS = ["--pool", "pool", "--api", "https://user:PASS-in-url@prefect.example/api",
+             "-e", "DB_PASSWORD=hunter2-db", "--env=TOKEN=tok,en %x", "-eLEVEL=debug-level",
+             "--env", "FROM_AGENT", "--key", "sk-install-key", "--state-dir", "/var/lib/agent.py",
+             "--name", "w \"quoted\" $HOME ${HOME} ;\\ \t", "-q", "50%S 'q'\n"]
+    UNIT = "prefect-agent-pool"
+
+    def install(self, *flags, env=None):
+        proc = subprocess.run([PY, AGENT_PY, "install", "--systemd"] + list(flags),
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                              env=dict(os.environ, **(env or {})))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc.stdout
+
+    def test_the_unit_holds_no_secret_and_starts_the_same_agent(self):
+        env = {"FROM_AGENT": "inherited-value"}
+        unit = self.install(*self.FLAGS, env=env)
+        for secret in ("PASS-in-url", "user:", "hunter2-db", "tok,en", "debug-level",
+                       "inherited-value", "sk-install-key"):
+            self.assertNotIn(secret, unit)
+        settings = systemd_unit_settings(unit)
+        env_file = "/etc/%s.env" % self.UNIT
+        self.assertEqual(settings["Service", "EnvironmentFile"], [env_file])
+        self.assertIn("# Secrets stay out of argv and of this file: %s\n# (KEY=VALUE lines, "
+                      "owned by root, mode 0600) sets DB_PASSWORD, TOKEN, LEVEL, FROM_AGENT, "
+                      "PREFECT_API_KEY.\n" % env_file, unit)
+        # What the operator puts in the EnvironmentFile, as the unit's comment asks.
+        unit_env = {"PATH": os.environ["PATH"], "DB_PASSWORD": "hunter2-db", "TOKEN": "tok,en %x",
+                    "LEVEL": "debug-level", "FROM_AGENT": "inherited-value",
+                    "PREFECT_API_KEY": "sk-install-key"}
+        (exec_start,) = settings["Service", "ExecStart"]
+        argv = systemd_command(exec_start)
+        self.assertEqual(argv[:2], [PY, AGENT_PY])
+        started = agent.parse_config(agent.parse_flags(argv[2:]), unit_env)
+        given = agent.parse_config(agent.parse_flags(self.FLAGS), dict(os.environ, **env))
+        fields = lambda config: {name: getattr(config, name) for name in agent.Config.__slots__}
+        self.assertEqual(fields(started), dict(fields(given), api_url="https://prefect.example/api",
+                                               state_dir="/var/lib/" + self.UNIT))
+        self.assertEqual((started.name, started.queues), ("w \"quoted\" $HOME ${HOME} ;\\ \t",
+                                                         ["50%S 'q'\n"]))
+        self.assertEqual(argv.count("--state-dir"), 1, argv)
+
+    def test_a_stop_signals_the_agent_alone_and_waits_for_its_drain(self):
+        settings = systemd_unit_settings(self.install("--pool", "pool"))
+        service = {key: values for (section, key), values in settings.items()
+                   if section == "Service"}
+        self.assertEqual(service["KillMode"], ["mixed"])
+        self.assertEqual(service["KillSignal"], ["SIGTERM"])
+        self.assertEqual(service["TimeoutStopSec"], ["600"])
+        self.assertEqual(service["Restart"], ["on-failure"])
+        self.assertEqual(service["RestartPreventExitStatus"], ["2"])
+        self.assertEqual(service["StateDirectory"], [self.UNIT])
+        self.assertEqual(systemd_command(service["ExecStart"][0])[-2:],
+                         ["--state-dir", "/var/lib/" + self.UNIT])
+        self.assertNotIn("EnvironmentFile", service)  # no secret to read
+        self.assertEqual(settings["Install", "WantedBy"], ["multi-user.target"])
+
+    def test_time_to_stop_covers_the_drain_timeout_and_the_exit_after_it(self):
+        settings = systemd_unit_settings(self.install("--pool", "pool", "--drain-timeout", "120"))
+        stop = int(settings["Service", "TimeoutStopSec"][0])
+        self.assertGreater(stop, 120 + agent.STOP_GRACE_SECONDS + 5 + agent.REPORT_FLUSH_SECONDS + 5)
+        self.assertLess(stop, 120 + 60)
+
+    def test_a_key_file_stays_and_needs_no_environment_file(self):
+        key_file = os.path.join(tempfile.mkdtemp(dir=STATE_ROOT), "key")
+        with open(key_file, "w") as handle:
+            handle.write("sk-file-key")
+        settings = systemd_unit_settings(self.install("--pool", "pool", "--key-file", key_file,
+                                                      env={"PREFECT_API_KEY": "sk-env-key"}))
+        self.assertNotIn(("Service", "EnvironmentFile"), settings)
+        self.assertIn("--key-file " + key_file, settings["Service", "ExecStart"][0])
+
+    def test_systemd_comes_right_after_install(self):
+        proc = subprocess.run([PY, AGENT_PY, "install", "--pool", "pool", "--systemd"],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        self.assertEqual((proc.returncode, proc.stdout), (2, ""))
+        self.assertEqual(proc.stderr, "agent.py: error: --systemd comes right after install: "
+                         "agent.py install --systemd --pool POOL ...\n")
+
+    def test_systemd_analyze_verify_accepts_the_unit(self):
+        """Debian 12's systemd 252 reads the unit without an error or a warning (ExecStart's
+        executable must exist: the unit names this Python and this agent.py)."""
+        analyze = shutil.which("systemd-analyze")
+        if not analyze:
+            require_real("systemd-analyze (Debian: apt-get install systemd)")
+        work = tempfile.mkdtemp(dir=STATE_ROOT)
+        for flags in (self.FLAGS, ["--pool", "pool", "--drain-timeout", "1.5"]):
+            with self.subTest(flags=flags):
+                path = os.path.join(work, self.UNIT + ".service")
+                with open(path, "w") as handle:
+                    handle.write(self.install(*flags, env={"FROM_AGENT": "x"}))
+                proc = subprocess.run([analyze, "verify", path], capture_output=True, text=True,
+                                      timeout=60, stdin=subprocess.DEVNULL)
+                self.assertEqual((proc.returncode, proc.stdout + proc.stderr), (0, ""))
+
+
 class SupervisordTests(AgentTestCase):
     """Under a real supervisord, configured by `agent.py install` (AGENT_TEST_SUPERVISORD names
     the supervisord executable; .ci/run installs supervisor and requires this test to run)."""
