@@ -411,9 +411,9 @@ def _http_address(text, what):
     return parsed.hostname, parsed.port
 
 
-def _worker_webserver(environ):
-    host = environ.get("PREFECT_WORKER_WEBSERVER_HOST") or DEFAULT_WORKER_WEBSERVER[0]
-    port = environ.get("PREFECT_WORKER_WEBSERVER_PORT") or str(DEFAULT_WORKER_WEBSERVER[1])
+def _worker_webserver(settings):
+    host = settings.get("PREFECT_WORKER_WEBSERVER_HOST") or DEFAULT_WORKER_WEBSERVER[0]
+    port = settings.get("PREFECT_WORKER_WEBSERVER_PORT") or str(DEFAULT_WORKER_WEBSERVER[1])
     if not port.strip().isdigit() or not 0 < int(port) < 65536:
         raise UsageError("PREFECT_WORKER_WEBSERVER_PORT must be a port number, got %r" % port)
     return host.strip(), int(port)
@@ -586,7 +586,7 @@ def parse_config(args, environ, settings=None):
                            DEFAULT_POLL_SECONDS)
     address = args.agent_address or settings.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
     health = _http_address(address, "--agent-address") if address else None
-    worker_health = _worker_webserver(environ) if args.with_healthcheck else None
+    worker_health = _worker_webserver(settings) if args.with_healthcheck else None
     name = args.name or "agent.py %s %s" % (socket.gethostname(), random_uuid()[:8])
     if "/" in name or "%" in name:
         raise UsageError("--name may not contain '/' or '%%', got %r" % name)
