@@ -355,6 +355,9 @@ class Config:
         "health_address",  # (host, port) of GET /api/health, or None
         "worker_health_address",  # (host, port) of Prefect's worker GET /health, or None
         "pool_type",  # str: a key of LAUNCHERS, for a pool created by the agent
+        "base_job_template",  # dict, or None: the type's, for a pool created by the agent
+        "create_pool",  # bool: create the pool when it does not exist
+        "install_policy",  # str, or None: accepted, and nothing installed
         "state_dir",  # str: where the journal lives
     )
 
@@ -409,6 +412,23 @@ def _http_address(text, what):
     if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
         raise UsageError("%s must look like http://HOST:PORT, got %r" % (what, text))
     return parsed.hostname, parsed.port
+
+
+def _base_job_template(path):
+    """The JSON object in the --base-job-template file, or None without the flag."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            template = json.loads(handle.read().decode("utf-8"))
+    except OSError as exc:
+        raise UsageError("cannot read --base-job-template %r: %s" % (path, exc.strerror or exc))
+    except (ValueError, RecursionError) as exc:
+        raise UsageError("--base-job-template %r is not JSON: %s" % (path, exc))
+    if not isinstance(template, dict) or not isinstance(template.get("job_configuration"), dict):
+        raise UsageError("--base-job-template %r is not a base job template: an object with a "
+                         "job_configuration object" % path)
+    return template
 
 
 def _worker_webserver(settings):
@@ -472,8 +492,16 @@ FLAGS = (
      "gets before SIGKILL (default: %g)" % DEFAULT_CANCEL_GRACE_SECONDS),
     (("--drain-timeout",), "SECONDS", False, "on SIGTERM/SIGINT, seconds to wait for running "
      "flows before terminating them (default: no limit)"),
-    (("--type",), "TYPE", False, "type of the work pool to create when it does not exist: "
+    (("-t", "--type"), "TYPE", False, "type of the work pool to create when it does not exist: "
      "process (the default) or docker, whose runs start as containers through the docker CLI"),
+    (("--base-job-template",), "PATH", False, "JSON file of the base job template of the pool "
+     "to create when it does not exist (default: Prefect's for the type)"),
+    (("--create-pool-if-not-found",), None, False, "create the pool when it does not exist "
+     "(the default)"),
+    (("--no-create-pool-if-not-found",), None, False, "do not: wait for the pool to be made "
+     "(by Terraform, say), saying so once"),
+    (("--install-policy",), "POLICY", False, "accepted for prefect worker start's sake "
+     "(always, if-not-present, never, prompt): agent.py installs nothing"),
     (("--state-dir",), "PATH", False, "where the agent keeps its journal of runs, for restart "
      "recovery (default: $XDG_STATE_HOME/agent.py or ~/.local/state/agent.py)"),
     (("--keep-leftover-processes",), None, False, "when a run ends, leave running the "
@@ -488,6 +516,17 @@ pyproject.toml and the active Prefect profile, as for Prefect 3.
 
 Commands: 'start' (the default) runs the agent; 'install' prints a supervisord
 program section for the same flags, 'install --systemd' a systemd unit."""
+
+
+#: Prefect 1 agent flags that have no meaning on a Prefect 2 or 3 server: the one line each
+#: gets instead of "unknown flag".
+PREFECT_1_FLAGS = {
+    "--label": "Prefect 2 and 3 servers hand out runs by work queue, not label: use -q QUEUE "
+               "or -m PREFIX (-l is --limit, as in Prefect 2 and 3)",
+    "--no-hostname-label": "Prefect 2 and 3 servers hand out runs by work queue, not label: "
+                           "use -q QUEUE or -m PREFIX",
+}
+INSTALL_POLICIES = ("always", "if-not-present", "never", "prompt")
 
 
 def parse_flags(argv):
@@ -520,6 +559,8 @@ def _flag_items(argv):
         elif arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
             name, value = arg[:2], arg[2:]
         flag = by_name.get(name)
+        if flag is None and name in PREFECT_1_FLAGS:
+            raise UsageError("%s is a Prefect 1 agent flag: %s" % (name, PREFECT_1_FLAGS[name]))
         if flag is None:
             if arg.startswith("-"):
                 raise UsageError("unknown flag %s (agent.py --help lists them)" % name)
@@ -601,6 +642,12 @@ def parse_config(args, environ, settings=None):
         environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
         "agent.py")
     python = args.python or sys.executable
+    if args.create_pool_if_not_found and args.no_create_pool_if_not_found:
+        raise UsageError("give --create-pool-if-not-found or --no-create-pool-if-not-found, "
+                         "not both")
+    if args.install_policy is not None and args.install_policy not in INSTALL_POLICIES:
+        raise UsageError("--install-policy must be one of %s, got %r"
+                         % (", ".join(INSTALL_POLICIES), args.install_policy))
     pool_type = args.type or "process"
     if pool_type not in LAUNCHERS:
         raise UsageError("--type must be one of %s, got %r"
@@ -628,6 +675,9 @@ def parse_config(args, environ, settings=None):
         name=name,
         python=python,
         show_flow_logs=args.show_flow_logs,
+        base_job_template=_base_job_template(args.base_job_template),
+        create_pool=not args.no_create_pool_if_not_found,
+        install_policy=args.install_policy,
         health_address=health,
         worker_health_address=worker_health,
         cancel_grace_seconds=grace,
@@ -4893,6 +4943,7 @@ class Agent:
         self._last_stop_signal = None
         self._ignored_signals = {}  # signal number -> count, logged by the agent loop
         self._recovered = False
+        self._said_pool_missing = False
         self._processes_of_runs = {}  # run id -> its processes, found at recovery
         self._next_sync = 0.0
         self._outage_since = None
@@ -5059,13 +5110,26 @@ class Agent:
         """Read (or create) the pool and make sure our queues exist (the heartbeat follows
         the poll)."""
         pool = self.api.read_pool(self.config.pool)
+        if pool is None and not self.config.create_pool:
+            if not self._said_pool_missing:
+                log.warning("Work pool '%s' not found; not creating it "
+                            "(--no-create-pool-if-not-found): looking again every %g s",
+                            self.config.pool, SYNC_SECONDS)
+            self._said_pool_missing = True
+            return
         if pool is None:
             pool = self._create_pool()
+        elif self.pool is None and self.config.base_job_template is not None:
+            log.warning("Work pool '%s' exists: --base-job-template is for a pool agent.py "
+                        "creates, and is ignored", self.config.pool)
         self._note_pool_changes(pool)
         self.pool = pool
         self._resolve_queues()
 
     def _heartbeat(self):
+        if self.pool is None:  # not there (--no-create-pool-if-not-found): nothing to beat for
+            self._next_sync = time.monotonic() + SYNC_SECONDS * jitter(0.9, 1.1)
+            return
         try:
             self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
         except APIError as exc:  # answered, but refused: the poll that follows must still go
@@ -5078,7 +5142,8 @@ class Agent:
         log.info("Work pool '%s' does not exist; creating it as a %s pool", self.config.pool, pool_type)
         try:
             return self.api.create_pool(self.config.pool, pool_type,
-                                        LAUNCHERS[pool_type].base_job_template)
+                                        self.config.base_job_template
+                                        or LAUNCHERS[pool_type].base_job_template)
         except APIError as exc:
             if exc.status == 409:  # another agent created it a moment ago
                 pool = self.api.read_pool(self.config.pool)
@@ -5926,6 +5991,9 @@ def start_agent(argv=None):
         sys.stdout.write(write(argv, config, sys.executable, os.path.abspath(__file__)))
         return None
     log.level = INFO
+    if config.install_policy:
+        log.info("--install-policy %s: agent.py needs no packages and installs none",
+                 config.install_policy)
     try:
         agent = Agent(config)
     except UsageError as exc:

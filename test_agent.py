@@ -4483,6 +4483,67 @@ class ConnectionFloodTests(AgentTestCase):
         self.assertEqual(agent_proc.output().count("open files"), 1, agent_proc.output())
 
 
+class FlagParityTests(AgentTestCase):
+    """The flags of `prefect worker start` (3.8.8) agent.py takes, and Prefect 1's it refuses
+    with a line saying what to use instead."""
+
+    def parse(self, *argv):
+        return agent.parse_config(agent.parse_flags(list(argv)), {})
+
+    def test_prefect_1_label_flags_say_to_use_queues(self):
+        for argv in (["-p", "p", "--label", "etl"], ["-p", "p", "--no-hostname-label"]):
+            with self.subTest(argv=argv), self.assertRaisesRegex(agent.UsageError, "-q QUEUE"):
+                self.parse(*argv)
+        self.assertEqual(self.parse("-p", "p", "-l", "2").limit, 2)
+        self.assertEqual(self.parse("-p", "p", "-t", "docker").pool_type, "docker")
+
+    def test_install_policy_is_accepted_checked_and_said_once(self):
+        self.assertEqual(self.parse("-p", "p", "--install-policy", "never").install_policy,
+                         "never")
+        with self.assertRaisesRegex(agent.UsageError, "--install-policy must be one of"):
+            self.parse("-p", "p", "--install-policy", "sometimes")
+        proc = subprocess.run([PY, AGENT_PY, "--api", self.fake.url, "-p", "pool", "--run-once",
+                               "--hide-welcome", "--install-policy", "always", "--state-dir",
+                               os.path.join(self.tmp, "state")],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stderr.count("installs none"), 1, proc.stderr)
+
+    def test_a_base_job_template_file_is_used_only_for_a_pool_agent_py_creates(self):
+        template = copy.deepcopy(agent.PROCESS_BASE_JOB_TEMPLATE)
+        template["variables"]["properties"]["env"]["default"] = {"FROM_TEMPLATE": "1"}
+        path = os.path.join(self.tmp, "template.json")
+        with open(path, "w") as handle:
+            json.dump(template, handle)
+        with RunningAgent(self.fake, "--base-job-template", path):
+            wait_for(lambda: self.fake.pool("pool"), what="the pool created")
+        self.assertEqual(self.fake.pool("pool")["base_job_template"], template)
+        self.fake.add_pool("other")
+        with agent_log("WARNING") as logs, \
+                RunningAgent(self.fake, "--pool", "other", "--base-job-template", path) as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        self.assertEqual(len(lines_with(logs, "--base-job-template is for a pool")), 1, logs)
+        self.assertNotEqual(self.fake.pool("other")["base_job_template"], template)
+        with self.assertRaisesRegex(agent.UsageError, "is not JSON"):
+            with open(path, "w") as handle:
+                handle.write("{")
+            self.parse("-p", "p", "--base-job-template", path)
+
+    def test_without_creating_the_pool_the_agent_waits_for_it_and_says_so_once(self):
+        with mock.patch.object(agent, "SYNC_SECONDS", 0.2), agent_log("WARNING") as logs, \
+                RunningAgent(self.fake, "--no-create-pool-if-not-found"):
+            wait_for(lambda: len(self.fake.calls("GET", "/work_pools/pool")) >= 4,
+                     what="the pool looked for four times")
+            self.assertIsNone(self.fake.pool("pool"))
+            self.assertEqual(self.fake.calls("POST", "/heartbeat"), [])
+            self.assertEqual(len(lines_with(logs, "not found; not creating it")), 1, logs)
+            dep = self.deployment(command=marker_command(self.markers))  # makes the pool
+            run = self.fake.add_run(dep, pool="pool")
+            wait_for(lambda: run in self.started_ids(), what="the run, once the pool exists")
+        with self.assertRaisesRegex(agent.UsageError, "not both"):
+            self.parse("-p", "p", "--create-pool-if-not-found", "--no-create-pool-if-not-found")
+
+
 class WorkerHealthcheckTests(AgentTestCase):
     """--with-healthcheck: GET /health as Prefect's worker serves it (3.8.8), for container
     probes written for it."""
