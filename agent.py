@@ -184,6 +184,59 @@ class DescriptorShortage:
 
 descriptor_shortage = DescriptorShortage()
 
+
+class Metrics:
+    """What GET /metrics counts (Prometheus text format), since the agent started. Every
+    thread counts; `_lock` guards the counts."""
+
+    #: name -> help text, in the order served. Counters end in _total.
+    COUNTERS = {
+        "agentpy_runs_claimed_total": "Flow runs this agent claimed.",
+        "agentpy_claims_lost_total": "Claims the server gave to another agent, or that did "
+                                     "not land.",
+        "agentpy_runs_started_total": "Flow runs whose process or container was started.",
+        "agentpy_runs_finished_total": "Flow runs whose end the agent reported or saw, by the "
+                                       "state they ended in.",
+        "agentpy_cancellations_total": "Cancellations the agent acted on.",
+        "agentpy_api_requests_total": "Requests to the Prefect API, by outcome: ok, retried "
+                                      "(a failed attempt tried again), refused (4xx, or an "
+                                      "answer not used), unreachable (given up).",
+        "agentpy_journal_write_failures_total": "Journal writes that failed (a full disk, say).",
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}  # (name, label text) -> count
+
+    def count(self, name, label=""):
+        """Count one of `name`; `label` is its label set as text, '{state="COMPLETED"}'."""
+        with self._lock:
+            self._counts[name, label] = self._counts.get((name, label), 0) + 1
+
+    def text(self, gauges):
+        """The counters, then `gauges` ((name, help, value) each), as Prometheus reads them."""
+        with self._lock:
+            counts = dict(self._counts)
+        lines = []
+        for name, text in self.COUNTERS.items():
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s counter" % name]
+            mine = sorted((label, value) for (counted, label), value in counts.items()
+                          if counted == name)
+            lines += ["%s%s %d" % (name, label, value) for label, value in mine or [("", 0)]]
+        for name, text, value in gauges:
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s gauge" % name,
+                      "%s %s" % (name, "NaN" if value is None else repr(float(value)))]
+        return "\n".join(lines) + "\n"
+
+
+metrics = Metrics()
+
+
+def state_label(state_type):
+    """A run's state type as a Prometheus label set (escaped: the server names it)."""
+    text = str(state_type).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '{state="%s"}' % text
+
 def _wait_readable(items, timeout):
     """The items (fds or sockets) that are readable, closed or failed, waiting up to `timeout`
     seconds (None: until one is). poll, not select: with hundreds of runs, descriptors pass
@@ -1339,7 +1392,19 @@ class PrefectAPI:
         Retries transport errors and RETRY_STATUSES with backoff. Raises AuthRefused, APIError
         (any other non-2xx answer, or a 2xx that is not JSON), AnswerRefused (JSON nested deeper
         than `max_depth` or too large to parse; None: the caller checks its parts) or
-        APIUnreachable."""
+        APIUnreachable. Each outcome is counted for GET /metrics."""
+        try:
+            answer = self._request(method, path, body, retries, max_depth)
+        except APIUnreachable:
+            metrics.count("agentpy_api_requests_total", '{outcome="unreachable"}')
+            raise
+        except (APIError, AuthRefused):
+            metrics.count("agentpy_api_requests_total", '{outcome="refused"}')
+            raise
+        metrics.count("agentpy_api_requests_total", '{outcome="ok"}')
+        return answer
+
+    def _request(self, method, path, body, retries, max_depth):
         retries = self.max_retries if retries is None else retries
         attempt = 0
         csrf_retried = False
@@ -1429,6 +1494,7 @@ class PrefectAPI:
                     self._connections.remove(connection)
 
     def _pause(self, seconds, method, path):
+        metrics.count("agentpy_api_requests_total", '{outcome="retried"}')
         stopping = getattr(self._local, "stopping", None)
         if stopping is None:
             time.sleep(seconds)
@@ -3972,6 +4038,7 @@ class Journal:
         self._size, self._changes, self._unsynced = len(line), 0, False
 
     def _failed(self, exc):
+        metrics.count("agentpy_journal_write_failures_total")
         text = "cannot write the journal %s: %s" % (self.path, exc.strerror or exc)
         if self.failure is None and not descriptor_shortage.noted("writing the journal", exc):
             log.error("%s; claiming no new runs until it can be written (retrying every %g s); "
@@ -4431,6 +4498,7 @@ class RunLedger:
         if _still_ours(state, owed.get("claim")):
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
         else:
+            metrics.count("agentpy_runs_finished_total", state_label(state.get("type")))
             log.info("run %s: not reporting it crashed, it is %s now", run_id, state.get("type"))
 
     def _report_cancelled(self, run_id, owed, state):
@@ -4464,9 +4532,11 @@ class RunLedger:
     def finish_cancellation(self, run_id, state, run_name, message=None):
         if state.get("type") == "CANCELLED" and not being_cancelled(state):
             # The engine was told in time (ControlChannel) and reported it.
+            metrics.count("agentpy_runs_finished_total", state_label("CANCELLED"))
             self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
             return
         if state.get("type") in ("COMPLETED", "FAILED"):
+            metrics.count("agentpy_runs_finished_total", state_label(state.get("type")))
             log.info("run %s: ended %s before the cancellation took effect; left as it is",
                      run_id, state.get("type"))
             return
@@ -4476,11 +4546,13 @@ class RunLedger:
                            details=_obj(state.get("state_details")),
                            message=message or "Flow run was cancelled: agent.py terminated "
                                               "its processes.")
+        metrics.count("agentpy_runs_finished_total", state_label("CANCELLED"))
         self.reporter.log(run_id, "Cancelled flow run '%s'!" % run_name)
 
     def _propose_crashed(self, run_id, message):
         result = self.api.set_state(run_id, "CRASHED", message=message)
         state = _obj(result.get("state"))
+        metrics.count("agentpy_runs_finished_total", state_label(state.get("type")))
         if result["status"] == "ACCEPT":
             log.info("run %s: reported as crashed", run_id)
         else:
@@ -5305,6 +5377,7 @@ class Agent:
             return False
         if claimed:
             self._claimed.append(run_id)
+        metrics.count("agentpy_runs_claimed_total" if claimed else "agentpy_claims_lost_total")
         if claimed and refused:
             self.ledger.crash_unstarted(run_id, refused)
         elif claimed:
@@ -5436,6 +5509,7 @@ class Agent:
             return
         self.ledger.running(run_id, child)
         self.supervisor.add(child)
+        metrics.count("agentpy_runs_started_total")
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, launcher.where(child), _argv_text(job.argv)))
 
@@ -5468,8 +5542,10 @@ class Agent:
                     continue
                 run_id = run["id"]
                 if self.timetable.take(run_id):
+                    metrics.count("agentpy_cancellations_total")
                     self.ledger.cancelled_unstarted(run_id, run.get("name") or run_id)
                 elif self.supervisor.terminate(run_id, "cancelled", self.config.cancel_grace_seconds):
+                    metrics.count("agentpy_cancellations_total")
                     self.reporter.log(run_id, "Cancellation requested: terminating the flow "
                                       "run's processes (SIGTERM, then SIGKILL after %g s)"
                                       % self.config.cancel_grace_seconds)
@@ -5598,6 +5674,16 @@ def _gone_while_down(pid):
 ###############################################################################
 # Health server ###############################################################
 ###############################################################################
+
+
+def metrics_report(agent, now=None):
+    """(200, text) for GET /metrics: Metrics' counters and the agent's gauges."""
+    now = time.monotonic() if now is None else now
+    return 200, metrics.text((
+        ("agentpy_runs_in_flight", "Flow runs claimed and not yet ended.",
+         agent.in_flight_count()),
+        ("agentpy_seconds_since_last_poll", "Seconds since the last successful poll (NaN "
+         "before the first).", None if agent.last_poll is None else now - agent.last_poll)))
 
 
 def worker_health_report(agent, now=None):
@@ -5759,9 +5845,11 @@ class HealthServer(threading.Thread):
             except Exception:  # a bug of ours must not stop the health checks
                 log.exception("answering a health check failed")
                 status, body = 503, {"status": "unhealthy", "reason": "see the agent's log"}
-        data = json.dumps(body).encode()
-        head = ("HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                "Connection: close\r\n\r\n" % (status, self.REASONS[status], len(data)))
+        text = isinstance(body, str)  # GET /metrics: Prometheus's text format
+        data = body.encode() if text else json.dumps(body).encode()
+        kind = "text/plain; version=0.0.4; charset=utf-8" if text else "application/json"
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                "Connection: close\r\n\r\n" % (status, self.REASONS[status], kind, len(data)))
         try:
             sock.send(head.encode() + data)  # a few hundred bytes: a new connection takes them
         except OSError:
@@ -6024,6 +6112,8 @@ def _health_routes(config):
         servers.setdefault(config.health_address, {})["/api/health"] = health_report
     if config.worker_health_address:
         servers.setdefault(config.worker_health_address, {})["/health"] = worker_health_report
+    for routes in servers.values():
+        routes["/metrics"] = metrics_report
     return servers
 
 

@@ -4544,6 +4544,67 @@ class FlagParityTests(AgentTestCase):
             self.parse("-p", "p", "--create-pool-if-not-found", "--no-create-pool-if-not-found")
 
 
+class MetricsTests(AgentTestCase):
+    """GET /metrics on the health server, read by Prometheus's own parser (prometheus_client,
+    a test-only dependency: .ci/run installs it)."""
+
+    def scrape(self, url):
+        try:
+            from prometheus_client.parser import text_string_to_metric_families
+        except ImportError:
+            require_real("prometheus_client (pip install prometheus_client), to parse /metrics")
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            self.assertTrue(answer.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+            text = answer.read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + "".join('{%s="%s"}' % item for item in sorted(sample.labels.items()))
+                samples[key] = sample.value
+        return samples
+
+    def test_the_counts_follow_what_the_agent_did(self):
+        ok = self.deployment(command=marker_command(self.markers, REPORT_STATES, "RUNNING",
+                                                    "COMPLETED"))
+        crash = self.deployment(command=marker_command(self.markers, "sys.exit(3)"))
+        with RunningAgent(self.fake) as running:
+            server = agent.start_health_server(running.agent, "127.0.0.1", 0,
+                                               {"/metrics": agent.metrics_report})
+            self.addCleanup(server.close)
+            url = "http://127.0.0.1:%d/metrics" % server.server_address[1]
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+            before = self.scrape(url)
+            runs = [self.fake.add_run(ok, pool="pool"), self.fake.add_run(crash, pool="pool")]
+            wait_for(lambda: [final_type(self.fake, r) for r in runs] == ["COMPLETED", "CRASHED"],
+                     what="both runs final")
+            wait_for(lambda: running.agent.reporter.flush(0), what="reports delivered")
+            after = self.scrape(url)
+        grew = lambda key: after.get(key, 0) - before.get(key, 0)
+        self.assertEqual(grew("agentpy_runs_claimed_total"), 2)
+        self.assertEqual(grew("agentpy_runs_started_total"), 2)
+        self.assertEqual(grew('agentpy_runs_finished_total{state="COMPLETED"}'), 1)
+        self.assertEqual(grew('agentpy_runs_finished_total{state="CRASHED"}'), 1)
+        self.assertGreater(grew('agentpy_api_requests_total{outcome="ok"}'), 4)
+        self.assertEqual(after["agentpy_runs_in_flight"], 0)
+        self.assertLess(after["agentpy_seconds_since_last_poll"], 5)
+        for name in ("agentpy_claims_lost_total", "agentpy_cancellations_total",
+                     "agentpy_journal_write_failures_total"):
+            self.assertIn(name, after)  # every counter is served, from 0
+
+    def test_a_real_agent_serves_it_beside_each_health_check(self):
+        port = free_port()
+        agent_proc = AgentProcess(self, self.fake, "--agent-address", "http://127.0.0.1:%d" % port)
+        url = "http://127.0.0.1:%d/metrics" % port
+        wait_for(lambda: http_get(url.replace("/metrics", "/api/health")), what="the server")
+        samples = self.scrape(url)
+        self.assertIn("agentpy_runs_in_flight", samples)
+        agent_proc.signal(signal.SIGTERM)
+        self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
+
+    def test_a_state_name_from_the_server_cannot_break_the_format(self):
+        self.assertEqual(agent.state_label('A"B\\C\nD'), '{state="A\\"B\\\\C\\nD"}')
+
+
 class WorkerHealthcheckTests(AgentTestCase):
     """--with-healthcheck: GET /health as Prefect's worker serves it (3.8.8), for container
     probes written for it."""
