@@ -396,6 +396,8 @@ class Config:
         "api_url",  # str: http(s) URL, no trailing slash
         "api_url_source",  # str: where it came from: "flag", "env", ..., "profile 'x'", "default"
         "api_key", "auth_string",  # str or None: secrets, sent as Bearer / Basic
+        "api_ssl_cert_file",  # str (absolute path) or None: the CA bundle for an https API
+        "tls_insecure_skip_verify",  # bool: an https API's certificate is not checked at all
         "pool",  # str
         "queues", "match",  # [str]: queue names and name prefixes, no repeats
         "limit",  # int >= 1, or None: no limit
@@ -701,6 +703,7 @@ def parse_config(args, environ, settings=None):
     if args.install_policy is not None and args.install_policy not in INSTALL_POLICIES:
         raise UsageError("--install-policy must be one of %s, got %r"
                          % (", ".join(INSTALL_POLICIES), args.install_policy))
+    ssl_cert_file, skip_verify = tls_settings(settings)
     pool_type = args.type or "process"
     if pool_type not in LAUNCHERS:
         raise UsageError("--type must be one of %s, got %r"
@@ -716,6 +719,8 @@ def parse_config(args, environ, settings=None):
         api_url_source=api_url_source,
         api_key=key,
         auth_string=settings.get("PREFECT_API_AUTH_STRING") or None,
+        api_ssl_cert_file=ssl_cert_file,
+        tls_insecure_skip_verify=skip_verify,
         pool=pool or DEFAULT_AGENT_POOL,
         queues=list(dict.fromkeys(args.work_queue)),
         match=list(dict.fromkeys(args.match)),
@@ -1073,6 +1078,11 @@ class AuthRefused(Exception):
     """The server refused our credentials: running on would only fail again."""
 
 
+class CertificateRefused(AuthRefused):
+    """The server's TLS certificate did not pass our checks before the API was ever reached:
+    a CA we do not trust, or a name it does not hold. Running on would only fail again."""
+
+
 class ProtocolError(Exception):
     """The server's answer is not HTTP/1.x as we can read it."""
 
@@ -1113,9 +1123,10 @@ class HTTPConnection:
     CHUNK_SIZE = rb"[0-9a-fA-F]+"
     CONTENT_LENGTH = r"[0-9]+"
 
-    def __init__(self, host, port, tls_host=None, tunnel=None, timeout=None):
+    def __init__(self, host, port, tls_host=None, tls_context=None, tunnel=None, timeout=None):
         self.host, self.port = host, port  # where the socket goes: the API, or its proxy
-        self.tls_host = tls_host  # wrap in TLS for this server name
+        self.tls_host = tls_host  # wrap in TLS for this server name, with:
+        self.tls_context = tls_context  # an ssl.SSLContext
         self.tunnel = tunnel  # (host, port, Proxy-Authorization) for an https API via proxy
         self.timeout = timeout
         self.sock = self._file = None
@@ -1167,10 +1178,8 @@ class HTTPConnection:
             if self.tunnel:
                 self._open_tunnel()
             if self.tls_host:
-                import ssl
                 self._file.close()
-                self.sock = ssl.create_default_context().wrap_socket(
-                    self.sock, server_hostname=self.tls_host)
+                self.sock = self.tls_context.wrap_socket(self.sock, server_hostname=self.tls_host)
                 self._file = self.sock.makefile("rb")
         except BaseException:
             sock.close()
@@ -1256,6 +1265,68 @@ class HTTPConnection:
                 raise ServerClosed("the server closed the connection mid-answer")
             body += chunk
             self._read_line()  # the CRLF after each chunk
+
+
+#: pydantic's words for a bool, which Prefect 3.8.8's settings take: case-insensitive,
+#: unstripped; anything else (an empty value too) stops Prefect at start-up.
+TRUE_WORDS = ("true", "1", "yes", "y", "on", "t")
+FALSE_WORDS = ("false", "0", "no", "n", "off", "f")
+
+
+def tls_settings(settings):
+    """(CA bundle path or None, whether to skip verification) from Prefect's settings
+    PREFECT_API_SSL_CERT_FILE and PREFECT_API_TLS_INSECURE_SKIP_VERIFY. The path is made
+    absolute: runs get it too, and they start in other directories."""
+    cert_file = settings.get("PREFECT_API_SSL_CERT_FILE") or None
+    skip = settings.get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "false")
+    if skip.lower() not in TRUE_WORDS + FALSE_WORDS:
+        raise UsageError("PREFECT_API_TLS_INSECURE_SKIP_VERIFY must be one of %s (or %s), got %r"
+                         % (", ".join(TRUE_WORDS), ", ".join(FALSE_WORDS), skip))
+    return (os.path.abspath(cert_file) if cert_file else None), skip.lower() in TRUE_WORDS
+
+
+def tls_context(url, cert_file, skip_verify):
+    """The ssl.SSLContext for an https API, made as Prefect 3.8.8's client makes it: no
+    verification at all when skip_verify; else trusting only the CA bundle `cert_file`;
+    else the system's CAs, where ssl's default context also reads SSL_CERT_FILE and
+    SSL_CERT_DIR (Prefect's client uses certifi's bundle, or SSL_CERT_FILE, there).
+    UsageError when there is no ssl module or the bundle cannot be read."""
+    try:
+        import ssl
+    except ImportError:
+        raise UsageError("this Python has no ssl module, so it cannot reach %s" % redact_url(url))
+    if skip_verify:
+        log.warning("PREFECT_API_TLS_INSECURE_SKIP_VERIFY is on: the certificate of %s is not "
+                    "checked, so whoever can pose as it gets the API key and the runs",
+                    redact_url(url))
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=cert_file)
+    except OSError as exc:  # ssl.SSLError too: a file that holds no certificate
+        raise UsageError("PREFECT_API_SSL_CERT_FILE %r is not a CA bundle agent.py can read: %s"
+                         % (cert_file, exc.strerror or _one_line(exc, 200)))
+
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+NAME_MISMATCH_CODES = (62, 64)
+
+
+def certificate_refusal(url, exc):
+    """A CertificateRefused saying what was wrong and what to do, if `exc` is our refusal of
+    the server's certificate; else None."""
+    ssl = sys.modules.get("ssl")  # not imported unless the API is https
+    if ssl is None or not isinstance(exc, ssl.SSLCertVerificationError):
+        return None
+    if exc.verify_code in NAME_MISMATCH_CODES:
+        advice = "use the name the certificate holds in --api / PREFECT_API_URL"
+    else:
+        advice = "trust its CA with PREFECT_API_SSL_CERT_FILE or SSL_CERT_FILE"
+    problem = (exc.verify_message or str(exc)).rstrip(".")
+    return CertificateRefused("the TLS certificate of %s was refused: %s; %s"
+                              % (redact_url(url), problem, advice))
 
 
 def _authority(host, port):
@@ -1357,7 +1428,8 @@ class PrefectAPI:
     USER_AGENT = "agent.py/%s (stdlib Prefect agent; Python %d.%d)" % (
         (__version__,) + tuple(sys.version_info[:2]))
 
-    def __init__(self, url, api_key=None, auth_string=None, max_retries=5):
+    def __init__(self, url, api_key=None, auth_string=None, max_retries=5, ssl_cert_file=None,
+                 tls_insecure_skip_verify=False):
         self.url = url.rstrip("/")
         self.max_retries = max_retries
         self._auth = None
@@ -1368,12 +1440,9 @@ class PrefectAPI:
         self._csrf_client = random_uuid()
         self._csrf_token = None
         self._csrf_lock = threading.Lock()
-        if self.url.startswith("https:"):
-            try:
-                import ssl  # noqa: F401 (loaded here so that a Python without it fails at once)
-            except ImportError:
-                raise UsageError("this Python has no ssl module, so it cannot reach %s"
-                                 % redact_url(self.url))
+        self._tls_context = None
+        if self.url.startswith("https:"):  # made once: loading the CAs costs milliseconds
+            self._tls_context = tls_context(self.url, ssl_cert_file, tls_insecure_skip_verify)
         self._proxy = proxy_for(self.url, os.environ)
         self._local = threading.local()  # each thread keeps its own connection alive
         self._connections = []
@@ -1413,9 +1482,12 @@ class PrefectAPI:
             try:
                 status, headers, raw = self._send(method, path, body)
             except (OSError, ProtocolError, ValueError) as exc:
-                # A refused connection before we ever reached the server means a wrong URL:
-                # fail fast rather than spend a minute retrying it.
+                # A refused connection or certificate before we ever reached the server means
+                # a wrong URL or TLS setting: fail fast rather than spend a minute retrying it.
                 refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                refusal = certificate_refusal(self.url, exc)
+                if refusal and not self._reached:
+                    raise refusal
                 descriptor_shortage.noted("a connection to the Prefect API", exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
@@ -1568,7 +1640,8 @@ class PrefectAPI:
             address = self._proxy[:2] if self._proxy else (parts.hostname, port)
             tunnel = (parts.hostname, port, self._proxy[2]) if self._proxy and tls else None
             connection = HTTPConnection(*address, tls_host=parts.hostname if tls else None,
-                                        tunnel=tunnel, timeout=REQUEST_TIMEOUT_SECONDS)
+                                        tls_context=self._tls_context, tunnel=tunnel,
+                                        timeout=REQUEST_TIMEOUT_SECONDS)
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
@@ -4976,6 +5049,12 @@ class JobBuilder:
             env["PREFECT_API_KEY"] = self.config.api_key
         if self.config.auth_string:
             env["PREFECT_API_AUTH_STRING"] = self.config.auth_string
+        # The engine reaches the same API, so it trusts what the agent trusts (as Prefect's
+        # worker passes its settings on to its runs).
+        if self.config.api_ssl_cert_file:
+            env["PREFECT_API_SSL_CERT_FILE"] = self.config.api_ssl_cert_file
+        if self.config.tls_insecure_skip_verify:
+            env["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
         return env
 
 
@@ -4990,7 +5069,9 @@ class Agent:
 
     def __init__(self, config, api=None, console=None):
         self.config = config
-        self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string)
+        self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string,
+                                     ssl_cert_file=config.api_ssl_cert_file,
+                                     tls_insecure_skip_verify=config.tls_insecure_skip_verify)
         self.journal = Journal(config.state_dir, config.pool)
         self.launchers = {name: launcher(config, os.environ) for name, launcher in LAUNCHERS.items()}
         self.jobs = JobBuilder(config, self.api, self.launchers)
@@ -5711,6 +5792,9 @@ def health_report(agent, now=None):
         age = now - contact
         reason = "last successful poll was %.0f s ago" % age
     body["seconds_since_last_poll"] = round(age, 1) if contact is not None else None
+    if agent.config.tls_insecure_skip_verify and agent.config.api_url.startswith("https:"):
+        body["warning"] = ("PREFECT_API_TLS_INSECURE_SKIP_VERIFY is on: the API's TLS "
+                           "certificate is not checked")
     failure = agent.journal.failure
     if failure is not None:
         body["status"] = "unhealthy"

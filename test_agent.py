@@ -1990,13 +1990,17 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(served), 3)
 
     def test_an_idle_connection_is_reused_until_the_server_closes_it(self):
-        served, close_after_answer = [], []
+        served, close_after_answer, connections = [], [], itertools.count()
 
         class ClosesWhenTold(QuietHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self):  # one handler per connection: number them
+                super().setup()
+                self.number = next(connections)
+
             def do_GET(self):
-                served.append(self.client_address)
+                served.append(self.number)
                 data = b'{"name": "pool"}'
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
@@ -5733,6 +5737,367 @@ class SystemdTests(unittest.TestCase):
                 proc = subprocess.run([analyze, "verify", path], capture_output=True, text=True,
                                       timeout=60, stdin=subprocess.DEVNULL)
                 self.assertEqual((proc.returncode, proc.stdout + proc.stderr), (0, ""))
+
+
+# -- TLS as Prefect configures it, and Prefect Cloud's shape ------------------------------
+
+
+def make_certificates(directory):
+    """Test CAs and server certificates made with the openssl CLI, in `directory`:
+    ca.pem (the trusted CA), server.pem for 127.0.0.1 signed by it, wrong-name.pem signed by it
+    for another name only, stranger.pem for 127.0.0.1 signed by another CA (unknown), and
+    ca-dir/ holding ca.pem under its hash name (what SSL_CERT_DIR expects)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        require_real("the openssl command, to make a test CA")
+
+    def run(*args):
+        subprocess.run([openssl] + list(args), cwd=directory, check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", *key, "-keyout", ca + ".key", "-out", ca + ".pem", "-days", "2",
+            "-subj", "/CN=agent.py test " + ca, "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, ca, alt_names in (("server", "ca", "IP:127.0.0.1,DNS:localhost"),
+                                ("wrong-name", "ca", "DNS:wrong.example"),
+                                ("stranger", "other-ca", "IP:127.0.0.1")):
+        with open(os.path.join(directory, name + ".ext"), "w") as handle:
+            handle.write("subjectAltName=%s\nbasicConstraints=critical,CA:FALSE\n"
+                         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+                         "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n" % alt_names)
+        run("req", *key, "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=" + name)
+        run("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
+            "-CAcreateserial", "-days", "2", "-extfile", name + ".ext", "-out", name + ".pem")
+    hashed = subprocess.run([openssl, "x509", "-hash", "-noout", "-in", "ca.pem"], cwd=directory,
+                            check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    os.mkdir(os.path.join(directory, "ca-dir"))
+    shutil.copy(os.path.join(directory, "ca.pem"), os.path.join(directory, "ca-dir", hashed + ".0"))
+
+
+class TLSFront:
+    """HTTPS on 127.0.0.1 in front of an http Prefect API (`upstream`, ending in /api), the
+    way Prefect Cloud looks from outside: the API under `prefix` (e.g.
+    /api/accounts/<uuid>/workspaces/<uuid>) and, with `api_key`, a 401 for any request without
+    `Authorization: Bearer <api_key>` (the scheme in any case, as HTTP has it), but for a
+    websocket of the "prefect" subprotocol, whose key comes in its first message, which the
+    server behind checks (Prefect 3.8.8's engine subscribes to events that way, Cloud or not;
+    a server without auth takes any key). Each connection carries one request (sent upstream with
+    Connection: close) or one websocket, relayed byte for byte. `seen` lists
+    (method, path under prefix, User-Agent, status or None when relayed)."""
+
+    def __init__(self, upstream, certificate, key, prefix="/api", api_key=None):
+        import socketserver
+        import ssl
+        parts = urllib.parse.urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.upstream_path = parts.path.rstrip("/")
+        self.prefix, self.api_key = prefix, api_key
+        self.seen = []
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certificate, key)
+        front = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                try:
+                    tls = front.context.wrap_socket(self.request, server_side=True)
+                except OSError:  # ssl.SSLError too: the client refused our certificate
+                    return
+                with tls:
+                    try:
+                        front.serve(tls)
+                    except OSError:
+                        pass  # either side hung up
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "https://127.0.0.1:%d%s" % (self.server.server_address[1], prefix)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def serve(self, tls):
+        reader = tls.makefile("rb")
+        request_line = reader.readline(65537).decode("latin-1")
+        headers = []
+        while True:
+            line = reader.readline(65537).decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            headers.append((name.strip(), value.strip()))
+        words = request_line.split()
+        if len(words) != 3:
+            return
+        method, target, _ = words
+        named = {name.lower(): value for name, value in headers}
+        user_agent = named.get("user-agent", "")
+        if not (target == self.prefix or target.startswith(self.prefix + "/")):
+            return self.answer(tls, 404, {"detail": "Not Found"}, (method, target, user_agent))
+        path = target[len(self.prefix):]
+        scheme, _, key = named.get("authorization", "").partition(" ")
+        in_band = "authorization" not in named and "prefect" in named.get(
+            "sec-websocket-protocol", "")
+        if self.api_key and not in_band and (scheme.lower(), key) != ("bearer", self.api_key):
+            return self.answer(tls, 401, {"detail": "Unauthorized"}, (method, path, user_agent))
+        self.seen.append((method, path, user_agent, None))
+        upgrade = "upgrade" in named
+        head = ["%s %s%s HTTP/1.1" % (method, self.upstream_path, path)]
+        head += ["%s: %s" % item for item in headers
+                 if upgrade or item[0].lower() not in ("connection", "keep-alive")]
+        if not upgrade:
+            head.append("Connection: close")
+        body = reader.read(int(named.get("content-length") or 0))
+        with socket.create_connection(self.upstream, timeout=60) as upstream:
+            upstream.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+            self.relay(tls, upstream)
+
+    @staticmethod
+    def relay(tls, upstream):
+        """Bytes both ways until either side closes (one thread: an SSL socket is not for
+        two threads at once)."""
+        import select
+        while True:
+            ready = [tls] if tls.pending() else select.select([tls, upstream], [], [], 120)[0]
+            if not ready:
+                return
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (upstream if sock is tls else tls).sendall(data)
+
+    def answer(self, tls, status, body, request):
+        self.seen.append(request + (status,))
+        data = json.dumps(body).encode()
+        tls.sendall(b"HTTP/1.1 %d Refused\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(data)) + data)
+
+
+class TLSTests(AgentTestCase):
+    """An https API as Prefect configures it (PREFECT_API_SSL_CERT_FILE, SSL_CERT_FILE,
+    SSL_CERT_DIR, PREFECT_API_TLS_INSECURE_SKIP_VERIFY) and Prefect Cloud's shape (a key
+    refused: 401), against a TLS front over the fake API with CAs made at test time."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.certificates = tempfile.mkdtemp(prefix="agentpy-tls-")
+        try:
+            make_certificates(cls.certificates)
+        except unittest.SkipTest as skip:
+            cls.no_openssl = str(skip)
+        else:
+            cls.no_openssl = None
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.certificates, True)
+
+    def setUp(self):
+        if self.no_openssl:
+            require_real("the openssl command, to make a test CA")
+        super().setUp()
+
+    def certificate(self, name):
+        return os.path.join(self.certificates, name)
+
+    def front(self, server="server", **kwargs):
+        front = TLSFront(self.fake.url, self.certificate(server + ".pem"),
+                         self.certificate(server + ".key"), **kwargs)
+        self.addCleanup(front.close)
+        return front
+
+    def run_agent(self, api, env, *flags, python_flags=()):
+        """agent.py --run-once against `api`, with only `env` for TLS and Prefect settings:
+        (exit code, stdout and stderr)."""
+        clean = {key: value for key, value in os.environ.items()
+                 if not key.startswith(("PREFECT_", "SSL_CERT_"))
+                 and not key.lower().endswith("_proxy")}
+        clean.update(env)
+        started = time.monotonic()
+        done = subprocess.run(
+            [PY] + list(python_flags) + [AGENT_PY, "--api", api, "-p", "pool", "--run-once",
+                                         "--hide-welcome", "--state-dir",
+                                         os.path.join(self.tmp, "state")] + list(flags),
+            env=clean, cwd=self.certificates, capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL)
+        self.elapsed = time.monotonic() - started
+        return done.returncode, done.stdout + done.stderr
+
+    def assert_one_error_line(self, output, *parts):
+        errors = [line for line in output.splitlines() if "ERROR" in line]
+        self.assertEqual(len(errors), 1, output)
+        for part in parts:
+            self.assertIn(part, errors[0], output)
+        self.assertNotIn("Traceback", output)
+        return errors[0]
+
+    def test_a_ca_bundle_in_prefect_api_ssl_cert_file_is_trusted_and_passed_on_to_runs(self):
+        """Given as a relative path: agent.py trusts it, and a run (started in another
+        directory) gets it as an absolute path, with the https API URL."""
+        out = os.path.join(self.tmp, "env.json")
+        code = ("import json,os,sys; json.dump([os.environ.get(k) for k in ("
+                "'PREFECT_API_SSL_CERT_FILE','PREFECT_API_URL')], open(sys.argv[1],'w'))")
+        run = self.fake.add_run(self.deployment(command=py_command(code, out)), pool="pool")
+        front = self.front()
+        code, output = self.run_agent(front.url, {"PREFECT_API_SSL_CERT_FILE": "ca.pem"})
+        self.assertEqual(code, 0, output)
+        self.assertEqual(json.loads(read(out)), [self.certificate("ca.pem"), front.url])
+        self.assertIn("run %s: Process" % run, output)
+        self.assertTrue(front.seen, "the agent did not go through the TLS front")
+
+    def test_ssl_cert_file_and_ssl_cert_dir_are_read_as_ssl_reads_them(self):
+        front = self.front()
+        for env in ({"SSL_CERT_FILE": self.certificate("ca.pem")},
+                    {"SSL_CERT_DIR": self.certificate("ca-dir")}):
+            with self.subTest(env=env):
+                code, output = self.run_agent(front.url, env)
+                self.assertEqual(code, 0, output)
+                self.assertNotIn("WARNING", output)
+
+    def test_an_unknown_ca_fails_at_once_with_one_line_naming_the_url(self):
+        """Signed by a CA that PREFECT_API_SSL_CERT_FILE does not hold, or (no setting) that
+        the system does not know: exit 1, no retries."""
+        for server, env in (("stranger", {"PREFECT_API_SSL_CERT_FILE": "ca.pem"}),
+                            ("server", {})):
+            with self.subTest(server=server, env=env):
+                front = self.front(server)
+                code, output = self.run_agent(front.url, env)
+                self.assertEqual(code, 1, output)
+                self.assert_one_error_line(
+                    output, "the TLS certificate of %s was refused: " % front.url,
+                    "unable to get local issuer certificate", "PREFECT_API_SSL_CERT_FILE")
+                self.assertLess(self.elapsed, 10, "retried: " + output)
+                self.assertEqual(front.seen, [])
+
+    def test_a_certificate_for_another_name_fails_with_one_line_naming_the_url(self):
+        front = self.front("wrong-name")
+        code, output = self.run_agent(front.url, {"PREFECT_API_SSL_CERT_FILE": "ca.pem"})
+        self.assertEqual(code, 1, output)
+        self.assert_one_error_line(output, "the TLS certificate of %s was refused: " % front.url,
+                                   "certificate is not valid for '127.0.0.1'", "--api")
+        self.assertEqual(front.seen, [])
+
+    def test_skip_verify_works_and_warns_at_start_and_in_the_health_report(self):
+        """Also passed on to runs, whose engine reaches the same API."""
+        front = self.front("stranger")
+        out = os.path.join(self.tmp, "skip")
+        code = ("import os,sys; open(sys.argv[1],'w').write("
+                "os.environ['PREFECT_API_TLS_INSECURE_SKIP_VERIFY'])")
+        self.fake.add_run(self.deployment(command=py_command(code, out)), pool="pool")
+        code, output = self.run_agent(front.url, {"PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "True"})
+        self.assertEqual(code, 0, output)
+        self.assertEqual(read(out), "true")
+        warning = [line for line in output.splitlines() if "WARNING" in line]
+        self.assertEqual(len(warning), 1, output)
+        self.assertIn("PREFECT_API_TLS_INSECURE_SKIP_VERIFY is on: the certificate of %s is not "
+                      "checked" % front.url, warning[0])
+        for url, warning in ((front.url, "PREFECT_API_TLS_INSECURE_SKIP_VERIFY is on: the "
+                                          "API's TLS certificate is not checked"),
+                             (self.fake.url, None)):  # no TLS to skip: nothing to warn of
+            state_dir = tempfile.mkdtemp(dir=self.tmp)
+            config = agent.parse_config(
+                agent.parse_flags(["--api", url, "-p", "pool", "--state-dir", state_dir]),
+                {"PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "yes"})
+            subject = agent.Agent(config, api=mock.Mock())
+            self.addCleanup(subject.journal.close)
+            self.assertEqual(agent.health_report(subject)[1].get("warning"), warning)
+
+    def test_a_refused_key_exits_1_with_one_line_naming_the_url_never_the_key(self):
+        """Prefect Cloud's shape: the API under /api/accounts/<id>/workspaces/<id>, and 401
+        for a key it does not know."""
+        prefix = "/api/accounts/%s/workspaces/%s" % (uuid.uuid4(), uuid.uuid4())
+        front = self.front(prefix=prefix, api_key="pnu_right")
+        code, output = self.run_agent(front.url, {"PREFECT_API_SSL_CERT_FILE": "ca.pem",
+                                                  "PREFECT_API_KEY": "pnu_wrong_key"})
+        self.assertEqual(code, 1, output)
+        self.assert_one_error_line(output, "the Prefect API at %s refused our credentials"
+                                   % front.url, "answered 401")
+        self.assertNotIn("pnu_wrong_key", output)
+        self.assertEqual([status for *_, status in front.seen], [401])
+        code, output = self.run_agent(front.url, {"PREFECT_API_SSL_CERT_FILE": "ca.pem",
+                                                  "PREFECT_API_KEY": "pnu_right"})
+        self.assertEqual(code, 0, output)
+
+    def test_settings_are_read_as_prefect_reads_them(self):
+        for text, expected in (("true", True), ("TRUE", True), ("1", True), ("yes", True),
+                               ("y", True), ("on", True), ("t", True), ("false", False),
+                               ("0", False), ("No", False), ("off", False), ("f", False)):
+            self.assertEqual(agent.tls_settings({"PREFECT_API_TLS_INSECURE_SKIP_VERIFY": text}),
+                             (None, expected), text)
+        for text in ("", " true", "2", "verify"):
+            with self.assertRaisesRegex(agent.UsageError, "PREFECT_API_TLS_INSECURE_SKIP_VERIFY"):
+                agent.tls_settings({"PREFECT_API_TLS_INSECURE_SKIP_VERIFY": text})
+        self.assertEqual(agent.tls_settings({"PREFECT_API_SSL_CERT_FILE": ""}), (None, False))
+        self.assertEqual(agent.tls_settings({"PREFECT_API_SSL_CERT_FILE": "ca.pem"})[0],
+                         os.path.join(os.getcwd(), "ca.pem"))
+
+    def test_a_ca_bundle_that_cannot_be_read_exits_2_with_one_line(self):
+        for bundle, reason in (("missing.pem", "No such file or directory"),
+                               ("ca.key", "no certificate")):
+            with self.subTest(bundle=bundle):
+                code, output = self.run_agent("https://127.0.0.1:9/api",
+                                              {"PREFECT_API_SSL_CERT_FILE": bundle})
+                self.assertEqual(code, 2, output)
+                self.assertEqual(len(output.splitlines()), 1, output)
+                self.assertIn("PREFECT_API_SSL_CERT_FILE %r is not a CA bundle agent.py can "
+                              "read: " % self.certificate(bundle), output)
+                self.assertIn(reason, output)
+
+    def test_an_http_api_never_imports_ssl(self):
+        """Start-up time: ssl (4 MB, milliseconds) is for https APIs only, TLS settings or not."""
+        code, output = self.run_agent(self.fake.url, {
+            "PREFECT_API_SSL_CERT_FILE": "ca.pem", "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "1"},
+            python_flags=["-X", "importtime"])
+        self.assertEqual(code, 0, output)
+        imported = [line.rsplit("|", 1)[1].strip() for line in output.splitlines()
+                    if line.startswith("import time:")]
+        self.assertIn("json", imported)
+        self.assertNotIn("ssl", imported)
+        self.assertNotIn("_ssl", imported)
+
+
+class CloudShapeTests(unittest.TestCase):
+    """A real flow through agent.py behind a TLS front shaped like Prefect Cloud (the real
+    Prefect 3 server of RealServerConformance under /api/accounts/<id>/workspaces/<id>, a
+    Bearer key demanded): the flow's engine reaches the API through the front too, trusting
+    the test CA because agent.py passes PREFECT_API_SSL_CERT_FILE on to it."""
+
+    def setUp(self):
+        self.real = RealServerConformance("test_real_flow_completes")
+        self.real.setUp()  # skips, or fails under AGENT_TEST_REQUIRE_REAL=1, like the others
+        self.addCleanup(self.real.doCleanups)
+        self.addCleanup(self.real.tearDown)
+        make_certificates(self.real.tmp)
+
+    def test_a_real_flow_runs_behind_a_cloud_shaped_tls_front(self):
+        real = self.real
+        prefix = "/api/accounts/%s/workspaces/%s" % (uuid.uuid4(), uuid.uuid4())
+        front = TLSFront(real.api, os.path.join(real.tmp, "server.pem"),
+                         os.path.join(real.tmp, "server.key"), prefix=prefix, api_key="pnu_test")
+        self.addCleanup(front.close)
+        real.make_pool()
+        # The run starts in its code directory, where the relative "ca.pem" the agent was
+        # given names nothing: the engine trusts the CA only through what agent.py passes on.
+        deployment = real.real_flow_deployment(working_dir=os.path.join(real.tmp, "code"))
+        run = real.rest.create_flow_run(deployment["id"])
+        # PREFECT_CLOUD_API_URL: the engine (which the agent's environment reaches) takes the
+        # front for Prefect Cloud, and sends the key with its websockets too, as to Cloud.
+        cloud = front.url[:-len(prefix)] + "/api"
+        real.start_agent(api=front.url, env={"PREFECT_API_KEY": "pnu_test",
+                                             "PREFECT_API_SSL_CERT_FILE": "ca.pem",
+                                             "PREFECT_CLOUD_API_URL": cloud})
+        real.expect_final(run["id"], "COMPLETED", 120)
+        self.assertEqual(real.flow_starts(), [run["id"]])
+        self.assertEqual([seen for seen in front.seen if seen[3]], [], "refused")
+        engine = [seen for seen in front.seen if not seen[2].startswith("agent.py/")]
+        self.assertTrue(any(path.startswith("/flow_runs/%s" % run["id"])
+                            for _, path, _, _ in engine), front.seen)
 
 
 class SupervisordTests(AgentTestCase):
