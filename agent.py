@@ -358,11 +358,14 @@ DEFAULT_AGENT_POOL = "default-agent-pool"
 #: Seconds between polls and of prefetch: Prefect's agent defaults (PREFECT_AGENT_*).
 DEFAULT_POLL_SECONDS = 15.0
 DEFAULT_PREFETCH_SECONDS = 15.0
-#: How often the worker heartbeat, pool re-read and --match re-resolution run.
+#: How often the worker heartbeat, pool re-read and --match re-resolution run, unless
+#: PREFECT_WORKER_HEARTBEAT_SECONDS says (Prefect 3.8.8's default is the same); and how long
+#: a deployment or block read stays cached.
 SYNC_SECONDS = 30.0
-#: A sync that falls due between polls waits up to this for the next poll, to share its
-#: wake-up and connection: an idle agent's cost is mostly its wake-ups. Heartbeats stay well
-#: inside the three intervals after which the server marks a worker offline.
+#: A sync that falls due between polls waits up to this (and half the heartbeat interval at
+#: most) for the next poll, to share its wake-up and connection: an idle agent's cost is
+#: mostly its wake-ups. Heartbeats stay well inside the three intervals after which the
+#: server marks a worker offline.
 SYNC_WAITS_FOR_POLL_SECONDS = 15.0
 #: Missed polls after which the health check reports the agent unhealthy.
 UNHEALTHY_AFTER_POLLS = 3
@@ -402,6 +405,7 @@ class Config:
         "queues", "match",  # [str]: queue names and name prefixes, no repeats
         "limit",  # int >= 1, or None: no limit
         "prefetch_seconds", "poll_seconds", "cancel_grace_seconds",  # float
+        "heartbeat_seconds", "request_timeout",  # float
         "drain_timeout",  # float, or None: wait for running flows without limit
         "run_once", "hide_welcome", "show_flow_logs", "keep_leftover_processes",  # bool
         "extra_env",  # {str: str}: set on every run
@@ -680,6 +684,10 @@ def parse_config(args, environ, settings=None):
     poll = _number_setting(args.poll_interval, "--poll-interval", settings,
                            ("PREFECT_WORKER_QUERY_SECONDS", "PREFECT_AGENT_QUERY_INTERVAL"),
                            DEFAULT_POLL_SECONDS)
+    heartbeat = _number_setting(None, "PREFECT_WORKER_HEARTBEAT_SECONDS", settings,
+                                ("PREFECT_WORKER_HEARTBEAT_SECONDS",), SYNC_SECONDS)
+    request_timeout = _number_setting(None, "PREFECT_API_REQUEST_TIMEOUT", settings,
+                                      ("PREFECT_API_REQUEST_TIMEOUT",), REQUEST_TIMEOUT_SECONDS)
     address = args.agent_address or settings.get("PREFECT__CLOUD__AGENT__AGENT_ADDRESS") or None
     health = _http_address(address, "--agent-address") if address else None
     worker_health = _worker_webserver(settings) if args.with_healthcheck else None
@@ -727,6 +735,8 @@ def parse_config(args, environ, settings=None):
         limit=limit,
         prefetch_seconds=prefetch,
         poll_seconds=poll,
+        heartbeat_seconds=heartbeat,
+        request_timeout=request_timeout,
         run_once=args.run_once,
         hide_welcome=args.hide_welcome,
         extra_env=dict(_env_pair(item, environ) for item in args.env),
@@ -1429,9 +1439,10 @@ class PrefectAPI:
         (__version__,) + tuple(sys.version_info[:2]))
 
     def __init__(self, url, api_key=None, auth_string=None, max_retries=5, ssl_cert_file=None,
-                 tls_insecure_skip_verify=False):
+                 tls_insecure_skip_verify=False, request_timeout=REQUEST_TIMEOUT_SECONDS):
         self.url = url.rstrip("/")
         self.max_retries = max_retries
+        self.request_timeout = request_timeout  # seconds a connect, or a wait for an answer, takes
         self._auth = None
         if auth_string:  # Prefect's client prefers the auth string when both are set
             self._auth = basic_auth(auth_string)
@@ -1611,7 +1622,7 @@ class PrefectAPI:
         reused = connection.sock is not None
         stopping = getattr(self._local, "stopping", None)
         connection.set_timeout(STOPPING_REQUEST_SECONDS if stopping is not None and stopping()
-                               else REQUEST_TIMEOUT_SECONDS)
+                               else self.request_timeout)
         try:
             try:
                 answer = connection.request(method, target, headers, data)
@@ -1641,7 +1652,7 @@ class PrefectAPI:
             tunnel = (parts.hostname, port, self._proxy[2]) if self._proxy and tls else None
             connection = HTTPConnection(*address, tls_host=parts.hostname if tls else None,
                                         tls_context=self._tls_context, tunnel=tunnel,
-                                        timeout=REQUEST_TIMEOUT_SECONDS)
+                                        timeout=self.request_timeout)
             local.connection, local.used = connection, time.monotonic()
             with self._connections_lock:
                 self._connections.append(connection)
@@ -5071,7 +5082,8 @@ class Agent:
         self.config = config
         self.api = api or PrefectAPI(config.api_url, config.api_key, config.auth_string,
                                      ssl_cert_file=config.api_ssl_cert_file,
-                                     tls_insecure_skip_verify=config.tls_insecure_skip_verify)
+                                     tls_insecure_skip_verify=config.tls_insecure_skip_verify,
+                                     request_timeout=config.request_timeout)
         self.journal = Journal(config.state_dir, config.pool)
         self.launchers = {name: launcher(config, os.environ) for name, launcher in LAUNCHERS.items()}
         self.jobs = JobBuilder(config, self.api, self.launchers)
@@ -5168,7 +5180,9 @@ class Agent:
             if self.config.run_once and self.last_poll is not None and not self._stopping:
                 self._stopping = True
                 continue  # to the drain at the top: with no run taken, that is the exit
-            sync_at = self._next_sync + (SYNC_WAITS_FOR_POLL_SECONDS if self.pool else 0.0)
+            sync_at = self._next_sync + (min(SYNC_WAITS_FOR_POLL_SECONDS,
+                                             self.config.heartbeat_seconds / 2)
+                                         if self.pool else 0.0)
             wake_at = min(next_poll, sync_at)
             if self.journal.failure:
                 wake_at = min(wake_at, time.monotonic() + Journal.RETRY_SECONDS)
@@ -5267,7 +5281,7 @@ class Agent:
             if not self._said_pool_missing:
                 log.warning("Work pool '%s' not found; not creating it "
                             "(--no-create-pool-if-not-found): looking again every %g s",
-                            self.config.pool, SYNC_SECONDS)
+                            self.config.pool, self.config.heartbeat_seconds)
             self._said_pool_missing = True
             return
         if pool is None:
@@ -5281,14 +5295,14 @@ class Agent:
 
     def _heartbeat(self):
         if self.pool is None:  # not there (--no-create-pool-if-not-found): nothing to beat for
-            self._next_sync = time.monotonic() + SYNC_SECONDS * jitter(0.9, 1.1)
+            self._next_sync = time.monotonic() + self.config.heartbeat_seconds * jitter(0.9, 1.1)
             return
         try:
-            self.api.heartbeat(self.config.pool, self.config.name, SYNC_SECONDS)
+            self.api.heartbeat(self.config.pool, self.config.name, self.config.heartbeat_seconds)
         except APIError as exc:  # answered, but refused: the poll that follows must still go
             log.warning("the worker heartbeat was refused (the pool may show this agent "
                         "offline); polling goes on: %s", exc)
-        self._next_sync = time.monotonic() + SYNC_SECONDS * jitter(0.9, 1.1)
+        self._next_sync = time.monotonic() + self.config.heartbeat_seconds * jitter(0.9, 1.1)
 
     def _create_pool(self):
         pool_type = self.config.pool_type
@@ -5781,7 +5795,7 @@ def worker_health_report(agent, now=None):
 def health_report(agent, now=None):
     """(HTTP status, body) for GET /api/health: healthy while polls keep succeeding."""
     now = time.monotonic() if now is None else now
-    limit = UNHEALTHY_AFTER_POLLS * agent.config.poll_seconds + REQUEST_TIMEOUT_SECONDS / 2
+    limit = UNHEALTHY_AFTER_POLLS * agent.config.poll_seconds + agent.config.request_timeout / 2
     body = {"agent": agent.config.name, "pool": agent.config.pool,
             "runs_in_flight": agent.in_flight_count()}
     contact = agent.last_contact

@@ -4533,6 +4533,18 @@ class FlagParityTests(AgentTestCase):
                 handle.write("{")
             self.parse("-p", "p", "--base-job-template", path)
 
+    def test_the_heartbeat_and_request_timeout_settings_are_prefects(self):
+        env = {"PREFECT_WORKER_HEARTBEAT_SECONDS": "1", "PREFECT_API_REQUEST_TIMEOUT": "7"}
+        with RunningAgent(self.fake, env=env) as running:
+            self.assertEqual(running.agent.api.request_timeout, 7.0)
+            wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3, timeout=5,
+                     what="a heartbeat a second")
+        beats = self.fake.calls("POST", "/heartbeat")
+        self.assertEqual(beats[0][3]["heartbeat_interval_seconds"], 1)
+        for name in env:
+            with self.subTest(name=name), self.assertRaisesRegex(agent.UsageError, name):
+                agent.parse_config(agent.parse_flags(["-p", "p"]), {name: "soon"})
+
     def test_without_creating_the_pool_the_agent_waits_for_it_and_says_so_once(self):
         with mock.patch.object(agent, "SYNC_SECONDS", 0.2), agent_log("WARNING") as logs, \
                 RunningAgent(self.fake, "--no-create-pool-if-not-found"):
