@@ -884,7 +884,7 @@ def parse_toml(text, only=()):
     by read_small_toml. `only` names the table wanted (("tool", "prefect") of a
     pyproject.toml), which the small reader confines itself to."""
     try:
-        import tomllib
+        import tomllib  # novermin (guarded: 3.11+, else the small reader)
     except ImportError:
         return read_small_toml(text, only)
     try:
