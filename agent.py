@@ -362,9 +362,9 @@ DEFAULT_PREFETCH_SECONDS = 15.0
 #: PREFECT_WORKER_HEARTBEAT_SECONDS says (Prefect 3.8.8's default is the same); and how long
 #: a deployment or block read stays cached.
 SYNC_SECONDS = 30.0
-#: A sync that falls due between polls waits up to this (and half the heartbeat interval at
-#: most) for the next poll, to share its wake-up and connection: an idle agent's cost is
-#: mostly its wake-ups. Heartbeats stay well inside the three intervals after which the
+#: A sync that falls due between polls waits up to this (and one heartbeat interval at most)
+#: for the next poll, to share its wake-up and connection: an idle agent's cost is mostly its
+#: wake-ups. A heartbeat then comes within two intervals, inside the three after which the
 #: server marks a worker offline.
 SYNC_WAITS_FOR_POLL_SECONDS = 15.0
 #: Missed polls after which the health check reports the agent unhealthy.
@@ -5181,7 +5181,7 @@ class Agent:
                 self._stopping = True
                 continue  # to the drain at the top: with no run taken, that is the exit
             sync_at = self._next_sync + (min(SYNC_WAITS_FOR_POLL_SECONDS,
-                                             self.config.heartbeat_seconds / 2)
+                                             self.config.heartbeat_seconds)
                                          if self.pool else 0.0)
             wake_at = min(next_poll, sync_at)
             if self.journal.failure:

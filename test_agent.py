@@ -2640,9 +2640,10 @@ class PoolTests(AgentTestCase):
         self.assertEqual(self.fake.pool("pool")["status"], "READY")
 
     def test_the_sync_rides_a_polls_wake_up(self):
-        # Syncs fall due every 0.3 s, polls every 1 s: each sync must wait for a poll and go
-        # out with it (pool read, heartbeat, poll), rather than wake the agent (and open a
-        # connection) on its own. The first pass polls first, heartbeat last.
+        # Syncs fall due every 0.6 s, polls every 1 s: each sync must wait for a poll (up to
+        # a heartbeat interval) and go out with it (pool read, heartbeat, poll), rather than
+        # wake the agent (and open a connection) on its own. The first pass polls first,
+        # heartbeat last.
         self.fake.add_pool("pool")
 
         def paths_and_beats():
@@ -2653,7 +2654,7 @@ class PoolTests(AgentTestCase):
             paths, beats = paths_and_beats()
             return len(beats) >= 3 and "get_scheduled_flow_runs" in paths[beats[-1]:]
 
-        with mock.patch.object(agent, "SYNC_SECONDS", 0.3):
+        with mock.patch.object(agent, "SYNC_SECONDS", 0.6):
             with RunningAgent(self.fake, "--poll-interval", "1"):
                 wait_for(three_syncs_and_their_polls, what="3 syncs, each with its poll")
         paths, beats = paths_and_beats()
