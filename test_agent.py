@@ -1513,6 +1513,23 @@ class AgentTestCase(unittest.TestCase):
             json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
 
+    def assert_kill_9_and_restart_end_every_run_once(self, runs, *flags):
+        """`runs` ({run: the final state it must reach}) start under an agent process that is
+        killed with SIGKILL (no chance to clean up); a second one on its journal adopts them,
+        and each ends as it must, started once."""
+        first = AgentProcess(self, self.fake, *flags)
+        wait_for(lambda: len(self.started_ids()) == len(runs), what="every run started")
+        first.proc.kill()
+        first.wait(10)
+        second = AgentProcess(self, self.fake, *flags, state_dir=first.state_dir)
+        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
+                 timeout=30, what="every run final")
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        self.assertEqual({r: final_type(self.fake, r) for r in runs}, runs)
+        self.assertEqual(sorted(self.started_ids()), sorted(runs))
+        self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
+
     def deployment(self, pool="pool", **job_variables):
         if self.fake.pool(pool) is None:
             self.fake.add_pool(pool)
@@ -3877,18 +3894,7 @@ class RecoveryTests(AgentTestCase):
         runs = {self.fake.add_run(slow_ok, pool="pool"): "COMPLETED",
                 self.fake.add_run(slow_fail, pool="pool"): "CRASHED",
                 self.fake.add_run(quick, pool="pool"): "COMPLETED"}
-        first = AgentProcess(self, self.fake)
-        wait_for(lambda: len(self.started_ids()) == 3, what="3 starts")
-        first.proc.kill()  # SIGKILL: no chance to clean up
-        first.wait(10)
-        second = AgentProcess(self, self.fake, state_dir=first.state_dir)
-        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
-                 timeout=30, what="every run final")
-        second.signal(signal.SIGTERM)
-        self.assertEqual(second.wait(15), 0, second.output())
-        self.assertEqual({r: final_type(self.fake, r) for r in runs}, runs)
-        self.assertEqual(sorted(self.started_ids()), sorted(runs))
-        self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
+        self.assert_kill_9_and_restart_end_every_run_once(runs)
 
     def claimed_before_a_restart(self, then=None):
         """(run, state dir) for a run claimed by an agent that died before starting it; `then`
@@ -5583,19 +5589,7 @@ class InfrastructureBlockTests(AgentTestCase):
             self.markers, "import time; time.sleep(2); sys.exit(3)"))})
         runs = {self.fake.add_run(slow, pool=self.POOL, queue="agentq"): "COMPLETED",
                 self.fake.add_run(failing, pool=self.POOL, queue="agentq"): "CRASHED"}
-        flags = ("-p", self.POOL, "-q", "agentq")
-        first = AgentProcess(self, self.fake, *flags)
-        wait_for(lambda: len(self.started_ids()) == 2, what="2 starts")
-        first.proc.kill()
-        first.wait(10)
-        second = AgentProcess(self, self.fake, *flags, state_dir=first.state_dir)
-        wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
-                 timeout=30, what="every run final")
-        second.signal(signal.SIGTERM)
-        self.assertEqual(second.wait(15), 0, second.output())
-        self.assertEqual({r: final_type(self.fake, r) for r in runs}, runs)
-        self.assertEqual(sorted(self.started_ids()), sorted(runs))
-        self.assertIn("adopted process", " ".join(m for r in runs for m in self.fake.logs(r)))
+        self.assert_kill_9_and_restart_end_every_run_once(runs, "-p", self.POOL, "-q", "agentq")
 
     def test_the_agent_pool_says_blocks_decide(self):
         self.block_deployment("process", {})
