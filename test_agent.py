@@ -8069,6 +8069,10 @@ class RealServerConformance(unittest.TestCase):
                              capture_output=True, text=True, timeout=60)
         return out.stdout.split()
 
+    def remove_containers_of(self, run_id):
+        for container in self.containers_of(run_id):
+            subprocess.run(["docker", "rm", "-f", container], capture_output=True, timeout=60)
+
     def test_docker_a_real_flow_completes_in_a_container(self):
         """(issue 4) A real flow runs in a real container (host network, code mounted)."""
         dep = self.docker_deployment(auto_remove=True)
@@ -8082,6 +8086,7 @@ class RealServerConformance(unittest.TestCase):
         """(issue 4) The container's exit code drives Crashed exactly as a process's does."""
         dep = self.docker_deployment(command="sh -c 'echo going down; exit 3'")
         run_id = self.rest.create_flow_run(dep["id"])["id"]
+        self.addCleanup(self.remove_containers_of, run_id)  # kept: the default is no auto_remove
         self.start_agent()
         st = self.expect_final(run_id, "CRASHED", 120)
         self.assertIn("status code 3", st[2])
