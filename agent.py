@@ -857,7 +857,7 @@ def parse_dotenv(text):
     comment after whitespace. No ${VAR} expansion, no value spanning lines."""
     values = {}
     for number, line in enumerate(text.splitlines(), 1):
-        match = _DOTENV_LINE.match(line)
+        match = re.compile(_DOTENV_LINE).match(line)
         if match is None:
             raise SettingsSyntaxError("line %d is not KEY=VALUE" % number)
         key, single, double, bare = match.groups()
@@ -866,16 +866,18 @@ def parse_dotenv(text):
         if single is not None:
             values[key] = single
         elif double is not None:
-            values[key] = _DOTENV_ESCAPE.sub(
+            values[key] = re.compile(_DOTENV_ESCAPE).sub(
                 lambda escape: _DOTENV_ESCAPES.get(escape.group(1), escape.group(0)), double)
         else:
             values[key] = re.sub(r"\s+#.*", "", bare).strip()
     return values
 
 
-_DOTENV_LINE = re.compile(r"""\s*(?:\#.*)?$|\s*(?:export\s+)?([^=\#\s'"]+)\s*=\s*(?:
-    '([^']*)'|"((?:[^"\\]|\\.)*)"|(?![\s'"])([^\r\n]*))\s*(?:\#.*)?$""", re.X)
-_DOTENV_ESCAPE = re.compile(r"\\(.)")
+# The patterns of the settings readers stay strings, compiled (and cached by re) at first
+# use, as IMAGE_REFERENCE's do: compiling them at import would cost every start 2 ms.
+_DOTENV_LINE = r"""(?x)\s*(?:\#.*)?$|\s*(?:export\s+)?([^=\#\s'"]+)\s*=\s*(?:
+    '([^']*)'|"((?:[^"\\]|\\.)*)"|(?![\s'"])([^\r\n]*))\s*(?:\#.*)?$"""
+_DOTENV_ESCAPE = r"\\(.)"
 _DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
 
 
@@ -918,37 +920,37 @@ def read_small_toml(text, only=()):
     return root
 
 
-_TOML_SPACE = re.compile(r"[ \t]*")
-_TOML_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_TOML_END = re.compile(r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?$")
-_TOML_NUMBER = re.compile(r"""(?x)
+_TOML_SPACE = r"[ \t]*"
+_TOML_BARE_KEY = r"[A-Za-z0-9_-]+"
+_TOML_END = r"[ \t]*(?:#[^\x00-\x08\x0a-\x1f\x7f]*)?$"
+_TOML_NUMBER = r"""(?x)
     (?P<based>0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|0o[0-7](?:_?[0-7])*|0b[01](?:_?[01])*)
   | (?P<float>[+-]?(?:0|[1-9](?:_?[0-9])*)
         (?:\.[0-9](?:_?[0-9])*(?:[eE][+-]?[0-9](?:_?[0-9])*)?|[eE][+-]?[0-9](?:_?[0-9])*))
   | [+-]?(?:inf|nan)
-  | (?P<int>[+-]?(?:0|[1-9](?:_?[0-9])*))""")
-_TOML_STRING_CHARS = {"'": re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*"),
-                      '"': re.compile(r'(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*')}
-_TOML_ESCAPE = re.compile(r"\\(?:([btnfr\"\\])|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))", re.S)
+  | (?P<int>[+-]?(?:0|[1-9](?:_?[0-9])*))"""
+_TOML_STRING_CHARS = {"'": r"[^'\x00-\x08\x0a-\x1f\x7f]*",
+                      '"': r'(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*'}
+_TOML_ESCAPE = r"(?s)\\(?:([btnfr\"\\])|u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|(.))"
 _TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
 
 
 def _toml_line(line, table):
     """Adds a `key = value` line to table; the key path of a [header] line; None for a
     blank or a comment."""
-    at = _TOML_SPACE.match(line).end()
-    if _TOML_END.match(line, at):
+    at = re.compile(_TOML_SPACE).match(line).end()
+    if re.compile(_TOML_END).match(line, at):
         return None
     if line.startswith("[", at):
         return _toml_header(line)
     key, at = _toml_key(line, at)
-    at = _TOML_SPACE.match(line, at).end()
+    at = re.compile(_TOML_SPACE).match(line, at).end()
     if line.startswith(".", at):
         raise SettingsSyntaxError("dotted keys need Python 3.11's tomllib; use a [table]")
     if not line.startswith("=", at):
         raise SettingsSyntaxError("expected '=' after the key")
-    value, at = _toml_value(line, _TOML_SPACE.match(line, at + 1).end())
-    if not _TOML_END.match(line, at):
+    value, at = _toml_value(line, re.compile(_TOML_SPACE).match(line, at + 1).end())
+    if not re.compile(_TOML_END).match(line, at):
         raise SettingsSyntaxError("unexpected text after the value")
     if key in table:
         raise SettingsSyntaxError("a key defined twice")
@@ -958,7 +960,7 @@ def _toml_line(line, table):
 
 def _toml_header(line, lenient=False):
     """The key path of a [table] header line; None for any other line when lenient."""
-    at = _TOML_SPACE.match(line).end()
+    at = re.compile(_TOML_SPACE).match(line).end()
     try:
         if not line.startswith("[", at) or line.startswith("[[", at):
             if lenient:
@@ -966,13 +968,13 @@ def _toml_header(line, lenient=False):
             raise SettingsSyntaxError("arrays of tables need Python 3.11's tomllib")
         path, at = [], at + 1
         while True:
-            key, at = _toml_key(line, _TOML_SPACE.match(line, at).end())
+            key, at = _toml_key(line, re.compile(_TOML_SPACE).match(line, at).end())
             path.append(key)
-            at = _TOML_SPACE.match(line, at).end()
+            at = re.compile(_TOML_SPACE).match(line, at).end()
             if not line.startswith(".", at):
                 break
             at += 1
-        if not line.startswith("]", at) or not _TOML_END.match(line, at + 1):
+        if not line.startswith("]", at) or not re.compile(_TOML_END).match(line, at + 1):
             raise SettingsSyntaxError("a [table] header must end with ']'")
     except SettingsSyntaxError:
         if lenient:
@@ -982,7 +984,7 @@ def _toml_header(line, lenient=False):
 
 
 def _toml_key(line, at):
-    bare = _TOML_BARE_KEY.match(line, at)
+    bare = re.compile(_TOML_BARE_KEY).match(line, at)
     if bare:
         return bare.group(), bare.end()
     if line.startswith(("'", '"'), at) and not line.startswith(("'''", '"""'), at):
@@ -996,10 +998,10 @@ def _toml_value(line, at):
             raise SettingsSyntaxError("multi-line strings need Python 3.11's tomllib")
         return _toml_string(line, at)
     for word, value in (("true", True), ("false", False)):
-        if line.startswith(word, at) and _TOML_END.match(line, at + len(word)):
+        if line.startswith(word, at) and re.compile(_TOML_END).match(line, at + len(word)):
             return value, at + len(word)
-    number = _TOML_NUMBER.match(line, at)
-    if number and _TOML_END.match(line, number.end()):
+    number = re.compile(_TOML_NUMBER).match(line, at)
+    if number and re.compile(_TOML_END).match(line, number.end()):
         text = number.group().replace("_", "")
         if number.group("int") or number.group("based"):
             return int(text, 0), number.end()
@@ -1010,12 +1012,12 @@ def _toml_value(line, at):
 
 def _toml_string(line, at):
     quote = line[at]
-    body = _TOML_STRING_CHARS[quote].match(line, at + 1)
+    body = re.compile(_TOML_STRING_CHARS[quote]).match(line, at + 1)
     if not line.startswith(quote, body.end()):
         raise SettingsSyntaxError("a string without its closing quote")
     text = body.group()
     if quote == '"':
-        text = _TOML_ESCAPE.sub(_toml_unescape, text)
+        text = re.compile(_TOML_ESCAPE).sub(_toml_unescape, text)
     return text, body.end() + 1
 
 
