@@ -2018,12 +2018,13 @@ class ClientTests(unittest.TestCase):
 
             def do_GET(self):
                 served.append(self.number)
+                # Read before answering: the client clears the list once it has the answer.
+                self.close_connection = bool(close_after_answer)
                 data = b'{"name": "pool"}'
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                self.close_connection = bool(close_after_answer)
 
         api = agent.PrefectAPI("http://127.0.0.1:%d/api" % self.serve(ClosesWhenTold),
                                max_retries=0)
