@@ -4588,8 +4588,9 @@ class MetricsTests(AgentTestCase):
         return samples
 
     def test_the_counts_follow_what_the_agent_did(self):
-        ok = self.deployment(command=marker_command(self.markers, REPORT_STATES, "RUNNING",
-                                                    "COMPLETED"))
+        # The process outlives its COMPLETED report a little, as a real engine's does.
+        ok = self.deployment(command=marker_command(
+            self.markers, REPORT_STATES + "import time; time.sleep(0.5)\n", "RUNNING", "COMPLETED"))
         crash = self.deployment(command=marker_command(self.markers, "sys.exit(3)"))
         with RunningAgent(self.fake) as running:
             server = agent.start_health_server(running.agent, "127.0.0.1", 0,
@@ -4601,6 +4602,9 @@ class MetricsTests(AgentTestCase):
             runs = [self.fake.add_run(ok, pool="pool"), self.fake.add_run(crash, pool="pool")]
             wait_for(lambda: [final_type(self.fake, r) for r in runs] == ["COMPLETED", "CRASHED"],
                      what="both runs final")
+            # The flow reports COMPLETED itself, before its process exits: wait for the
+            # exits (a slot is freed after its report is owed), then for the reports.
+            wait_for(lambda: running.agent.in_flight_count() == 0, what="both exits seen")
             wait_for(lambda: running.agent.reporter.flush(0), what="reports delivered")
             after = self.scrape(url)
         grew = lambda key: after.get(key, 0) - before.get(key, 0)
