@@ -5975,12 +5975,13 @@ BANNER = """\
  %s"""
 
 
-def install_flags(argv, config, leave_out=()):
+def install_flags(argv, config, environ, leave_out=()):
     """What `install` writes for the flags in argv: (the flags, the variables whose values
-    come from the service manager's environment). No secret is among the flags: a --key flag
-    is dropped and the key, like the auth string and the value of each --env KEY=VALUE (which
-    becomes --env KEY), is one of those variables (or keep using --key-file); a password in
-    --api, which the agent never uses, is left out. Flags named in `leave_out` are dropped."""
+    come from the service manager's environment, the settings written out as (name, value)).
+    No secret is among the flags: a --key flag is dropped and the key, like the auth string
+    and the value of each --env KEY=VALUE (which becomes --env KEY), is one of those variables
+    (or keep using --key-file); a password in --api, which the agent never uses, is left out.
+    Flags named in `leave_out` are dropped."""
     flags, from_environment, given = [], [], set()
     for flag, name, value in _flag_items(argv):
         long_name = flag[0][-1]
@@ -5999,17 +6000,51 @@ def install_flags(argv, config, leave_out=()):
         from_environment.append("PREFECT_API_KEY")
     if config.auth_string:
         from_environment.append("PREFECT_API_AUTH_STRING")
-    return flags, list(dict.fromkeys(from_environment))
+    from_environment = list(dict.fromkeys(from_environment))
+    settings_flags, settings = _settings_to_carry(given, config, environ)
+    return (flags + settings_flags, from_environment,
+            [(name, value) for name, value in settings if name not in from_environment])
+
+
+def _settings_to_carry(given, config, environ):
+    """The service will not see the environment, .env, prefect.toml or profile that `install`
+    read its settings from (nor its working directory), so what they set travels along: as a
+    flag where there is one, else as (name, value), none of them secret."""
+    flags, settings = [], []
+    if "--poll-interval" not in given and config.poll_seconds != DEFAULT_POLL_SECONDS:
+        flags += ["--poll-interval", repr(config.poll_seconds)]
+    if "--prefetch-seconds" not in given and config.prefetch_seconds != DEFAULT_PREFETCH_SECONDS:
+        flags += ["--prefetch-seconds", repr(config.prefetch_seconds)]
+    if "--agent-address" not in given and config.health_address:
+        host, port = config.health_address
+        flags += ["--agent-address", "http://%s:%d" % ("[%s]" % host if ":" in host else host,
+                                                       port)]
+    if config.api_ssl_cert_file:
+        settings.append(("PREFECT_API_SSL_CERT_FILE", config.api_ssl_cert_file))
+    if config.tls_insecure_skip_verify:
+        settings.append(("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "true"))
+    if config.request_timeout != REQUEST_TIMEOUT_SECONDS:
+        settings.append(("PREFECT_API_REQUEST_TIMEOUT", repr(config.request_timeout)))
+    if config.heartbeat_seconds != SYNC_SECONDS:
+        settings.append(("PREFECT_WORKER_HEARTBEAT_SECONDS", repr(config.heartbeat_seconds)))
+    if config.worker_health_address not in (None, DEFAULT_WORKER_WEBSERVER):
+        host, port = config.worker_health_address
+        settings += [("PREFECT_WORKER_WEBSERVER_HOST", host),
+                     ("PREFECT_WORKER_WEBSERVER_PORT", str(port))]
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):  # read by ssl's default context
+        if environ.get(name):
+            settings.append((name, os.path.abspath(environ[name])))
+    return flags, settings
 
 
 def service_name(config):
     return re.sub(r"[^A-Za-z0-9_-]", "-", "prefect-agent-%s" % config.pool)
 
 
-def supervisord_section(argv, config, executable, script):
-    """A supervisord [program] section running the agent with the same flags, secrets read
-    from supervisord's own environment (install_flags)."""
-    flags, names = install_flags(argv, config)
+def supervisord_section(argv, config, environ, executable, script):
+    """A supervisord [program] section running the agent with the same flags and settings,
+    secrets read from supervisord's own environment (install_flags)."""
+    flags, names, settings = install_flags(argv, config, environ)
     program = service_name(config)
     command = " ".join(shlex.quote(part) for part in [executable, script] + flags)
     lines = [
@@ -6034,8 +6069,23 @@ def supervisord_section(argv, config, executable, script):
         # supervisord expands %(ENV_KEY)s from its own environment when it reads the file.
         lines.append("; set %s in supervisord's environment: secrets stay out of argv and "
                      "of this file" % ", ".join(names))
-        lines.append("environment=" + ",".join('%s="%%(ENV_%s)s"' % (key, key) for key in names))
+    if names or settings:
+        pairs = ['%s="%%(ENV_%s)s"' % (key, key) for key in names]
+        pairs += ["%s=%s" % (key, _supervisord_value(key, value)) for key, value in settings]
+        lines.append("environment=" + ",".join(pairs))
     return "\n".join(lines) + "\n"
+
+
+def _supervisord_value(name, value):
+    """`value` quoted for supervisord's environment= (supervisor 4.2: shlex without escapes,
+    then the quotes stripped from both ends), its % doubled for the file's interpolation."""
+    quote = "'" if '"' in value else '"'
+    if quote in value or value[:1] in "'\"" or value[-1:] in "'\"" or \
+            re.search(r"[\x00-\x1f\x7f]", value):
+        raise UsageError("%s=%r cannot be written in supervisord's environment= (quotes of both "
+                         "kinds, a quote at an end, or a control character); set it in "
+                         "supervisord's own environment instead" % (name, value))
+    return quote + value.replace("%", "%%") + quote
 
 
 #: The longest an agent takes to exit once its drain ends: terminating the runs left
@@ -6044,11 +6094,11 @@ def supervisord_section(argv, config, executable, script):
 EXIT_AFTER_DRAIN_SECONDS = STOP_GRACE_SECONDS + 5 + REPORT_FLUSH_SECONDS + 5 + 10
 
 
-def systemd_unit(argv, config, executable, script):
-    """A systemd service unit running the agent with the same flags: secrets in an
-    EnvironmentFile (install_flags), the journal in the unit's StateDirectory (a --state-dir
-    flag is replaced), a stop that signals the agent alone and lets it drain."""
-    flags, names = install_flags(argv, config, leave_out=("--state-dir",))
+def systemd_unit(argv, config, environ, executable, script):
+    """A systemd service unit running the agent with the same flags and settings: secrets in
+    an EnvironmentFile (install_flags), the journal in the unit's StateDirectory (a
+    --state-dir flag is replaced), a stop that signals the agent alone and lets it drain."""
+    flags, names, settings = install_flags(argv, config, environ, leave_out=("--state-dir",))
     unit = service_name(config)
     command = " ".join(_systemd_word(part) for part in [executable, script] + flags)
     if config.drain_timeout is None:
@@ -6088,6 +6138,8 @@ def systemd_unit(argv, config, executable, script):
         "# TimeoutStopSec bounds the drain, before SIGKILL: " + stop_comment,
         "TimeoutStopSec=%d" % stop_seconds,
     ]
+    lines += ["Environment=%s" % _systemd_word("%s=%s" % pair, variables=False)
+              for pair in settings]
     if names:
         lines += [
             "# Secrets stay out of argv and of this file: /etc/%s.env" % unit,
@@ -6101,12 +6153,14 @@ def systemd_unit(argv, config, executable, script):
     return "\n".join(lines) + "\n"
 
 
-def _systemd_word(text):
-    """`text` as one word of an ExecStart= line: double-quoted with C escapes unless plain,
-    and with systemd's specifiers (%) and variables ($) doubled so they stay literal."""
+def _systemd_word(text, variables=True):
+    """`text` as one word of an ExecStart= (or Environment=) line: double-quoted with C
+    escapes unless plain, and with systemd's specifiers (%) and, where it substitutes
+    variables (ExecStart=), its $ doubled so they stay literal."""
     if not re.match(r"^[A-Za-z0-9_@%+=:,./-]+$", text):
         text = '"%s"' % re.sub(r'[\\"]|[\x00-\x1f\x7f]', _c_escape, text)
-    return text.replace("%", "%%").replace("$", "$$")
+    text = text.replace("%", "%%")
+    return text.replace("$", "$$") if variables else text
 
 
 def _c_escape(match):
@@ -6176,7 +6230,11 @@ def start_agent(argv=None):
         usage_exit(exc)
     if command == "install":
         write = systemd_unit if systemd else supervisord_section
-        sys.stdout.write(write(argv, config, sys.executable, os.path.abspath(__file__)))
+        try:
+            sys.stdout.write(write(argv, config, os.environ, sys.executable,
+                                   os.path.abspath(__file__)))
+        except UsageError as exc:
+            usage_exit(exc)
         return None
     log.level = INFO
     if config.install_policy:

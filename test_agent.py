@@ -3446,6 +3446,15 @@ class ShippedFilesTests(unittest.TestCase):
         self.assertNotIn("s3cret", text)
         self.assertNotIn("hunter2", text)
 
+    def test_a_setting_supervisord_cannot_carry_is_one_line_and_exit_2(self):
+        env = dict(os.environ, SSL_CERT_DIR="it's \"x\"")
+        proc = subprocess.run([PY, AGENT_PY, "install", "--pool", "p"], capture_output=True,
+                              text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
+        self.assertEqual((proc.returncode, proc.stdout), (2, ""))
+        self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+        self.assertIn("SSL_CERT_DIR=", proc.stderr)
+        self.assertIn("set it in supervisord's own environment instead", proc.stderr)
+
     def test_banner_and_started_line(self):
         fake = FakePrefect()
         fake.start()
@@ -5619,14 +5628,16 @@ def systemd_unit_settings(unit):
     return settings
 
 
-def systemd_command(line, state_root="/var/lib"):
-    """The argv systemd runs for an ExecStart= value: specifiers (%% and %S) and $$ first (a
-    lone $ is refused: systemd would substitute a variable there), then words split as
-    systemd.syntax(7) says: quotes anywhere in a word, C escapes."""
+def systemd_command(line, state_root="/var/lib", variables=True):
+    """The argv systemd runs for an ExecStart= value (the assignments of an Environment= one,
+    without `variables`): specifiers (%% and %S) and $$ first (a lone $ is refused: systemd
+    would substitute a variable there), then words split as systemd.syntax(7) says: quotes
+    anywhere in a word, C escapes."""
     line = re.sub(r"%(.)", lambda m: {"%": "%", "S": state_root}[m.group(1)], line)
-    if "$" in line.replace("$$", ""):
-        raise ValueError("systemd would substitute a variable in %r" % line)
-    line = line.replace("$$", "$")
+    if variables:
+        if "$" in line.replace("$$", ""):
+            raise ValueError("systemd would substitute a variable in %r" % line)
+        line = line.replace("$$", "$")
     words, word, quote, i = [], None, None, 0
     while i < len(line):
         char = line[i]
@@ -5662,10 +5673,10 @@ class SystemdTests(unittest.TestCase):
              "--name", "w \"quoted\" $HOME ${HOME} ;\\ \t", "-q", "50%S 'q'\n"]
     UNIT = "prefect-agent-pool"
 
-    def install(self, *flags, env=None):
+    def install(self, *flags, env=None, cwd=None):
         proc = subprocess.run([PY, AGENT_PY, "install", "--systemd"] + list(flags),
                               capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
-                              env=dict(os.environ, **(env or {})))
+                              env=dict(os.environ, **(env or {})), cwd=cwd)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         return proc.stdout
 
@@ -5696,6 +5707,45 @@ class SystemdTests(unittest.TestCase):
         self.assertEqual((started.name, started.queues), ("w \"quoted\" $HOME ${HOME} ;\\ \t",
                                                          ["50%S 'q'\n"]))
         self.assertEqual(argv.count("--state-dir"), 1, argv)
+
+    def test_settings_from_the_profile_environment_and_directory_travel_into_the_unit(self):
+        """The service sees neither the shell's environment nor its profile nor its working
+        directory: without them the unit's agent polled, timed out and trusted otherwise."""
+        work = tempfile.mkdtemp(dir=STATE_ROOT)
+        home = os.path.join(work, "prefect-home")
+        os.mkdir(home)
+        with open(os.path.join(home, "profiles.toml"), "w") as handle:
+            handle.write('active = "ops"\n[profiles.ops]\nPREFECT_WORKER_QUERY_SECONDS = "7.5"\n'
+                         'PREFECT_WORKER_HEARTBEAT_SECONDS = "12"\n'
+                         'PREFECT_WORKER_WEBSERVER_PORT = "8181"\n'
+                         'PREFECT_API_URL = "https://profile.example/api"\n')
+        env = {"PREFECT_HOME": home, "PREFECT_API_SSL_CERT_FILE": "ca 100% \"ours\" $x.pem",
+               "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": "yes", "PREFECT_API_REQUEST_TIMEOUT": "45",
+               "PREFECT_WORKER_PREFETCH_SECONDS": "3", "SSL_CERT_DIR": "certs",
+               "PREFECT__CLOUD__AGENT__AGENT_ADDRESS": "http://127.0.0.1:8765"}
+        flags = ["--pool", "pool", "--with-healthcheck", "--name", "w"]
+        settings = systemd_unit_settings(self.install(*flags, env=env, cwd=work))
+        unit_env = {"PATH": os.environ["PATH"], "HOME": os.path.join(work, "no-home")}
+        for line in settings["Service", "Environment"]:
+            (assignment,) = systemd_command(line, variables=False)
+            unit_env.update([assignment.split("=", 1)])
+        self.assertEqual(unit_env["SSL_CERT_DIR"], os.path.join(work, "certs"))
+        argv = systemd_command(settings["Service", "ExecStart"][0])
+        cwd = os.getcwd()
+        self.addCleanup(os.chdir, cwd)
+        os.chdir(work)
+        given_env = dict(os.environ, **env)
+        given = agent.parse_config(agent.parse_flags(flags), given_env,
+                                   agent.read_settings(given_env))
+        os.chdir(home)  # the service's directory is another: nothing may depend on it
+        started = agent.parse_config(agent.parse_flags(argv[2:]), unit_env,
+                                     agent.read_settings(unit_env))
+        fields = lambda config: {name: getattr(config, name) for name in agent.Config.__slots__
+                                 if name not in ("state_dir", "api_url_source")}
+        self.assertEqual(fields(started), fields(given))
+        self.assertEqual((started.poll_seconds, started.heartbeat_seconds,
+                          started.worker_health_address, started.api_ssl_cert_file),
+                         (7.5, 12, ("0.0.0.0", 8181), os.path.join(work, 'ca 100% "ours" $x.pem')))
 
     def test_a_stop_signals_the_agent_alone_and_waits_for_its_drain(self):
         settings = systemd_unit_settings(self.install("--pool", "pool"))
@@ -5741,11 +5791,14 @@ class SystemdTests(unittest.TestCase):
         if not analyze:
             require_real("systemd-analyze (Debian: apt-get install systemd)")
         work = tempfile.mkdtemp(dir=STATE_ROOT)
-        for flags in (self.FLAGS, ["--pool", "pool", "--drain-timeout", "1.5"]):
+        settings = {"PREFECT_API_SSL_CERT_FILE": 'ca 100% "q" $x.pem',
+                    "PREFECT_API_REQUEST_TIMEOUT": "45", "FROM_AGENT": "x"}
+        for flags, env in ((self.FLAGS, {"FROM_AGENT": "x"}), (["--pool", "pool"], settings),
+                           (["--pool", "pool", "--drain-timeout", "1.5"], {})):
             with self.subTest(flags=flags):
                 path = os.path.join(work, self.UNIT + ".service")
                 with open(path, "w") as handle:
-                    handle.write(self.install(*flags, env={"FROM_AGENT": "x"}))
+                    handle.write(self.install(*flags, env=env))
                 proc = subprocess.run([analyze, "verify", path], capture_output=True, text=True,
                                       timeout=60, stdin=subprocess.DEVNULL)
                 self.assertEqual((proc.returncode, proc.stdout + proc.stderr), (0, ""))
@@ -6125,12 +6178,13 @@ class SupervisordTests(AgentTestCase):
                 self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
             self.skipTest(reason)
 
-    def supervisor_conf(self):
+    def supervisor_conf(self, env=None):
         section = subprocess.run(
             [PY, AGENT_PY, "install", "--pool", "pool", "--api", self.fake.url, "--hide-welcome",
              "--poll-interval", "0.2", "--prefetch-seconds", "0", "--name", "sv-agent",
              "--state-dir", os.path.join(self.tmp, "state")],
-            capture_output=True, text=True, timeout=30, check=True).stdout
+            capture_output=True, text=True, timeout=30, check=True, cwd=self.tmp,
+            env=dict(os.environ, **(env or {}))).stdout
         section = re.sub(r"stdout_logfile=.*", "stdout_logfile=%s" % os.path.join(
             self.tmp, "agent.log").replace("%", "%%"), section)
         path = os.path.join(self.tmp, "supervisord.conf")
@@ -6152,6 +6206,25 @@ class SupervisordTests(AgentTestCase):
         ctl = os.path.join(os.path.dirname(self.supervisord), "supervisorctl")
         return subprocess.run([ctl, "-c", conf] + list(args), capture_output=True, text=True,
                               timeout=120).stdout
+
+    def test_the_settings_install_read_reach_the_agent_and_its_runs(self):
+        """supervisord's environment is not the shell's where `install` ran."""
+        seen = os.path.join(self.tmp, "seen")
+        dep = self.deployment(command=marker_command(
+            self.markers, "open(sys.argv[1], 'w').write(os.environ.get('SSL_CERT_DIR', ''))",
+            seen))
+        run = self.fake.add_run(dep, pool="pool")
+        conf = self.supervisor_conf({"PREFECT_WORKER_HEARTBEAT_SECONDS": "7",
+                                     "SSL_CERT_DIR": 'certs "q" 5%, x'})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT", "SSL_CERT"))}
+        daemon = subprocess.Popen([self.supervisord, "-n", "-c", conf], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+        self.addCleanup(lambda: (daemon.terminate(), daemon.wait(30)))
+        wait_for(lambda: run in self.started_ids() and os.path.exists(seen), timeout=30,
+                 what="run started under supervisord")
+        wait_for(lambda: read(seen), what="the run's SSL_CERT_DIR written")
+        self.assertEqual(read(seen), os.path.join(self.tmp, 'certs "q" 5%, x'))
+        self.assertEqual(self.fake.workers("pool")[0]["heartbeat_interval_seconds"], 7)
 
     def test_supervisorctl_stop_lets_the_running_flow_finish_and_ends_stopped(self):
         dep = self.deployment(command=marker_command(
