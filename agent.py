@@ -413,7 +413,7 @@ class Config:
         "python",  # str: path of the Python that runs flows
         "health_address",  # (host, port) of GET /api/health, or None
         "worker_health_address",  # (host, port) of Prefect's worker GET /health, or None
-        "pool_type",  # str: a key of LAUNCHERS, for a pool created by the agent
+        "pool_type",  # str (a key of LAUNCHERS), or None: --type, for a pool the agent creates
         "base_job_template",  # dict, or None: the type's, for a pool created by the agent
         "create_pool",  # bool: create the pool when it does not exist
         "install_policy",  # str, or None: accepted, and nothing installed
@@ -552,7 +552,8 @@ FLAGS = (
     (("--drain-timeout",), "SECONDS", False, "on SIGTERM/SIGINT, seconds to wait for running "
      "flows before terminating them (default: no limit)"),
     (("-t", "--type"), "TYPE", False, "type of the work pool to create when it does not exist: "
-     "process (the default) or docker, whose runs start as containers through the docker CLI"),
+     "process (the default; prefect-agent for %s, as Prefect makes it) or docker, whose runs "
+     "start as containers through the docker CLI" % DEFAULT_AGENT_POOL),
     (("--base-job-template",), "PATH", False, "JSON file of the base job template of the pool "
      "to create when it does not exist (default: Prefect's for the type)"),
     (("--create-pool-if-not-found",), None, False, "create the pool when it does not exist "
@@ -712,8 +713,8 @@ def parse_config(args, environ, settings=None):
         raise UsageError("--install-policy must be one of %s, got %r"
                          % (", ".join(INSTALL_POLICIES), args.install_policy))
     ssl_cert_file, skip_verify = tls_settings(settings)
-    pool_type = args.type or "process"
-    if pool_type not in LAUNCHERS:
+    pool_type = args.type
+    if pool_type is not None and pool_type not in LAUNCHERS:
         raise UsageError("--type must be one of %s, got %r"
                          % (", ".join(sorted(LAUNCHERS)), pool_type))
     if args.python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
@@ -5307,12 +5308,17 @@ class Agent:
         self._next_sync = time.monotonic() + self.config.heartbeat_seconds * jitter(0.9, 1.1)
 
     def _create_pool(self):
-        pool_type = self.config.pool_type
+        pool_type, template = self.config.pool_type, self.config.base_job_template
+        if pool_type is None and template is None and self.config.pool == DEFAULT_AGENT_POOL:
+            # As Prefect's servers make it for a queue without a pool (2.20 and 3.8.8), so
+            # Prefect 2's own agent can serve it too.
+            pool_type, template = "prefect-agent", {}
+        pool_type = pool_type or ProcessLauncher.name
+        if template is None:
+            template = LAUNCHERS[pool_type].base_job_template
         log.info("Work pool '%s' does not exist; creating it as a %s pool", self.config.pool, pool_type)
         try:
-            return self.api.create_pool(self.config.pool, pool_type,
-                                        self.config.base_job_template
-                                        or LAUNCHERS[pool_type].base_job_template)
+            return self.api.create_pool(self.config.pool, pool_type, template)
         except APIError as exc:
             if exc.status == 409:  # another agent created it a moment ago
                 pool = self.api.read_pool(self.config.pool)
@@ -6255,7 +6261,7 @@ def start_agent(argv=None):
         print(BANNER % (__version__, config.pool, redact_url(config.api_url),
                         config.api_url_source, config.name,
                         _queues_text(config)))
-        line = agent.launchers[config.pool_type].banner_line()
+        line = agent.launchers[config.pool_type or ProcessLauncher.name].banner_line()
         if line:
             print(line)
         print("Agent started! Looking for work from work pool '%s'..." % config.pool, flush=True)

@@ -2640,6 +2640,25 @@ class PoolTests(AgentTestCase):
         self.assertEqual(pool["type"], "process")
         self.assertEqual(pool["base_job_template"], PROCESS_POOL_TEMPLATE)
 
+    def test_a_missing_default_agent_pool_is_created_as_prefect_makes_it(self):
+        """Prefect 2.20's and 3.8.8's servers make it a prefect-agent pool with an empty
+        template, which Prefect 2's own agent serves too; --type still chooses."""
+        with RunningAgent(self.fake, "--pool", "default-agent-pool", "-q", "agentq") as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        pool = self.fake.pool("default-agent-pool")
+        self.assertEqual((pool["type"], pool["base_job_template"]), ("prefect-agent", {}))
+        self.assertTrue(self.fake.queue("default-agent-pool", "agentq"))
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="default-agent-pool", queue="agentq")
+        with RunningAgent(self.fake, "--pool", "default-agent-pool", "-q", "agentq"):
+            wait_for(lambda: run in self.started_ids(), what="a run of that pool started")
+        other = FakePrefect()
+        other.start()
+        self.addCleanup(other.stop)
+        with RunningAgent(other, "--pool", "default-agent-pool", "-t", "process") as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        self.assertEqual(other.pool("default-agent-pool")["type"], "process")
+
     def test_named_queues_are_created_and_polled(self):
         self.fake.add_pool("pool")
         with RunningAgent(self.fake, "-q", "fast", "-q", "slow"):
