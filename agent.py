@@ -6076,22 +6076,39 @@ def supervisord_section(argv, config, environ, executable, script):
         lines.append("; set %s in supervisord's environment: secrets stay out of argv and "
                      "of this file" % ", ".join(names))
     if names or settings:
-        pairs = ['%s="%%(ENV_%s)s"' % (key, key) for key in names]
-        pairs += ["%s=%s" % (key, _supervisord_value(key, value)) for key, value in settings]
-        lines.append("environment=" + ",".join(pairs))
+        # Each reference is quoted for the value it stands for today: supervisord expands it
+        # before it parses the line.
+        known = dict(config.extra_env, PREFECT_API_KEY=config.api_key,
+                     PREFECT_API_AUTH_STRING=config.auth_string)
+        entries = [(key, known.get(key) or "", "%%(ENV_%s)s" % key) for key in names]
+        entries += [(key, value, value.replace("%", "%%")) for key, value in settings]
+        pairs, left_out = [], []
+        for key, value, written in entries:
+            quote = _supervisord_quote(value)
+            if quote:
+                pairs.append("%s=%s%s%s" % (key, quote, written, quote))
+            else:
+                left_out.append(key)
+        if pairs:
+            lines.append("environment=" + ",".join(pairs))
+        if left_out:
+            why = ("the value of %s cannot be written in environment= (quotes of both kinds, a "
+                   "quote at an end, or a control character): set it in supervisord's own "
+                   "environment, which the agent inherits" % ", ".join(left_out))
+            log.warning("%s", why)
+            lines.append("; " + why)
     return "\n".join(lines) + "\n"
 
 
-def _supervisord_value(name, value):
-    """`value` quoted for supervisord's environment= (supervisor 4.2: shlex without escapes,
-    then the quotes stripped from both ends), its % doubled for the file's interpolation."""
+def _supervisord_quote(value):
+    """The quote that keeps `value` whole in supervisord's environment=, or None: supervisor
+    4.2 expands %(ENV_X)s, splits the line with shlex without escapes, then strips quotes from
+    both ends of each value."""
     quote = "'" if '"' in value else '"'
     if quote in value or value[:1] in "'\"" or value[-1:] in "'\"" or \
             re.search(r"[\x00-\x1f\x7f]", value):
-        raise UsageError("%s=%r cannot be written in supervisord's environment= (quotes of both "
-                         "kinds, a quote at an end, or a control character); set it in "
-                         "supervisord's own environment instead" % (name, value))
-    return quote + value.replace("%", "%%") + quote
+        return None
+    return quote
 
 
 #: The longest an agent takes to exit once its drain ends: terminating the runs left
@@ -6236,11 +6253,8 @@ def start_agent(argv=None):
         usage_exit(exc)
     if command == "install":
         write = systemd_unit if systemd else supervisord_section
-        try:
-            sys.stdout.write(write(argv, config, os.environ, sys.executable,
-                                   os.path.abspath(__file__)))
-        except UsageError as exc:
-            usage_exit(exc)
+        sys.stdout.write(write(argv, config, os.environ, sys.executable,
+                               os.path.abspath(__file__)))
         return None
     log.level = INFO
     if config.install_policy:

@@ -3465,14 +3465,20 @@ class ShippedFilesTests(unittest.TestCase):
         self.assertNotIn("s3cret", text)
         self.assertNotIn("hunter2", text)
 
-    def test_a_setting_supervisord_cannot_carry_is_one_line_and_exit_2(self):
-        env = dict(os.environ, SSL_CERT_DIR="it's \"x\"")
-        proc = subprocess.run([PY, AGENT_PY, "install", "--pool", "p"], capture_output=True,
-                              text=True, timeout=30, env=env, stdin=subprocess.DEVNULL)
-        self.assertEqual((proc.returncode, proc.stdout), (2, ""))
+    def test_a_value_supervisord_cannot_carry_is_left_to_its_environment_with_one_line(self):
+        env = dict(os.environ, SSL_CERT_DIR="it's \"x\"", DB="a'b\"c")
+        proc = subprocess.run([PY, AGENT_PY, "install", "--pool", "p", "--env", "DB",
+                               "--env", "TOKEN='quoted'"], capture_output=True, text=True,
+                              timeout=30, env=env, stdin=subprocess.DEVNULL)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
-        self.assertIn("SSL_CERT_DIR=", proc.stderr)
-        self.assertIn("set it in supervisord's own environment instead", proc.stderr)
+        self.assertIn("the value of DB, TOKEN, SSL_CERT_DIR cannot be written in environment=",
+                      proc.stderr)
+        (line,) = [l for l in proc.stdout.splitlines() if l.startswith("environment=")]
+        self.assertNotIn("SSL_CERT_DIR", line)
+        self.assertNotIn("DB=", line)
+        self.assertIn("; the value of DB, TOKEN, SSL_CERT_DIR", proc.stdout)
+        self.assertNotIn("quoted", proc.stdout + proc.stderr)
 
     def test_banner_and_started_line(self):
         fake = FakePrefect()
@@ -6197,11 +6203,11 @@ class SupervisordTests(AgentTestCase):
                 self.fail("AGENT_TEST_REQUIRE_REAL=1 but " + reason)
             self.skipTest(reason)
 
-    def supervisor_conf(self, env=None):
+    def supervisor_conf(self, env=None, flags=()):
         section = subprocess.run(
             [PY, AGENT_PY, "install", "--pool", "pool", "--api", self.fake.url, "--hide-welcome",
              "--poll-interval", "0.2", "--prefetch-seconds", "0", "--name", "sv-agent",
-             "--state-dir", os.path.join(self.tmp, "state")],
+             "--state-dir", os.path.join(self.tmp, "state")] + list(flags),
             capture_output=True, text=True, timeout=30, check=True, cwd=self.tmp,
             env=dict(os.environ, **(env or {}))).stdout
         section = re.sub(r"stdout_logfile=.*", "stdout_logfile=%s" % os.path.join(
@@ -6226,23 +6232,28 @@ class SupervisordTests(AgentTestCase):
         return subprocess.run([ctl, "-c", conf] + list(args), capture_output=True, text=True,
                               timeout=120).stdout
 
-    def test_the_settings_install_read_reach_the_agent_and_its_runs(self):
-        """supervisord's environment is not the shell's where `install` ran."""
-        seen = os.path.join(self.tmp, "seen")
+    def test_the_settings_and_secrets_install_wrote_reach_the_agent_and_its_runs(self):
+        """supervisord's environment is not the shell's where `install` ran; it expands each
+        secret's reference before it parses the line, which has no escapes."""
+        seen = os.path.join(self.tmp, "seen.json")
         dep = self.deployment(command=marker_command(
-            self.markers, "open(sys.argv[1], 'w').write(os.environ.get('SSL_CERT_DIR', ''))",
-            seen))
+            self.markers, "import json; json.dump({k: os.environ.get(k) for k in "
+            "('SSL_CERT_DIR', 'DB_PASSWORD')}, open(sys.argv[1], 'w'))", seen))
         run = self.fake.add_run(dep, pool="pool")
+        password = 'pa"ss, %w0rd'
         conf = self.supervisor_conf({"PREFECT_WORKER_HEARTBEAT_SECONDS": "7",
-                                     "SSL_CERT_DIR": 'certs "q" 5%, x'})
+                                     "SSL_CERT_DIR": 'certs "q" 5%, x'},
+                                    ["--env", "DB_PASSWORD=" + password])
+        self.assertNotIn("w0rd", read(conf))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT", "SSL_CERT"))}
         daemon = subprocess.Popen([self.supervisord, "-n", "-c", conf], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                  env=dict(env, DB_PASSWORD=password))
         self.addCleanup(lambda: (daemon.terminate(), daemon.wait(30)))
-        wait_for(lambda: run in self.started_ids() and os.path.exists(seen), timeout=30,
-                 what="run started under supervisord")
-        wait_for(lambda: read(seen), what="the run's SSL_CERT_DIR written")
-        self.assertEqual(read(seen), os.path.join(self.tmp, 'certs "q" 5%, x'))
+        wait_for(lambda: os.path.exists(seen) and read(seen), timeout=30,
+                 what="the run under supervisord wrote its environment")
+        self.assertEqual(json.loads(read(seen)), {
+            "SSL_CERT_DIR": os.path.join(self.tmp, 'certs "q" 5%, x'), "DB_PASSWORD": password})
         self.assertEqual(self.fake.workers("pool")[0]["heartbeat_interval_seconds"], 7)
 
     def test_supervisorctl_stop_lets_the_running_flow_finish_and_ends_stopped(self):
