@@ -6161,8 +6161,11 @@ def systemd_unit(argv, config, environ, executable, script):
         "# TimeoutStopSec bounds the drain, before SIGKILL: " + stop_comment,
         "TimeoutStopSec=%d" % stop_seconds,
     ]
-    lines += ["Environment=%s" % _systemd_word("%s=%s" % pair, variables=False)
-              for pair in settings]
+    if settings:
+        lines.append("# Settings install read from its shell's environment, .env, prefect.toml "
+                     "or profile (none secret):")
+        lines += ["Environment=%s" % _systemd_word("%s=%s" % pair, variables=False)
+                  for pair in settings]
     if names:
         lines += [
             "# Secrets stay out of argv and of this file: /etc/%s.env" % unit,
