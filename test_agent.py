@@ -6250,9 +6250,13 @@ class SupervisordTests(AgentTestCase):
                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                   env=dict(env, DB_PASSWORD=password))
         self.addCleanup(lambda: (daemon.terminate(), daemon.wait(30)))
-        wait_for(lambda: os.path.exists(seen) and read(seen), timeout=30,
-                 what="the run under supervisord wrote its environment")
-        self.assertEqual(json.loads(read(seen)), {
+        def written():
+            try:
+                return json.loads(read(seen))
+            except (OSError, ValueError):  # not there yet, or half written
+                return None
+
+        self.assertEqual(wait_for(written, timeout=30, what="the run's environment, written"), {
             "SSL_CERT_DIR": os.path.join(self.tmp, 'certs "q" 5%, x'), "DB_PASSWORD": password})
         self.assertEqual(self.fake.workers("pool")[0]["heartbeat_interval_seconds"], 7)
 
