@@ -1435,8 +1435,8 @@ def backoff_seconds(attempt, retry_after=None, cap=30.0):
 
 class PrefectAPI:
     """JSON over HTTP to one Prefect API, with retries, CSRF and auth. Every thread calls it:
-    each keeps its own connection (`_local`), `_csrf_lock` guards the CSRF token and
-    `_connections_lock` the list of connections that close() closes."""
+    each keeps its own connection (`_local`), and `_connections_lock` guards the list of
+    connections that close() closes; no lock is held across a request."""
 
     USER_AGENT = "agent.py/%s (stdlib Prefect agent; Python %d.%d)" % (
         (__version__,) + tuple(sys.version_info[:2]))
@@ -1453,7 +1453,6 @@ class PrefectAPI:
             self._auth = "Bearer " + api_key
         self._csrf_client = random_uuid()
         self._csrf_token = None
-        self._csrf_lock = threading.Lock()
         self._tls_context = None
         if self.url.startswith("https:"):  # made once: loading the CAs costs milliseconds
             self._tls_context = tls_context(self.url, ssl_cert_file, tls_insecure_skip_verify)
@@ -1520,8 +1519,8 @@ class PrefectAPI:
                                      % (method, path, status, attempt, error_detail(raw)))
             self._reached = True
             self.failing_since = None
-            if status == 403 and b"CSRF" in raw and not csrf_retried:
-                csrf_retried = True
+            if status == 403 and method != "GET" and b"CSRF" in raw and not csrf_retried:
+                csrf_retried = True  # once: a refusal that persists is an APIError like any
                 self._refresh_csrf_token()
                 continue
             if status == 401 or (status == 403 and method == "GET"):
@@ -1676,13 +1675,13 @@ class PrefectAPI:
         self._local = threading.local()
 
     def _refresh_csrf_token(self):
-        with self._csrf_lock:
-            try:
-                answer = self.request(
-                    "GET", "/csrf-token?client=" + self._csrf_client, retries=2)
-            except APIError:
-                answer = None  # CSRF is off, or the server predates it
-            self._csrf_token = answer.get("token") if isinstance(answer, dict) else None
+        """Ask for a new token. No lock is held across the request: two threads that refresh
+        at once each get a token, and one that is already replaced costs one more refresh."""
+        try:
+            answer = self.request("GET", "/csrf-token?client=" + self._csrf_client, retries=2)
+        except (APIError, AuthRefused):
+            answer = None  # CSRF is off, the server predates it, or it refuses us one
+        self._csrf_token = answer.get("token") if isinstance(answer, dict) else None
 
     # -- the calls Prefect's own workers make (checked on a 3.8.8 server) ------
 

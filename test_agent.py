@@ -2204,6 +2204,27 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(["client=" + created[-1][2]["prefect-csrf-client"]],
                          [path.partition("?")[2] for path in token_reads[-1:]])
 
+    def test_a_csrf_refusal_that_persists_is_one_error_line_and_the_agent_carries_on(self):
+        # A proxy in front of the server refuses the token request the way the server refuses
+        # a bad token: the agent once held a lock across the refresh and hung there for good.
+        fake = FakePrefect(csrf=True)
+        fake.start()
+        self.addCleanup(fake.stop)
+        fake.add_pool("pool")
+        fake.fail_next(10 ** 9, status=403, path_contains="/csrf-token",
+                       body={"detail": "Invalid CSRF token or client identifier."})
+        with agent_log("ERROR") as errors:
+            running = RunningAgent(fake, api_retries=0)
+            running.thread.start()
+            wait_for(lambda: len(fake.calls("POST", "get_scheduled_flow_runs")) >= 3,
+                     what="polls after the refusal")
+            running.agent.stop()
+            running.thread.join(15)
+            self.assertFalse(running.thread.is_alive(), "the agent did not stop")
+        self.assertIsNone(running.error)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertRegex(errors[0], r"POST /work_pools/pool/get_scheduled_flow_runs answered 403")
+
     def test_user_agent_is_ours_not_prefects(self):
         agent.PrefectAPI(self.fake.url).read_pool("pool")
         agents = [headers.get("user-agent", "") for _, _, headers, _ in self.fake.requests]
