@@ -1087,6 +1087,11 @@ class APIUnreachable(Exception):
     """The API could not be reached, or kept failing after the retries."""
 
 
+class Stopped(APIUnreachable):
+    """The agent's own stop cut the request short, or its retries: no failure of the API,
+    and nothing to log. Whether a request cut in flight took effect is unknown."""
+
+
 class AuthRefused(Exception):
     """The server refused our credentials: running on would only fail again."""
 
@@ -1463,7 +1468,8 @@ class PrefectAPI:
         self._reached = False
         self.last_success = None
         self.failing_since = None  # the first failed attempt since the last success
-        self._stoppable = {}  # thread id -> (its connection, interruptible); give_up_retries_when
+        self._stoppable = {}  # thread id -> (its connection, its stopping() if interruptible)
+        self._finishing = set()  # ids of threads whose request interrupt() lets finish
         self._skipped_note = None  # what the last poll's answer had that was skipped
 
     # -- transport ------------------------------------------------------------
@@ -1477,6 +1483,8 @@ class PrefectAPI:
         APIUnreachable. Each outcome is counted for GET /metrics."""
         try:
             answer = self._request(method, path, body, retries, max_depth)
+        except Stopped:
+            raise  # not a request the API failed: not counted
         except APIUnreachable:
             metrics.count("agentpy_api_requests_total", '{outcome="unreachable"}')
             raise
@@ -1501,6 +1509,8 @@ class PrefectAPI:
                 refusal = certificate_refusal(self.url, exc)
                 if refusal and not self._reached:
                     raise refusal
+                if self._stopping_now():  # cut by interrupt(), most likely: not an outage
+                    raise Stopped("%s %s was cut short: the agent is stopping" % (method, path))
                 descriptor_shortage.noted("a connection to the Prefect API", exc)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
@@ -1543,28 +1553,45 @@ class PrefectAPI:
                 raise APIError(method, path, status, "answer is not JSON: %s" % error_detail(raw))
 
     def give_up_retries_when(self, stopping, wakeup, interruptible=True):
-        """From now on, this thread's retries end as soon as stopping() is true: `wakeup`
+        """From now on, this thread's requests end as Stopped once stopping() is true: `wakeup`
         (a Wakeup) is woken when it turns true, and cuts the wait before a retry short;
         if `interruptible`, interrupt() cuts the request it waits on short."""
         self._local.stopping, self._local.wakeup = stopping, wakeup
         self._local.interruptible = interruptible
         connection = getattr(self._local, "connection", None)
         if connection is not None:
-            self._stoppable[threading.get_ident()] = (connection, interruptible)
+            self._stoppable[threading.get_ident()] = (connection, interruptible and stopping)
+
+    def _stopping_now(self):
+        stopping = getattr(self._local, "stopping", None)
+        return stopping is not None and stopping()
 
     def interrupt(self, thread_ids=None):
-        """End the requests that the interruptible threads of give_up_retries_when (or the
-        threads `thread_ids`) wait on, if any: a silent server would hold a stop for the
-        whole request timeout. It never blocks: list() of a dict is one step for other
-        threads, and a shutdown() takes no lock; a connection is opened anew for its
-        thread's next request."""
-        for thread_id, (connection, interruptible) in list(self._stoppable.items()):
+        """End the requests that the interruptible threads of give_up_retries_when wait on
+        while their stopping() is true (or those of the threads `thread_ids`), if any: a
+        silent server would hold a stop for the whole request timeout. It never blocks:
+        list() of a dict is one step for other threads, and a shutdown() takes no lock; a
+        connection is opened anew for its thread's next request."""
+        for thread_id, (connection, stopping) in list(self._stoppable.items()):
             sock = connection.sock
-            if sock is not None and (thread_id in thread_ids if thread_ids else interruptible):
+            if sock is not None and (thread_id in thread_ids if thread_ids else (
+                    stopping and thread_id not in self._finishing and stopping())):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass  # closed meanwhile
+
+    def let_finish(self, finishing):
+        """While `finishing`, interrupt() leaves the calling thread's request be, unless it
+        names the thread: a claim cut in flight could land after the run was read to settle
+        it. A set's add and discard are single steps for interrupt()'s thread."""
+        if finishing:
+            self._finishing.add(threading.get_ident())
+        else:
+            self._finishing.discard(threading.get_ident())
+
+    def finishing(self, thread_id):
+        return thread_id in self._finishing
 
     def end_thread(self):
         """Close the calling thread's connection and forget its stop settings, for a thread
@@ -1579,16 +1606,16 @@ class PrefectAPI:
                     self._connections.remove(connection)
 
     def _pause(self, seconds, method, path):
-        metrics.count("agentpy_api_requests_total", '{outcome="retried"}')
         stopping = getattr(self._local, "stopping", None)
         if stopping is None:
+            metrics.count("agentpy_api_requests_total", '{outcome="retried"}')
             time.sleep(seconds)
             return
         if not stopping():
+            metrics.count("agentpy_api_requests_total", '{outcome="retried"}')
             self._local.wakeup.sleep(seconds)
         if stopping():
-            raise APIUnreachable("%s %s failed, and is not retried: the agent is stopping"
-                                 % (method, path))
+            raise Stopped("%s %s is not retried: the agent is stopping" % (method, path))
 
     def _send(self, method, path, body, redirects=1):
         headers = {"Accept": "application/json", "User-Agent": self.USER_AGENT}
@@ -1659,7 +1686,8 @@ class PrefectAPI:
             with self._connections_lock:
                 self._connections.append(connection)
             if getattr(local, "stopping", None) is not None:
-                self._stoppable[threading.get_ident()] = (connection, local.interruptible)
+                self._stoppable[threading.get_ident()] = (
+                    connection, local.interruptible and local.stopping)
         elif time.monotonic() - local.used > KEEPALIVE_IDLE_SECONDS or connection.dropped():
             # Reopened now rather than found dead mid-request. A server may still close it in
             # the instant before our request lands: _exchange then sends it again, once.
@@ -3421,6 +3449,10 @@ class Supervisor(threading.Thread):
         with self._lock:
             return list(self._children.values())
 
+    def watching(self):
+        """Whether any child is being watched; no lock, so that a stop never waits."""
+        return bool(self._children)
+
     def child(self, run_id):
         with self._lock:
             return self._children.get(run_id)
@@ -4421,9 +4453,19 @@ class RunLedger:
         """The claim did not land (or another agent's did): nothing to remember."""
         self.journal.forget(run_id)
 
+    def claimed_as(self, run_id, state_id):
+        """The server answered our claim without its transition id (Prefect 2.10 to 2.14.16):
+        the id of the Pending state it made tells our claim from another agent's instead."""
+        self.journal.update(run_id, claim_state=state_id)
+
     def claim_of(self, run_id):
-        """The transition id of our claim of run_id, as journaled."""
-        return self.journal.get(run_id).get("transition_id")
+        """How to know our claim of run_id (_is_our_claim), as journaled: its transition id,
+        and the claim_state of claimed_as where the server dropped that id."""
+        entry = self.journal.get(run_id)
+        claim = {"claim": entry.get("transition_id")}
+        if entry.get("claim_state") is not None:
+            claim["claim_state"] = entry["claim_state"]
+        return claim
 
     def starting(self, run_id, run_name, job, output_path, temp_dir):
         """On disk before the process exists, so that a restart that finds the start
@@ -4538,7 +4580,7 @@ class RunLedger:
         """Journal what the API must be told about run_id, then have the reporter tell it
         (in order, retried); the journal keeps it until then, across restarts."""
         if "claim" not in owed:
-            owed = dict(owed, claim=self.claim_of(run_id))
+            owed = dict(owed, **self.claim_of(run_id))
         self.journal.update(run_id, phase="exited", owed=owed)
         self.reporter.call(run_id, "reporting how the run ended", lambda: self.deliver(run_id, owed))
         self.reporter.call(run_id, "forgetting the run", lambda: self.forget(run_id))
@@ -4581,7 +4623,7 @@ class RunLedger:
                 pass
 
     def _report_crash(self, run_id, owed, state):
-        if _still_ours(state, owed.get("claim")):
+        if _still_ours(state, owed):
             self._propose_crashed(run_id, owed.get("message") or "Flow run crashed.")
         else:
             metrics.count("agentpy_runs_finished_total", state_label(state.get("type")))
@@ -4591,7 +4633,7 @@ class RunLedger:
         self.finish_cancellation(run_id, state, owed.get("name") or run_id, owed.get("message"))
 
     def _report_hand_back(self, run_id, owed, state):
-        if state.get("type") != "PENDING" or not _still_ours(state, owed.get("claim")):
+        if state.get("type") != "PENDING" or not _still_ours(state, owed):
             log.info("run %s: not handing it back, it is %s now", run_id, state.get("type"))
             return
         details = dict(_obj(state.get("state_details")), transition_id=None)
@@ -4601,9 +4643,10 @@ class RunLedger:
                            message=owed.get("message") or "Handed back to the work pool.")
 
     def _report_restore(self, run_id, owed, state):
-        our_transition_id = owed.get("transition_id")
+        our_transition_id, our_state = owed.get("transition_id"), owed.get("claim_state")
         earlier = [s for s in self.api.read_run_states(run_id) if isinstance(s, dict) and
-                   _obj(s.get("state_details")).get("transition_id") != our_transition_id]
+                   _obj(s.get("state_details")).get("transition_id") != our_transition_id
+                   and (our_state is None or s.get("id") != our_state)]
         if not earlier:
             return
         # Timestamps are taken when a request arrives, not when it commits, so ours may sort
@@ -4671,14 +4714,28 @@ def being_cancelled(state):
         state.get("type") == "CANCELLED" and state.get("name") == "Cancelling")
 
 
-def _still_ours(state, claim):
-    """Whether a run is still where our process left it: Running, or Pending by our own claim.
-    Anything else means it moved on without us: the engine finished it, or it is Pending by
-    another agent's stale claim of a run that had already ended, which that agent undoes."""
+def _still_ours(state, owed):
+    """Whether a run is still where our process left it: Running, or Pending by our own claim
+    (as `owed` names it: RunLedger.claim_of). Anything else means it moved on without us: the
+    engine finished it, or it is Pending by another agent's stale claim of a run that had
+    already ended, which that agent undoes."""
     if state.get("type") == "RUNNING":
         return True
+    return state.get("type") == "PENDING" and (
+        owed.get("claim") is None or _is_our_claim(state, owed["claim"], owed.get("claim_state")))
+
+
+def _is_our_claim(state, transition_id, claim_state=None):
+    """Whether the run is Pending by our claim: by the transition id we proposed, or on a
+    server that drops it from what it stores (Prefect 2.10 to 2.14.16; checked on 2.14.16,
+    whose read of the run names the claim's state by the id the claim's answer gave) by that
+    state's id. A claim whose answer was lost cannot be told on such a server: not ours."""
+    if state.get("type") != "PENDING":
+        return False
     transition = _obj(state.get("state_details")).get("transition_id")
-    return state.get("type") == "PENDING" and (claim is None or transition == claim)
+    if transition is not None:
+        return transition == transition_id
+    return claim_state is not None and state.get("id") == claim_state
 
 
 def run_summary(run):
@@ -4740,6 +4797,10 @@ class Timetable(threading.Thread):
         """Run ids waiting for their time."""
         with self._cond:
             return list(self._actions)
+
+    def holds_any(self):
+        """Whether any run waits for its time; no lock, so that a stop never waits."""
+        return bool(self._actions)
 
     def take(self, run_id):
         """Withdraw a waiting run: its start action if it was waiting (it will not start now),
@@ -5091,7 +5152,7 @@ class Agent:
         self.jobs = JobBuilder(config, self.api, self.launchers)
         self.reporter = Reporter(self.api)
         self._wakeup = Wakeup()
-        self.ledger = RunLedger(self.journal, self.reporter, self.api, self._wakeup.wake)
+        self.ledger = RunLedger(self.journal, self.reporter, self.api, self._run_released)
         self.timetable = Timetable()
         self.dispatcher = Dispatcher(self.api, lambda: self._stopping)
         self.supervisor = Supervisor(
@@ -5119,16 +5180,18 @@ class Agent:
         self.last_poll = None
         self.last_contact = None  # last loop pass that reached the API (polls, heartbeats)
         self._claimed = []  # run ids the last poll's claims won (appended on several threads)
+        self._loop_thread = None  # the agent loop's thread id, once run() runs
         self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
 
     # -- life cycle -----------------------------------------------------------
 
     def run(self):
         """Run until stopped, then drain; returns the exit code (0 clean, 1 runs were killed)."""
+        self._loop_thread = threading.get_ident()
         self.reporter.start()
         self.supervisor.start()
         self.timetable.start()
-        self.api.give_up_retries_when(lambda: self._stopping, self._retry_wakeup)
+        self.api.give_up_retries_when(self._nothing_to_wait_for, self._retry_wakeup)
         next_poll = 0.0
         drain_until = None
         while True:
@@ -5173,7 +5236,8 @@ class Agent:
                 if not isinstance(exc, (APIError, APIUnreachable)):
                     # A bug of ours must not stop supervision of every running flow.
                     log.exception("unexpected error in the agent loop; carrying on")
-                self._api_failed(exc)
+                if not isinstance(exc, Stopped):
+                    self._api_failed(exc)
                 retry_at = time.monotonic() + min(
                     self.config.poll_seconds, backoff_seconds(self._outage_failures, cap=60))
                 next_poll = retry_at
@@ -5213,6 +5277,26 @@ class Agent:
         self._retry_wakeup.wake()
         self.dispatcher.stop()
         self.api.interrupt()
+        if self.api.finishing(self._loop_thread):  # a claim: cut it later, as Dispatcher does
+            cut = threading.Timer(STOPPING_REQUEST_SECONDS, self.api.interrupt, [[self._loop_thread]])
+            cut.daemon = True
+            cut.start()
+
+    def _nothing_to_wait_for(self):
+        """Whether the agent loop may end now: stopped, with no running flow (nor, with
+        --run-once, a claimed one) to wait for. Until then its requests, a drain's among
+        them, are retried as at any other time; from then on a request that fails, or that
+        the stop cuts short, ends as Stopped, and the loop exits without logging it."""
+        return self._forced or (self._stopping and not self.supervisor.watching()
+                                and not self.timetable.holds_any())
+
+    def _run_released(self):
+        """A run freed its slot (any thread): the loop wakes, for a poll with room or the
+        end of a drain, and a request of a drain that has just ended is cut short."""
+        self._wakeup.wake()
+        if self._stopping:
+            self._retry_wakeup.wake()
+            self.api.interrupt()
 
     def force_stop(self):
         """Stop now: terminate running flows and report them crashed (never blocks either)."""
@@ -5466,6 +5550,9 @@ class Agent:
             self.ledger.release(run_id)
             self.ledger.cancel_orphan(run)
             return True
+        except Stopped:  # a claim it cut short is settled on the way out (_hand_back_held_runs)
+            self.ledger.release(run_id)
+            return False
         except APIError as exc:
             self.ledger.release(run_id)
             log.warning("run %s: not claimed, will try again next poll: %s", run_id, exc)
@@ -5493,20 +5580,27 @@ class Agent:
         run_id = run["id"]
         transition_id = random_uuid()
         self.ledger.claiming(run_id, transition_id, run)
+        self.api.let_finish(True)
         try:
             result = self.api.set_state(run_id, "PENDING", transition_id=transition_id)
         except APIError:
             self.ledger.claim_lost(run_id)  # refused outright
             raise
-        except APIUnreachable:
+        except APIUnreachable as exc:
             # The claim may have landed before the connection broke; until the run itself says
             # whose it is, keep it on the books so it cannot be left Pending with no process.
             self._unsettled[run_id] = (run, transition_id)
+            if isinstance(exc, Stopped):
+                raise
             return self._settle(run_id)
+        finally:
+            self.api.let_finish(False)
         state = _obj(result.get("state"))
         details = _obj(state.get("state_details"))
         ours = state.get("type") == "PENDING" and (
             result["status"] == "ACCEPT" or details.get("transition_id") == transition_id)
+        if ours and details.get("transition_id") is None:
+            self.ledger.claimed_as(run_id, state.get("id"))
         if ours and details.get("scheduled_time") is None:
             # The server also accepts PENDING from a final state: the poll's answer was stale
             # and another agent has already run it to the end. Put that end back; run nothing.
@@ -5526,8 +5620,7 @@ class Agent:
         run, transition_id = self._unsettled[run_id]
         current = _obj(self.api.read_run(run_id).get("state"))
         del self._unsettled[run_id]
-        details = _obj(current.get("state_details"))
-        ours = current.get("type") == "PENDING" and details.get("transition_id") == transition_id
+        ours = _is_our_claim(current, transition_id)
         if not ours:
             self.ledger.claim_lost(run_id)
         return ours
@@ -5625,10 +5718,14 @@ class Agent:
 
     def _hand_back_held_runs(self):
         """On stop, runs claimed ahead of their time go back to the pool as Scheduled (for
-        another agent, or this one after its restart) instead of waiting Pending for nobody."""
+        another agent, or this one after its restart) instead of waiting Pending for nobody;
+        so do claims whose answer was lost, if the run says they landed (RunLedger reads it)."""
         for run_id in self.timetable.held():
             if self.timetable.take(run_id):
                 self.ledger.hand_back(run_id, "agent.py was stopped before the run was due")
+        for run_id in list(self._unsettled):
+            del self._unsettled[run_id]
+            self.ledger.hand_back(run_id, "agent.py was stopped while the run was being claimed")
 
     # -- cancellation ---------------------------------------------------------
 
@@ -5753,8 +5850,7 @@ class Agent:
                 self.ledger.crash_unstarted(run_id, exc)
             return
         state = _obj(run.get("state"))
-        details = _obj(state.get("state_details"))
-        if state.get("type") == "PENDING" and details.get("transition_id") == entry.get("transition_id"):
+        if _is_our_claim(state, entry.get("transition_id"), entry.get("claim_state")):
             if self.ledger.reserve(run_id, self.config.limit):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
                 run = dict(_obj(entry.get("run")), **dict(run, id=run_id))

@@ -323,6 +323,9 @@ class FakePrefect(object):
         self.latency_path = ""  # ... each request whose path contains this
         self.connections_open = self.most_connections_open = self.connections_made = 0
         self.claims_in_flight = self.most_claims_in_flight = 0
+        # False: store states without their transition id, as Prefect 2.10 to 2.14.16 do
+        # (checked on 2.14.16: its answers and reads have no transition_id key at all).
+        self.keeps_transition_ids = True
         uid = r"([0-9a-fA-F-]{32,36})"
         self._routes = [(m, re.compile(p + "$"), f) for m, p, f in (
             ("GET", r"/version", lambda b, q: (200, "0.8.4")),
@@ -934,6 +937,8 @@ class FakePrefect(object):
                    "pause_key": None, "transition_id": None,
                    "deployment_concurrency_lease_id": None}
         details.update(proposed.get("state_details") or {})
+        if not self.keeps_transition_ids:
+            del details["transition_id"]
         typ = proposed["type"]
         if typ == "SCHEDULED":
             details["scheduled_time"] = details["scheduled_time"] or now
@@ -2923,18 +2928,21 @@ class ClaimTests(AgentTestCase):
                          claims[1][3]["state"]["state_details"]["transition_id"])
 
     def test_a_run_finished_elsewhere_after_a_stale_poll_is_not_run_again(self):
-        dep = self.deployment(command=marker_command(self.markers))
-        run = self.fake.add_run(dep, pool="pool")
-        stale = self.fake.run(run)  # what a poll answered, before another agent got there
-        for state in ("PENDING", "RUNNING", "COMPLETED"):
-            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
-                "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
-        with RunningAgent(self.fake) as running:
-            wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
-            running.agent.submit(stale)
-        self.assertEqual(self.started_ids(), [])
-        self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
-        self.assertEqual(final_type(self.fake, run), "COMPLETED")
+        for keeps_transition_ids in (True, False):  # False: Prefect 2.10 to 2.14.16
+            with self.subTest(keeps_transition_ids=keeps_transition_ids):
+                self.fake.keeps_transition_ids = keeps_transition_ids
+                dep = self.deployment(command=marker_command(self.markers))
+                run = self.fake.add_run(dep, pool="pool")
+                stale = self.fake.run(run)  # what a poll answered, before another agent got there
+                for state in ("PENDING", "RUNNING", "COMPLETED"):
+                    api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run, {"state": {
+                        "type": state, "state_details": {"transition_id": str(uuid.uuid4())}}})
+                with RunningAgent(self.fake) as running:
+                    wait_for(lambda: running.agent.last_poll, what="first poll (recovery done)")
+                    running.agent.submit(stale)
+                self.assertEqual(self.started_ids(), [])
+                self.assertEqual(self.fake.history(run)[-2:], ["PENDING", "COMPLETED"])
+                self.assertEqual(final_type(self.fake, run), "COMPLETED")
 
     def test_a_restart_before_the_restore_restores_and_does_not_start_the_run(self):
         dep = self.deployment(command=marker_command(self.markers))
@@ -3852,6 +3860,63 @@ class ShutdownTests(AgentTestCase):
         self.assertEqual(agent_proc.wait(30), 1, agent_proc.output())
         self.assertEqual(final_type(self.fake, run), "CRASHED")
 
+    @staticmethod
+    def requests_counted(outcome):
+        return agent.metrics._counts.get(("agentpy_api_requests_total", '{outcome="%s"}' % outcome), 0)
+
+    def stopped_in_a_thread(self, running, after):
+        """Start `running`, wait for `after()`, stop it; its warnings and worse, once it ended."""
+        with agent_log("WARNING") as logs:
+            running.thread.start()
+            wait_for(after, what="the request the stop is to cut")
+            running.agent.stop()
+            running.thread.join(20)
+        self.assertFalse(running.thread.is_alive(), "the agent did not stop")
+        self.assertIsNone(running.error)
+        return logs
+
+    def test_a_request_the_stop_cuts_short_is_not_an_outage(self):
+        # The server holds the start-up's first request for 30 s: the stop must cut it, and
+        # say nothing about it above INFO, nor count it as a failed request.
+        self.fake.latency, self.fake.latency_path = 30.0, "/work_pools/"
+        before = {outcome: self.requests_counted(outcome) for outcome in ("unreachable", "retried")}
+        logs = self.stopped_in_a_thread(RunningAgent(self.fake),
+                                        lambda: self.fake.calls(path_contains="/work_pools/"))
+        self.assertEqual(logs, [])
+        self.assertEqual({outcome: self.requests_counted(outcome) for outcome in before}, before)
+
+    def test_a_claim_on_its_way_when_the_stop_comes_finishes_and_goes_back_to_the_pool(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        run = self.fake.add_run(dep, pool="pool")
+        self.fake.latency, self.fake.latency_path = 1.0, "/set_state"  # under the 5 s it is let
+        logs = self.stopped_in_a_thread(RunningAgent(self.fake),
+                                        lambda: self.fake.calls("POST", "/set_state"))
+        self.assertEqual(logs, [])
+        self.assertEqual(self.fake.history(run), ["SCHEDULED", "PENDING", "SCHEDULED"])
+        self.assertEqual(self.started_ids(), [])
+
+    def test_a_claim_the_server_holds_is_cut_after_five_seconds(self):
+        dep = self.deployment(command=marker_command(self.markers))
+        self.fake.add_run(dep, pool="pool")
+        self.fake.latency, self.fake.latency_path = 60.0, "/set_state"
+        logs = self.stopped_in_a_thread(RunningAgent(self.fake),  # 20 s to stop, not 60
+                                        lambda: self.fake.calls("POST", "/set_state"))
+        self.assertEqual(logs, [])
+        self.assertEqual(self.started_ids(), [])
+
+    def test_requests_during_a_drain_are_retried_as_at_any_other_time(self):
+        run = self.long_run(60)
+        with agent_log("WARNING") as logs, RunningAgent(self.fake) as running:
+            wait_for(lambda: run in self.started_ids(), what="run started")
+            running.agent.stop()
+            checks = len(self.fake.calls("POST", "/flow_runs/filter"))
+            self.fake.fail_next(1, status=503, path_contains="/flow_runs/filter")
+            wait_for(lambda: len(self.fake.calls("POST", "/flow_runs/filter")) >= checks + 2,
+                     what="the cancellation check failed once, then retried")
+            self.assertEqual(logs, [])
+            running.agent.force_stop()
+        self.assertEqual(final_type(self.fake, run), "CRASHED")
+
     def test_odd_signals_are_logged_and_ignored(self):
         self.fake.add_pool("pool")
         agent_proc = AgentProcess(self, self.fake)
@@ -3993,6 +4058,43 @@ class RecoveryTests(AgentTestCase):
             wait_for(lambda: not running.agent.journal.entries(), what="journal emptied")
         self.assertEqual(self.started_ids(), [])
         self.assertEqual(final_type(self.fake, run), "SCHEDULED")
+
+    def test_on_servers_without_transition_ids_the_claim_is_known_by_its_state_id(self):
+        # Prefect 2.10 to 2.14.16: an exit before Running once stayed Pending for good, and a
+        # claimed, unstarted run was forgotten by the restart, both "not ours" for want of
+        # the transition id.
+        self.fake.keeps_transition_ids = False
+        exits_3 = self.fake.add_run(self.deployment(command=marker_command(
+            self.markers, "sys.exit(3)")), pool="pool")
+        due = self.fake.add_run(self.deployment(command=marker_command(self.markers)), pool="pool",
+                                when=datetime.datetime.now(datetime.timezone.utc)
+                                + datetime.timedelta(seconds=4))
+        first = AgentProcess(self, self.fake, "--prefetch-seconds", "60")
+        wait_for(self.final(exits_3), what="the exit before Running reported")
+        wait_for(lambda: final_type(self.fake, due) == "PENDING", what="claimed ahead")
+        journal = os.path.join(first.state_dir, "journal-pool-0.json")
+        wait_for(lambda: "claim_state" in read(journal), what="the claim journaled")
+        first.proc.kill()
+        first.wait(10)
+        second = AgentProcess(self, self.fake, "--prefetch-seconds", "60",
+                              state_dir=first.state_dir)
+        wait_for(self.final(due), what="the claimed run started after the restart, and ended")
+        second.signal(signal.SIGTERM)
+        self.assertEqual(second.wait(15), 0, second.output())
+        state = self.fake.run(exits_3)["state"]
+        self.assertEqual(state["type"], "CRASHED")
+        self.assertIn("non-zero status code 3", state["message"])
+        self.assertEqual(sorted(self.started_ids()), sorted([exits_3, due]))
+
+    def test_on_servers_without_transition_ids_a_stop_hands_back_what_it_claimed(self):
+        self.fake.keeps_transition_ids = False
+        run = self.fake.add_run(self.deployment(command=marker_command(self.markers)), pool="pool",
+                                when=datetime.datetime.now(datetime.timezone.utc)
+                                + datetime.timedelta(seconds=60))
+        with RunningAgent(self.fake, "--prefetch-seconds", "120"):
+            wait_for(lambda: final_type(self.fake, run) == "PENDING", what="claimed ahead")
+        self.assertEqual(final_type(self.fake, run), "SCHEDULED")
+        self.assertEqual(self.started_ids(), [])
 
     def test_a_child_that_died_while_the_agent_was_down_is_crashed(self):
         dep = self.deployment()
