@@ -2941,6 +2941,34 @@ def find_command(name, environ):
     return None
 
 
+class SubprocessWaits:
+    """The subprocesses agent.py is waiting for through subprocess, which reads an exit
+    status someone else took as 0, a success: each call runs inside `with subprocess_waits:`
+    (any thread), and the supervisor thread's reaper (as PID 1) takes statuses only while
+    none is in flight."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def __enter__(self):
+        with self._lock:
+            self._in_flight += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._in_flight -= 1
+
+    def unless_waiting(self, reap):
+        """reap()'s answer, under the lock so that no call starts meanwhile; None, without
+        calling it, while a call is in flight."""
+        with self._lock:
+            return None if self._in_flight else reap()
+
+
+subprocess_waits = SubprocessWaits()
+
+
 class DockerCLI:
     """The host's docker CLI, found once at start-up on the agent's own PATH, and the
     environment it runs with: the agent's own at start-up, never a job's, whose PATH would
@@ -2965,8 +2993,10 @@ class DockerCLI:
         """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
         import subprocess
         try:
-            answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+            with subprocess_waits:
+                answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
@@ -3580,7 +3610,11 @@ class Supervisor(threading.Thread):
 
     def _collect_exits(self, children):
         if self._reap_orphans:
-            return self._reap_everything(children)
+            # While a subprocess call waits, the orphans wait a tick or so longer; the
+            # children are looked at one by one below.
+            exited = subprocess_waits.unless_waiting(lambda: self._reap_everything(children))
+            if exited is not None:
+                return exited
         exited = []
         for child in children:
             if child.process is not None:

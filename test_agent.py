@@ -4978,6 +4978,35 @@ class Pid1Tests(AgentTestCase):
         os.kill(agent_pid, signal.SIGTERM)
         self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
 
+    def test_a_failed_docker_query_reads_as_failed_while_the_reaper_runs(self):
+        # waitpid(-1) reaps this process's children as it would PID 1's: the reaper must leave
+        # the docker CLI's exit status to the subprocess call waiting for it, which would
+        # otherwise read 0. The fake exits at once while a process it left holds its stdout
+        # for 0.3 s, so the call waits that long on a reapable exit; the reaper ticks every
+        # 10 ms, and takes it every time unless it leaves it alone. A run's process that
+        # exits meanwhile is still reaped, with its exit code.
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, "docker"), "w") as handle:
+            handle.write("#!/bin/sh\n(sleep 0.3 &)\nexit 1\n")
+        os.chmod(os.path.join(bin_dir, "docker"), 0o755)
+        cli = agent.DockerCLI({"PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+        with mock.patch.object(agent.Supervisor, "TICK_SECONDS", 0.01), \
+                mock.patch.object(agent.Supervisor, "QUIET_TICK_SECONDS", 0.01):
+            exits = []
+            supervisor = agent.Supervisor(lambda child: exits.append(child.returncode),
+                                          reap_orphans=True)
+            supervisor.start()
+            self.addCleanup(supervisor.join, 5)
+            self.addCleanup(supervisor.stop)
+            run = subprocess.Popen(["sh", "-c", "sleep 0.2; exit 3"])
+            child = agent.Child("run", "run", run.pid, None, False, None, process=run)
+            child.named = True
+            supervisor.add(child)
+            self.assertEqual([cli.answer("ps") for _ in range(3)], [None] * 3)
+            wait_for(lambda: exits, what="the run's exit")
+        self.assertEqual(exits, [3])
+
     @staticmethod
     def parent_of(pid):
         try:
