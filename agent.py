@@ -2976,6 +2976,7 @@ class DockerCLI:
     with the Agent; read by every thread, never changed."""
 
     SH = "/bin/sh"  # POSIX's shell, at the path subprocess's shell=True assumes too
+    TIMEOUT_SECONDS = 60  # a query's, after which the daemon is taken to be unable to answer
 
     def __init__(self, environ):
         self.env = dict(environ)
@@ -2996,7 +2997,7 @@ class DockerCLI:
             with subprocess_waits:
                 answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        timeout=60)
+                                        timeout=self.TIMEOUT_SECONDS)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
