@@ -26,7 +26,8 @@ flows:
 Threads: "main" parses and starts, then waits for the others; "agent" runs Agent.run;
 "dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
 them and passes on signals, and "console" prints their output; "reporter-N" deliver reports; "health" answers
-probes. Each class says which of them call it.
+probes; "docker-recovery_N" ask the docker daemon about the runs a restart finds. Each class
+says which of them call it.
 
 Start-up time is measured against Prefect's worker, so modules that only some paths need
 (subprocess, tempfile, shutil, copy, ssl, textwrap, traceback, email) are imported where
@@ -2871,6 +2872,10 @@ class Launcher:
         """Where the run runs, for its log."""
         return "process %d" % child.pid
 
+    def prepare_recovery(self, entries):
+        """Before recover() is called for the journal's runs one by one: a chance to ask
+        about all of them at once (`entries`: every run's journal entry, by run id)."""
+
     def recover(self, run_id, entry, output_path):
         """After a restart, what became of a run the journal says was started: its Child
         (adopted or re-attached: child.recovered says which), a crash report's message, or
@@ -2879,10 +2884,9 @@ class Launcher:
 
     def adopt(self, run_id, entry, output_path):
         """A Child for the journal's process, if it still runs on this host."""
-        pid = entry.get("pid")
-        if entry.get("host") != socket.gethostname() or not isinstance(pid, int) or \
-                not process_is(pid, entry.get("start_time")):
+        if not journaled_process_runs(entry):
             return None
+        pid = entry["pid"]
         child = Child(run_id, entry.get("run_name") or run_id, pid,
                       entry.get("output") or output_path, bool(entry.get("stream_output")),
                       self, start_time=entry.get("start_time"), temp_dir=entry.get("temp_dir"),
@@ -2900,6 +2904,13 @@ class Launcher:
     def banner_line(self):
         """A line for the start-up banner when --type names this launcher, or None."""
         return None
+
+
+def journaled_process_runs(entry):
+    """Whether the process a run's journal entry names still runs, on this host."""
+    pid = entry.get("pid")
+    return (entry.get("host") == socket.gethostname() and isinstance(pid, int)
+            and process_is(pid, entry.get("start_time")))
 
 
 class ProcessLauncher(Launcher):
@@ -2990,28 +3001,35 @@ class DockerCLI:
         run's, as it marks a process run's (run_processes)."""
         return dict(self.env, PREFECT__FLOW_RUN_ID=run_id)
 
-    def answer(self, *args):
-        """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
+    def answer(self, *args, deadline=None):
+        """The stdout words of a docker CLI query, or None when it fails or docker cannot
+        answer within TIMEOUT_SECONDS, or by `deadline` (a time.monotonic())."""
         import subprocess
+        timeout = self.TIMEOUT_SECONDS
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return None
         try:
             with subprocess_waits:
                 answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        timeout=self.TIMEOUT_SECONDS)
+                                        timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
 
-    def container_for_run(self, run_id):
+    def container_for_run(self, run_id, deadline=None):
         """The container labelled io.prefect.flow-run-id=run_id, or None."""
         names = self.answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
-                            "--format", "{{.Names}}")
+                            "--format", "{{.Names}}", deadline=deadline)
         return names[0] if names else None
 
-    def container_state(self, name):
+    def container_state(self, name, deadline=None):
         """(status, exit code) of a container per the docker daemon, or (None, None) when it
         does not exist or docker cannot tell."""
-        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
+        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name,
+                             deadline=deadline)
         if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
             return None, None
         return fields[0], int(fields[1])
@@ -3020,7 +3038,8 @@ class DockerCLI:
 class DockerLauncher(Launcher):
     """Runs a job as a container through the host's docker CLI: the child is an attached
     `docker run`, whose exit code is the container's, and after a restart the daemon is
-    asked for the container by the run's label."""
+    asked for the container by the run's label: on docker-recovery threads, for all the
+    journal's runs at once (prepare_recovery), while the agent loop thread recovers them."""
 
     name = "docker"
     base_job_template = DOCKER_BASE_JOB_TEMPLATE
@@ -3033,10 +3052,14 @@ class DockerLauncher(Launcher):
     #: What a DockerContainer block runs when it names no command (Prefect 2.20's).
     BLOCK_DEFAULT_COMMAND = "python -m prefect.engine"
     engine_on_host = False  # an engine in a container cannot reach the host's loopback
+    #: Daemon queries at once while recovering (a docker CLI process each).
+    RECOVERY_THREADS = 16
 
     def __init__(self, config, environ):
         super().__init__(config, environ)
         self.cli = DockerCLI(environ)
+        self._asked = {}  # run id -> Future of _ask_daemon's answer, while recovering
+        self._answers_due = 0.0  # the time.monotonic() by which the daemon answers them all
 
     def _build(self, job_configuration, run, flow_run_env, output_path):
         return build_docker_job(job_configuration, flow_run_env,
@@ -3111,6 +3134,25 @@ class DockerLauncher(Launcher):
     def where(self, child):
         return "container %s" % child.infrastructure.get("container")
 
+    def prepare_recovery(self, entries):
+        """Ask the daemon about every run recover() may have to ask about, together and
+        within one query's timeout: one after another, a hung daemon would hold the agent
+        loop for a timeout per run."""
+        import concurrent.futures
+        asking = {run_id: entry for run_id, entry in entries.items()
+                  if entry.get("launcher") == self.name and entry.get("phase") in
+                  ("starting", "running") and not journaled_process_runs(entry)}
+        self._answers_due = time.monotonic() + self.cli.TIMEOUT_SECONDS
+        self._asked = {}
+        if not asking:
+            return
+        threads = concurrent.futures.ThreadPoolExecutor(
+            min(len(asking), self.RECOVERY_THREADS), thread_name_prefix="docker-recovery")
+        for run_id, entry in asking.items():
+            self._asked[run_id] = threads.submit(self._ask_daemon, run_id, entry,
+                                                 self._answers_due)
+        threads.shutdown(wait=False)  # the threads end once every query is answered
+
     def recover(self, run_id, entry, output_path):
         """The attached `docker run` if it still runs; else the container, asked of the
         daemon by the run's label (or by the name the journal holds): re-attached while it
@@ -3118,10 +3160,9 @@ class DockerLauncher(Launcher):
         child = self.adopt(run_id, entry, output_path)
         if child is not None:
             return child
-        name = self.cli.container_for_run(run_id) or _obj(entry.get("infrastructure")).get("container")
-        if not isinstance(name, str):
+        name, state, code = self._daemon_answer(run_id, entry)
+        if name is None:
             return None
-        state, code = self.cli.container_state(name)
         if state in ("running", "created", "paused", "restarting"):
             return self._attach(run_id, entry, name, output_path)
         if state is not None and code:
@@ -3129,6 +3170,29 @@ class DockerLauncher(Launcher):
                     % (name, code, explain_exit(code)))
         return ("Container %s %s when agent.py restarted, and the run never reported a final "
                 "state." % (name, "had exited with status code 0" if state else "was gone"))
+
+    def _daemon_answer(self, run_id, entry):
+        """_ask_daemon's answer, taken from prepare_recovery when it asked ahead."""
+        import concurrent.futures
+        asked = self._asked.pop(run_id, None)
+        if asked is None:
+            return self._ask_daemon(run_id, entry)
+        try:
+            return asked.result(max(0.0, self._answers_due - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            # Not answered in time: past the deadline no query is made, so this is the
+            # answer of a daemon that cannot answer.
+            return self._ask_daemon(run_id, entry, self._answers_due)
+
+    def _ask_daemon(self, run_id, entry, deadline=None):
+        """(container, status, exit code): the container labelled with the run's id, else
+        the one the journal names, and what the daemon says of it; the status is None when
+        the daemon does not know it or cannot answer, the name None when nothing names one."""
+        name = (self.cli.container_for_run(run_id, deadline)
+                or _obj(entry.get("infrastructure")).get("container"))
+        if not isinstance(name, str):
+            return None, None, None
+        return (name,) + self.cli.container_state(name, deadline)
 
     def _attach(self, run_id, entry, name, output_path):
         job = Job(self.cli.argv("start", "--attach", name), self.cli.env_for(run_id),
@@ -5696,6 +5760,8 @@ class Agent:
         self.reporter.resend_logs(self.journal.take_logs())
         entries = self.ledger.entries()
         self._processes_of_runs = run_processes(dict.fromkeys(entries))  # one look for all
+        for launcher in self.launchers.values():
+            launcher.prepare_recovery(entries)
         for run_id, entry in entries.items():
             if self.supervisor.child(run_id) is not None or self.ledger.holds(run_id):
                 continue
