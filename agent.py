@@ -26,7 +26,8 @@ flows:
 Threads: "main" parses and starts, then waits for the others; "agent" runs Agent.run;
 "dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
 them and passes on signals, and "console" prints their output; "reporter-N" deliver reports; "health" answers
-probes. Each class says which of them call it.
+probes; "docker-recovery_N" ask the docker daemon about the runs a restart finds. Each class
+says which of them call it.
 
 Start-up time is measured against Prefect's worker, so modules that only some paths need
 (subprocess, tempfile, shutil, copy, ssl, textwrap, traceback, email) are imported where
@@ -2898,6 +2899,10 @@ class Launcher:
         """Where the run runs, for its log."""
         return "process %d" % child.pid
 
+    def prepare_recovery(self, entries):
+        """Before recover() is called for the journal's runs one by one: a chance to ask
+        about all of them at once (`entries`: every run's journal entry, by run id)."""
+
     def recover(self, run_id, entry, output_path):
         """After a restart, what became of a run the journal says was started: its Child
         (adopted or re-attached: child.recovered says which), a crash report's message, or
@@ -2906,10 +2911,9 @@ class Launcher:
 
     def adopt(self, run_id, entry, output_path):
         """A Child for the journal's process, if it still runs on this host."""
-        pid = entry.get("pid")
-        if entry.get("host") != socket.gethostname() or not isinstance(pid, int) or \
-                not process_is(pid, entry.get("start_time")):
+        if not journaled_process_runs(entry):
             return None
+        pid = entry["pid"]
         child = Child(run_id, entry.get("run_name") or run_id, pid,
                       entry.get("output") or output_path, bool(entry.get("stream_output")),
                       self, start_time=entry.get("start_time"), temp_dir=entry.get("temp_dir"),
@@ -2927,6 +2931,13 @@ class Launcher:
     def banner_line(self):
         """A line for the start-up banner when --type names this launcher, or None."""
         return None
+
+
+def journaled_process_runs(entry):
+    """Whether the process a run's journal entry names still runs, on this host."""
+    pid = entry.get("pid")
+    return (entry.get("host") == socket.gethostname() and isinstance(pid, int)
+            and process_is(pid, entry.get("start_time")))
 
 
 class ProcessLauncher(Launcher):
@@ -2968,6 +2979,34 @@ def find_command(name, environ):
     return None
 
 
+class SubprocessWaits:
+    """The subprocesses agent.py is waiting for through subprocess, which reads an exit
+    status someone else took as 0, a success: each call runs inside `with subprocess_waits:`
+    (any thread), and the supervisor thread's reaper (as PID 1) takes statuses only while
+    none is in flight."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def __enter__(self):
+        with self._lock:
+            self._in_flight += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._in_flight -= 1
+
+    def unless_waiting(self, reap):
+        """reap()'s answer, under the lock so that no call starts meanwhile; None, without
+        calling it, while a call is in flight."""
+        with self._lock:
+            return None if self._in_flight else reap()
+
+
+subprocess_waits = SubprocessWaits()
+
+
 class DockerCLI:
     """The host's docker CLI, found once at start-up on the agent's own PATH, and the
     environment it runs with: the agent's own at start-up, never a job's, whose PATH would
@@ -2975,6 +3014,7 @@ class DockerCLI:
     with the Agent; read by every thread, never changed."""
 
     SH = "/bin/sh"  # POSIX's shell, at the path subprocess's shell=True assumes too
+    TIMEOUT_SECONDS = 60  # a query's, after which the daemon is taken to be unable to answer
 
     def __init__(self, environ):
         self.env = dict(environ)
@@ -2988,26 +3028,35 @@ class DockerCLI:
         run's, as it marks a process run's (run_processes)."""
         return dict(self.env, PREFECT__FLOW_RUN_ID=run_id)
 
-    def answer(self, *args):
-        """The stdout words of a docker CLI query, or None when it fails or docker cannot answer."""
+    def answer(self, *args, deadline=None):
+        """The stdout words of a docker CLI query, or None when it fails or docker cannot
+        answer within TIMEOUT_SECONDS, or by `deadline` (a time.monotonic())."""
         import subprocess
+        timeout = self.TIMEOUT_SECONDS
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                return None
         try:
-            answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+            with subprocess_waits:
+                answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        timeout=timeout)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return answer.stdout.decode("utf-8", "replace").split() if answer.returncode == 0 else None
 
-    def container_for_run(self, run_id):
+    def container_for_run(self, run_id, deadline=None):
         """The container labelled io.prefect.flow-run-id=run_id, or None."""
         names = self.answer("ps", "-a", "--filter", "label=io.prefect.flow-run-id=%s" % run_id,
-                            "--format", "{{.Names}}")
+                            "--format", "{{.Names}}", deadline=deadline)
         return names[0] if names else None
 
-    def container_state(self, name):
+    def container_state(self, name, deadline=None):
         """(status, exit code) of a container per the docker daemon, or (None, None) when it
         does not exist or docker cannot tell."""
-        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name)
+        fields = self.answer("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name,
+                             deadline=deadline)
         if not fields or len(fields) != 2 or not fields[1].lstrip("-").isdigit():
             return None, None
         return fields[0], int(fields[1])
@@ -3016,7 +3065,8 @@ class DockerCLI:
 class DockerLauncher(Launcher):
     """Runs a job as a container through the host's docker CLI: the child is an attached
     `docker run`, whose exit code is the container's, and after a restart the daemon is
-    asked for the container by the run's label."""
+    asked for the container by the run's label: on docker-recovery threads, for all the
+    journal's runs at once (prepare_recovery), while the agent loop thread recovers them."""
 
     name = "docker"
     base_job_template = DOCKER_BASE_JOB_TEMPLATE
@@ -3029,10 +3079,14 @@ class DockerLauncher(Launcher):
     #: What a DockerContainer block runs when it names no command (Prefect 2.20's).
     BLOCK_DEFAULT_COMMAND = "python -m prefect.engine"
     engine_on_host = False  # an engine in a container cannot reach the host's loopback
+    #: Daemon queries at once while recovering (a docker CLI process each).
+    RECOVERY_THREADS = 16
 
     def __init__(self, config, environ):
         super().__init__(config, environ)
         self.cli = DockerCLI(environ)
+        self._asked = {}  # run id -> Future of _ask_daemon's answer, while recovering
+        self._answers_due = 0.0  # the time.monotonic() by which the daemon answers them all
 
     def _build(self, job_configuration, run, flow_run_env, output_path):
         return build_docker_job(job_configuration, flow_run_env,
@@ -3107,6 +3161,25 @@ class DockerLauncher(Launcher):
     def where(self, child):
         return "container %s" % child.infrastructure.get("container")
 
+    def prepare_recovery(self, entries):
+        """Ask the daemon about every run recover() may have to ask about, together and
+        within one query's timeout: one after another, a hung daemon would hold the agent
+        loop for a timeout per run."""
+        import concurrent.futures
+        asking = {run_id: entry for run_id, entry in entries.items()
+                  if entry.get("launcher") == self.name and entry.get("phase") in
+                  ("starting", "running") and not journaled_process_runs(entry)}
+        self._answers_due = time.monotonic() + self.cli.TIMEOUT_SECONDS
+        self._asked = {}
+        if not asking:
+            return
+        threads = concurrent.futures.ThreadPoolExecutor(
+            min(len(asking), self.RECOVERY_THREADS), thread_name_prefix="docker-recovery")
+        for run_id, entry in asking.items():
+            self._asked[run_id] = threads.submit(self._ask_daemon, run_id, entry,
+                                                 self._answers_due)
+        threads.shutdown(wait=False)  # the threads end once every query is answered
+
     def recover(self, run_id, entry, output_path):
         """The attached `docker run` if it still runs; else the container, asked of the
         daemon by the run's label (or by the name the journal holds): re-attached while it
@@ -3114,10 +3187,9 @@ class DockerLauncher(Launcher):
         child = self.adopt(run_id, entry, output_path)
         if child is not None:
             return child
-        name = self.cli.container_for_run(run_id) or _obj(entry.get("infrastructure")).get("container")
-        if not isinstance(name, str):
+        name, state, code = self._daemon_answer(run_id, entry)
+        if name is None:
             return None
-        state, code = self.cli.container_state(name)
         if state in ("running", "created", "paused", "restarting"):
             return self._attach(run_id, entry, name, output_path)
         if state is not None and code:
@@ -3125,6 +3197,29 @@ class DockerLauncher(Launcher):
                     % (name, code, explain_exit(code)))
         return ("Container %s %s when agent.py restarted, and the run never reported a final "
                 "state." % (name, "had exited with status code 0" if state else "was gone"))
+
+    def _daemon_answer(self, run_id, entry):
+        """_ask_daemon's answer, taken from prepare_recovery when it asked ahead."""
+        import concurrent.futures
+        asked = self._asked.pop(run_id, None)
+        if asked is None:
+            return self._ask_daemon(run_id, entry)
+        try:
+            return asked.result(max(0.0, self._answers_due - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            # Not answered in time: past the deadline no query is made, so this is the
+            # answer of a daemon that cannot answer.
+            return self._ask_daemon(run_id, entry, self._answers_due)
+
+    def _ask_daemon(self, run_id, entry, deadline=None):
+        """(container, status, exit code): the container labelled with the run's id, else
+        the one the journal names, and what the daemon says of it; the status is None when
+        the daemon does not know it or cannot answer, the name None when nothing names one."""
+        name = (self.cli.container_for_run(run_id, deadline)
+                or _obj(entry.get("infrastructure")).get("container"))
+        if not isinstance(name, str):
+            return None, None, None
+        return (name,) + self.cli.container_state(name, deadline)
 
     def _attach(self, run_id, entry, name, output_path):
         job = Job(self.cli.argv("start", "--attach", name), self.cli.env_for(run_id),
@@ -3611,7 +3706,11 @@ class Supervisor(threading.Thread):
 
     def _collect_exits(self, children):
         if self._reap_orphans:
-            return self._reap_everything(children)
+            # While a subprocess call waits, the orphans wait a tick or so longer; the
+            # children are looked at one by one below.
+            exited = subprocess_waits.unless_waiting(lambda: self._reap_everything(children))
+            if exited is not None:
+                return exited
         exited = []
         for child in children:
             if child.process is not None:
@@ -5757,6 +5856,8 @@ class Agent:
         self.reporter.resend_logs(self.journal.take_logs())
         entries = self.ledger.entries()
         self._processes_of_runs = run_processes(dict.fromkeys(entries))  # one look for all
+        for launcher in self.launchers.values():
+            launcher.prepare_recovery(entries)
         for run_id, entry in entries.items():
             if self.supervisor.child(run_id) is not None or self.ledger.holds(run_id):
                 continue

@@ -5101,6 +5101,35 @@ class Pid1Tests(AgentTestCase):
         os.kill(agent_pid, signal.SIGTERM)
         self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
 
+    def test_a_failed_docker_query_reads_as_failed_while_the_reaper_runs(self):
+        # waitpid(-1) reaps this process's children as it would PID 1's: the reaper must leave
+        # the docker CLI's exit status to the subprocess call waiting for it, which would
+        # otherwise read 0. The fake exits at once while a process it left holds its stdout
+        # for 0.3 s, so the call waits that long on a reapable exit; the reaper ticks every
+        # 10 ms, and takes it every time unless it leaves it alone. A run's process that
+        # exits meanwhile is still reaped, with its exit code.
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, "docker"), "w") as handle:
+            handle.write("#!/bin/sh\n(sleep 0.3 &)\nexit 1\n")
+        os.chmod(os.path.join(bin_dir, "docker"), 0o755)
+        cli = agent.DockerCLI({"PATH": bin_dir + os.pathsep + os.environ["PATH"]})
+        with mock.patch.object(agent.Supervisor, "TICK_SECONDS", 0.01), \
+                mock.patch.object(agent.Supervisor, "QUIET_TICK_SECONDS", 0.01):
+            exits = []
+            supervisor = agent.Supervisor(lambda child: exits.append(child.returncode),
+                                          reap_orphans=True)
+            supervisor.start()
+            self.addCleanup(supervisor.join, 5)
+            self.addCleanup(supervisor.stop)
+            run = subprocess.Popen(["sh", "-c", "sleep 0.2; exit 3"])
+            child = agent.Child("run", "run", run.pid, None, False, None, process=run)
+            child.named = True
+            supervisor.add(child)
+            self.assertEqual([cli.answer("ps") for _ in range(3)], [None] * 3)
+            wait_for(lambda: exits, what="the run's exit")
+        self.assertEqual(exits, [3])
+
     @staticmethod
     def parent_of(pid):
         try:
@@ -5113,7 +5142,8 @@ class Pid1Tests(AgentTestCase):
 # A stand-in for the docker CLI: records each call (argv, the container's variables it reads
 # from --env-file as docker does, and its own environment); `run` behaves as the container's
 # FAKE_DOCKER_RUN says: exit:N, fail:MESSAGE (exit 125, as docker does when it cannot create
-# or start the container), or wait (until `docker kill`).
+# or start the container), or wait (until `docker kill`). With FAKE_DOCKER_HANG set, `ps` and
+# `inspect` sleep that many seconds first, as with a hung daemon.
 FAKE_DOCKER = r'''
 import json, os, sys, time
 record = os.environ["FAKE_DOCKER_RECORD"]
@@ -5130,6 +5160,8 @@ with open(record, "a") as handle:
     handle.write(json.dumps({"argv": args, "env": env, "cli_env": dict(os.environ),
                              "stdin": stdin}) + "\n")
 killed = os.path.join(os.path.dirname(record), "killed-%s" % args[-1])
+if args[0] in ("ps", "inspect"):
+    time.sleep(float(os.environ.get("FAKE_DOCKER_HANG", "0")))
 if args[0] == "kill":
     open(killed, "w").close()
 elif args[0] == "inspect":
@@ -5370,6 +5402,38 @@ class DockerTests(AgentTestCase):
         _, state = self.restarted_with_container("")
         self.assertEqual(state["type"], "CRASHED")
         self.assertIn("Container box-1 was gone", state["message"])
+
+    def test_a_hung_daemon_holds_recovery_for_one_timeout_whatever_the_number_of_runs(self):
+        # Asked one run after another, 5 runs would hold the loop for 5 x (ps + inspect) x 1 s
+        # = 10 s before its first poll; asked together, for one 1 s timeout and the start-up
+        # (well under a second), so 3.5 s leaves room for a loaded machine and none for 10 s.
+        self.fake.add_pool("pool", type="docker", base_job_template=agent.DOCKER_BASE_JOB_TEMPLATE)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        deployment = self.fake.add_deployment(self.fake.add_flow("f"), "d")
+        runs = {}
+        for number in range(5):
+            run = self.fake.add_run(deployment, pool="pool")
+            for state in ("PENDING", "RUNNING"):
+                api_call(self.fake, "POST", "/flow_runs/%s/set_state" % run,
+                         {"state": {"type": state}})
+            runs[run] = {"phase": "running", "pid": gone.pid, "start_time": 1, "run_name": "r",
+                         "host": socket.gethostname(), "launcher": "docker",
+                         "infrastructure": {"container": "box-%d" % number}}
+        state_dir = self.journal_with(runs)
+        with mock.patch.object(agent.DockerCLI, "TIMEOUT_SECONDS", 1), \
+                mock.patch.dict(os.environ, {"FAKE_DOCKER_HANG": "30"}):
+            started = time.monotonic()
+            with RunningAgent(self.fake, "--state-dir", state_dir) as running:
+                wait_for(lambda: running.agent.last_poll is not None, timeout=30, what="a poll")
+                self.assertLess(time.monotonic() - started, 3.5)
+                # as before, a daemon that cannot answer leaves only the journal's word
+                wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
+                         what="every run final")
+        for number, run in enumerate(runs):
+            state = self.fake.run(run)["state"]
+            self.assertEqual(state["type"], "CRASHED")
+            self.assertIn("Container box-%d was gone" % number, state["message"])
 
     def test_without_a_docker_cli_the_run_crashes_saying_so(self):
         os.unlink(self.docker)
