@@ -2979,11 +2979,12 @@ def find_command(name, environ):
     return None
 
 
-class SubprocessWaits:
-    """The subprocesses agent.py is waiting for through subprocess, which reads an exit
-    status someone else took as 0, a success: each call runs inside `with subprocess_waits:`
-    (any thread), and the supervisor thread's reaper (as PID 1) takes statuses only while
-    none is in flight."""
+class ReaperHold:
+    """Keeps the reaper of PID 1 (the supervisor thread's waitpid(-1)) from exit statuses it
+    must leave to others: a subprocess call's, which subprocess would read as 0, a success,
+    and a run's whose process the supervisor does not watch yet, which would be lost. Each
+    such stretch runs inside `with reaper_hold:` (any thread); the reaper takes statuses only
+    while none is under way."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -3004,7 +3005,7 @@ class SubprocessWaits:
             return None if self._in_flight else reap()
 
 
-subprocess_waits = SubprocessWaits()
+reaper_hold = ReaperHold()
 
 
 class DockerCLI:
@@ -3038,7 +3039,7 @@ class DockerCLI:
             if timeout <= 0:
                 return None
         try:
-            with subprocess_waits:
+            with reaper_hold:
                 answer = subprocess.run(self.argv(*args), env=self.env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         timeout=timeout)
@@ -3165,7 +3166,6 @@ class DockerLauncher(Launcher):
         """Ask the daemon about every run recover() may have to ask about, together and
         within one query's timeout: one after another, a hung daemon would hold the agent
         loop for a timeout per run."""
-        import concurrent.futures
         asking = {run_id: entry for run_id, entry in entries.items()
                   if entry.get("launcher") == self.name and entry.get("phase") in
                   ("starting", "running") and not journaled_process_runs(entry)}
@@ -3173,6 +3173,7 @@ class DockerLauncher(Launcher):
         self._asked = {}
         if not asking:
             return
+        import concurrent.futures  # here: every start recovers, few have docker runs to
         threads = concurrent.futures.ThreadPoolExecutor(
             min(len(asking), self.RECOVERY_THREADS), thread_name_prefix="docker-recovery")
         for run_id, entry in asking.items():
@@ -3708,7 +3709,7 @@ class Supervisor(threading.Thread):
         if self._reap_orphans:
             # While a subprocess call waits, the orphans wait a tick or so longer; the
             # children are looked at one by one below.
-            exited = subprocess_waits.unless_waiting(lambda: self._reap_everything(children))
+            exited = reaper_hold.unless_waiting(lambda: self._reap_everything(children))
             if exited is not None:
                 return exited
         exited = []
@@ -5791,18 +5792,19 @@ class Agent:
         launcher = job.launcher
         if launcher.engine_on_host:
             job.env = dict(job.env, **self.supervisor.channel.register(run_id))
-        try:
-            child = launcher.start(run_id, run_name, job, output, temp_dir)
-        except OutOfDescriptors:
-            self.supervisor.channel.forget(run_id)
-            self._start_later(run, job)
-            return
-        except LaunchError as exc:
-            self.supervisor.channel.forget(run_id)
-            self.ledger.crash_unstarted(run_id, exc)
-            return
-        self.ledger.running(run_id, child)
-        self.supervisor.add(child)
+        with reaper_hold:  # until the supervisor watches the process
+            try:
+                child = launcher.start(run_id, run_name, job, output, temp_dir)
+            except OutOfDescriptors:
+                self.supervisor.channel.forget(run_id)
+                self._start_later(run, job)
+                return
+            except LaunchError as exc:
+                self.supervisor.channel.forget(run_id)
+                self.ledger.crash_unstarted(run_id, exc)
+                return
+            self.ledger.running(run_id, child)
+            self.supervisor.add(child)
         metrics.count("agentpy_runs_started_total")
         self.reporter.log(run_id, "Flow run '%s' submitted to infrastructure: %s, command %s"
                           % (child.run_name, launcher.where(child), _argv_text(job.argv)))
@@ -5923,15 +5925,16 @@ class Agent:
         """Ask the launcher that started the run what became of it: watch it again, or
         report how it ended. False when it found nothing."""
         launcher = self.launchers.get(entry.get("launcher")) or self.launchers["process"]
-        found = launcher.recover(run_id, entry, self.ledger.output_path(run_id))
-        if found is None:
-            return False
-        if isinstance(found, str):
-            self.ledger.crashed(run_id, found)
-            return True
-        self.ledger.reserve(run_id)
-        self.ledger.running(run_id, found)
-        self.supervisor.add(found)
+        with reaper_hold:  # a `docker start --attach` it starts is not watched yet
+            found = launcher.recover(run_id, entry, self.ledger.output_path(run_id))
+            if found is None:
+                return False
+            if isinstance(found, str):
+                self.ledger.crashed(run_id, found)
+                return True
+            self.ledger.reserve(run_id)
+            self.ledger.running(run_id, found)
+            self.supervisor.add(found)
         self.reporter.log(run_id, "Agent '%s' %s after a restart" % (self.config.name, found.recovered))
         return True
 

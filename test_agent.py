@@ -5130,6 +5130,25 @@ class Pid1Tests(AgentTestCase):
             wait_for(lambda: exits, what="the run's exit")
         self.assertEqual(exits, [3])
 
+    def test_as_pid_1_a_run_that_exits_before_it_is_watched_still_ends_with_its_exit_code(self):
+        # The reaper once took the exit of a run whose process ended between its start and
+        # the supervisor's first look at it (a slow journal write holds that open 0.3 s
+        # here, while the reaper looks every 10 ms): the run never ended.
+        run = self.fake.add_run(self.deployment(command="sh -c 'exit 4'"), pool="pool")
+        real_running = agent.RunLedger.running
+
+        def slow_running(ledger, run_id, child):
+            time.sleep(0.3)
+            return real_running(ledger, run_id, child)
+
+        with mock.patch("os.getpid", return_value=1):  # the agent reaps as PID 1 does
+            running = RunningAgent(self.fake)
+        with mock.patch.object(agent.Supervisor, "TICK_SECONDS", 0.01), \
+                mock.patch.object(agent.Supervisor, "QUIET_TICK_SECONDS", 0.01), \
+                mock.patch.object(agent.RunLedger, "running", slow_running), running:
+            wait_for(lambda: final_type(self.fake, run) in agent_final(), what="the run's end")
+        self.assertIn("status code 4", self.fake.run(run)["state"]["message"])
+
     @staticmethod
     def parent_of(pid):
         try:
