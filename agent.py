@@ -5281,7 +5281,9 @@ class Agent:
         self.last_contact = None  # last loop pass that reached the API (polls, heartbeats)
         self._claimed = []  # run ids the last poll's claims won (appended on several threads)
         self._loop_thread = None  # the agent loop's thread id, once run() runs
-        self._unsettled = {}  # run id -> (run, transition id) of claims whose answer was lost
+        # run id -> (run, transition id, claim state) of claims not started: an answer lost,
+        # or a restart that found --limit full (_settle_unanswered_claims starts them)
+        self._unsettled = {}
 
     # -- life cycle -----------------------------------------------------------
 
@@ -5689,7 +5691,7 @@ class Agent:
         except APIUnreachable as exc:
             # The claim may have landed before the connection broke; until the run itself says
             # whose it is, keep it on the books so it cannot be left Pending with no process.
-            self._unsettled[run_id] = (run, transition_id)
+            self._unsettled[run_id] = (run, transition_id, None)
             if isinstance(exc, Stopped):
                 raise
             return self._settle(run_id)
@@ -5715,12 +5717,13 @@ class Agent:
         return False
 
     def _settle(self, run_id):
-        """Whether an unanswered claim landed: True if the run is Pending by our transition.
-        Raises APIUnreachable (and keeps the claim unsettled) while the API cannot tell."""
-        run, transition_id = self._unsettled[run_id]
+        """Whether a claim not yet started is still ours to start: its answer was lost, or a
+        restart found it with --limit full. Raises APIUnreachable (and keeps the claim
+        unsettled) while the API cannot tell."""
+        run, transition_id, claim_state = self._unsettled[run_id]
         current = _obj(self.api.read_run(run_id).get("state"))
         del self._unsettled[run_id]
-        ours = _is_our_claim(current, transition_id)
+        ours = _is_our_claim(current, transition_id, claim_state)
         if not ours:
             self.ledger.claim_lost(run_id)
         return ours
@@ -5735,7 +5738,7 @@ class Agent:
                     self.ledger.release(run_id)
                     raise
                 if ours:
-                    log.info("run %s: an unanswered claim had landed; starting it now", run_id)
+                    log.info("run %s: our claim holds; starting it now", run_id)
                     self._submit_claimed(run)
                 else:
                     self.ledger.release(run_id)
@@ -5955,11 +5958,16 @@ class Agent:
             return
         state = _obj(run.get("state"))
         if _is_our_claim(state, entry.get("transition_id"), entry.get("claim_state")):
+            run = dict(_obj(entry.get("run")), **dict(run, id=run_id))
+            problem = run_problem(run)
+            run = dict(run, **{REFUSED: problem}) if problem else run
             if self.ledger.reserve(run_id, self.config.limit):
                 log.info("run %s: claimed before a restart but never started; starting it now", run_id)
-                run = dict(_obj(entry.get("run")), **dict(run, id=run_id))
-                problem = run_problem(run)
-                self._submit_claimed(dict(run, **{REFUSED: problem}) if problem else run)
+                self._submit_claimed(run)
+            else:  # --limit is full of adopted runs: a poll starts it once a slot is free
+                log.info("run %s: claimed before a restart but never started; starts once "
+                         "--limit has room", run_id)
+                self._unsettled[run_id] = (run, entry.get("transition_id"), entry.get("claim_state"))
             return
         if being_cancelled(state) and not run.get("infrastructure_pid"):
             self.ledger.cancel_never_started(run_id, state, run.get("name") or run_id)

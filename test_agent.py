@@ -4041,6 +4041,27 @@ class RecoveryTests(AgentTestCase):
     def final(self, run):
         return lambda: final_type(self.fake, run) in agent_final()
 
+    def test_a_claimed_run_waits_for_room_when_adopted_runs_fill_the_limit(self):
+        # It was marked recovered and never tried again: Pending until the next restart.
+        run, state_dir = self.claimed_before_a_restart()
+        adopted = self.fake.add_run(self.deployment(), pool="pool")
+        for state in ("PENDING", "RUNNING"):
+            api_call(self.fake, "POST", "/flow_runs/%s/set_state" % adopted, {"state": {"type": state}})
+        # Not a child of this process, which would leave a zombie that still looks alive.
+        pid = int(subprocess.check_output(["sh", "-c", "sleep 2 >/dev/null & echo $!"]))
+        journal = os.path.join(state_dir, "journal-pool-0.json")
+        with open(journal) as handle:
+            entries = json.load(handle)
+        entries["runs"] = dict({adopted: {"phase": "running", "pid": pid, "run_name": "adopted",
+                                          "start_time": agent.process_start_time(pid),
+                                          "host": socket.gethostname()}}, **entries["runs"])
+        with open(journal, "w") as handle:
+            json.dump(entries, handle)
+        with RunningAgent(self.fake, "--state-dir", state_dir, "--limit", "1"):
+            wait_for(self.final(run), what="the claimed run started once the adopted one ended")
+        self.assertEqual(self.started_ids(), [run])
+        self.assertEqual(final_type(self.fake, adopted), "CRASHED")
+
     def test_a_claimed_run_cancelled_before_it_started_is_cancelled_not_started(self):
         run, state_dir = self.claimed_before_a_restart(then="CANCELLING")
         with RunningAgent(self.fake, "--state-dir", state_dir) as running:
