@@ -376,6 +376,9 @@ DEFAULT_CANCEL_GRACE_SECONDS = 30.0
 STOP_GRACE_SECONDS = 5.0
 #: How long an exiting agent keeps trying to deliver owed reports (the journal keeps the rest).
 REPORT_FLUSH_SECONDS = 10.0
+#: How long an exiting agent waits for the supervisor to finish the tick it is in: the exits
+#: it handles there are journaled, and the journal closes after it.
+SUPERVISOR_JOIN_SECONDS = 10.0
 #: Seconds before a start that found no file descriptor free is tried again.
 START_RETRY_SECONDS = 1.0
 
@@ -4010,7 +4013,7 @@ class Journal:
         self._entries, self._logs, self._changes, whole = self._load()
         self._fd = None
         self._size = 0
-        self._batching = self._unsynced = False
+        self._batching = self._unsynced = self._closed = False
         self.failure = None  # why the journal cannot be written, while it cannot
         self._retry_at = 0.0
         try:
@@ -4129,7 +4132,7 @@ class Journal:
             self._entries.setdefault(run_id, {}).update(fields)
             written = self._record({"run": run_id, "set": fields}, durable)
         if durable and not written:
-            raise JournalError(self.failure)
+            raise JournalError(self.failure or "the journal is closed")
 
     def forget(self, run_id):
         with self._mutex:
@@ -4174,8 +4177,10 @@ class Journal:
             return self.failure is None
 
     def close(self):
-        """Release this journal's slot (whatever is still in it waits for the next start)."""
+        """Release this journal's slot (whatever is still in it waits for the next start).
+        A change after this is kept in memory only: the slot may be another agent's now."""
         with self._mutex:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -4184,6 +4189,8 @@ class Journal:
     def _record(self, change, durable=False):
         """Append one change (the mutex held); False if it is not written. It is fsynced
         too unless a batch defers that, which a durable change never does."""
+        if self._closed:
+            return False
         if self.failure is not None:
             if time.monotonic() >= self._retry_at:
                 self._rewrite()  # the rewrite holds this change too
@@ -5366,6 +5373,7 @@ class Agent:
                       self.journal.failure)
         self.timetable.stop()
         self.supervisor.stop()
+        self.supervisor.join(SUPERVISOR_JOIN_SECONDS)  # before the journal closes under it
         self.supervisor.printer.close(timeout=2)
         self.journal.close()
         self.api.close()

@@ -3917,6 +3917,20 @@ class ShutdownTests(AgentTestCase):
             running.agent.force_stop()
         self.assertEqual(final_type(self.fake, run), "CRASHED")
 
+    def test_the_agent_ends_after_its_supervisor_has_recorded_its_last_exit(self):
+        # The journal was closed while the supervisor thread could still record an exit: here
+        # its ticks take 0.3 s, as a tick handling hundreds of exits can.
+        real_tick = agent.Supervisor.tick
+
+        def slow_tick(supervisor, *args):
+            time.sleep(0.3)
+            return real_tick(supervisor, *args)
+
+        with mock.patch.object(agent.Supervisor, "tick", slow_tick), \
+                RunningAgent(self.fake) as running:
+            wait_for(lambda: running.agent.last_poll, what="first poll")
+        self.assertFalse(running.agent.supervisor.is_alive())
+
     def test_odd_signals_are_logged_and_ignored(self):
         self.fake.add_pool("pool")
         agent_proc = AgentProcess(self, self.fake)
@@ -5019,6 +5033,19 @@ class JournalTests(unittest.TestCase):
         self.assertEqual(os.stat(journal.path).st_ino, inode, "the journal was rewritten")
         self.assertTrue(after.startswith(before))
         self.assertLess(len(after) - len(before), 200)
+
+    def test_a_closed_journal_writes_nothing_and_fails_nothing(self):
+        # A late exit once reached a closed journal (a TypeError), and the slot it had let go
+        # of may be another agent's by then.
+        journal = agent.Journal(self.tmp, "pool")
+        journal.update("a", phase="running", pid=7)
+        journal.close()
+        before = read(journal.path)
+        journal.update("a", phase="exited", owed={"kind": "crash", "message": "m"})
+        journal.forget("a")
+        with self.assertRaises(agent.JournalError):
+            journal.update("b", durable=True, phase="claiming")
+        self.assertEqual(read(journal.path), before)
 
     def test_a_torn_last_line_is_ignored_and_the_rest_kept(self):
         journal = agent.Journal(self.tmp, "pool")
