@@ -5276,7 +5276,9 @@ class Agent:
         self._retry_wakeup = Wakeup()  # cuts the agent loop's API retries short on a stop
         self._stop_signals = self._stop_signals_logged = 0
         self._last_stop_signal = None
-        self._ignored_signals = {}  # signal number -> count, logged by the agent loop
+        # Signal number -> how many came: written by the supervisor thread only, and the
+        # count the agent loop has logged, by the loop only, so that no count is lost.
+        self._ignored_signals, self._ignored_signals_logged = {}, {}
         self._recovered = False
         self._said_pool_missing = False
         self._processes_of_runs = {}  # run id -> its processes, found at recovery
@@ -5436,10 +5438,12 @@ class Agent:
         if self._stop_signals > max(seen, 1):
             log.warning("Received %s again: terminating running flow runs now",
                         _signal_name(self._last_stop_signal))
-        for signum in list(self._ignored_signals):
-            count = self._ignored_signals.pop(signum)
-            log.warning("Received %s%s: ignored (SIGTERM or SIGINT stop the agent)",
-                        _signal_name(signum), " %d times" % count if count > 1 else "")
+        for signum, total in list(self._ignored_signals.items()):
+            count = total - self._ignored_signals_logged.get(signum, 0)
+            self._ignored_signals_logged[signum] = total
+            if count:
+                log.warning("Received %s%s: ignored (SIGTERM or SIGINT stop the agent)",
+                            _signal_name(signum), " %d times" % count if count > 1 else "")
 
     def _terminate_all(self):
         self._forced = True

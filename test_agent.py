@@ -4483,6 +4483,25 @@ def health_of(port):
 
 
 class SignalFloodTests(AgentTestCase):
+    def test_every_ignored_signal_is_counted_once_while_the_loop_logs_them(self):
+        # The supervisor thread counts, the agent loop logs and resets: a count read and
+        # written on both lost signals, or logged some twice.
+        sent = 20000
+        the_agent = agent.Agent(config_for(self.fake))
+        self.addCleanup(the_agent.journal.close)
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # threads change hands between any two steps
+        self.addCleanup(sys.setswitchinterval, switch)
+        with agent_log("WARNING") as logs:
+            flood = threading.Thread(target=lambda: [
+                the_agent.on_signal(signal.SIGHUP) for _ in range(sent)])
+            flood.start()
+            while flood.is_alive():
+                the_agent._log_signals()
+            the_agent._log_signals()
+        counted = [re.search(r"SIGHUP(?: (\d+) times)?: ignored", line) for line in logs]
+        self.assertEqual(sum(int(m.group(1) or 1) for m in counted), sent, logs[-3:])
+
     def test_a_flood_of_signals_neither_kills_the_agent_nor_stops_its_runs(self):
         dep = self.deployment(command=marker_command(
             self.markers, "import time; time.sleep(3)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
