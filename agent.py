@@ -21,7 +21,7 @@ flows:
   Ledger and reporting  Journal (on disk), RunLedger (each run's story), Reporter (delivery)
   The agent loop        Agent: poll, claim (Dispatcher), make jobs (JobBuilder), start them
                         on time (Timetable), recover after a restart
-  Health server         GET /api/health
+  Health server         GET /api/health, and GET /health and GET /metrics where asked for
   Command line          main, start_agent, install
 Threads: "main" parses and starts, then waits for the others; "agent" runs Agent.run;
 "dispatch-N" claim a poll's runs together; "timetable" starts runs; "supervisor" watches
@@ -69,13 +69,14 @@ class Log:
     Not the logging module: it and the traceback module it imports are 4 ms of start-up,
     and a script's log needs none of its configuration. Until start_agent() lowers the level
     to INFO, only warnings and errors are written, as logging's last-resort handler did.
-    Every thread logs, signal handlers too: the reentrant `_lock` keeps each line whole."""
+    Every thread logs; `_lock` keeps each line whole. Signal handlers do not log (they only
+    note the signal: install_signal_handlers), so it need not be reentrant."""
 
     NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
 
     def __init__(self):
         self.level = WARNING
-        self._lock = threading.RLock()  # reentrant: a signal handler may log mid-line
+        self._lock = threading.Lock()
 
     def debug(self, message, *args):
         self.log(DEBUG, message, *args)
@@ -3487,8 +3488,8 @@ class Supervisor(threading.Thread):
     processes it left behind are stopped (unless the agent was told to leave them).
 
     Its callbacks (on_exit, on_infrastructure, on_leftovers) run on its thread. Other
-    threads add children, ask for them and terminate them, under `_lock`; wake() is
-    never blocks (a byte on a pipe)."""
+    threads add children, ask for them and terminate them, under `_lock`; wake() never
+    blocks (a byte on a pipe), nor does watching()."""
 
     TICK_SECONDS = 0.25
     QUIET_TICK_SECONDS = 1.0
@@ -3705,8 +3706,8 @@ class Supervisor(threading.Thread):
                 self._on_infrastructure(child, *named)
 
     def _adopt_helpers(self, child):
-        while child.helpers:  # pop, not copy-and-clear: the main thread may be appending
-            self._helpers.append(child.helpers.pop())
+        self._helpers += child.helpers  # both on this thread: DockerLauncher.signal
+        child.helpers = []
 
     def _collect_exits(self, children):
         if self._reap_orphans:
@@ -5246,7 +5247,7 @@ class Agent:
     _unsettled only through single list and dict operations, which CPython makes atomic,
     and take the ledger's and the journal's locks); the timetable thread calls _start;
     the supervisor thread passes on signals (on_signal); stop, force_stop and on_signal
-    only set flags and wake, and may be called from any thread."""
+    only set flags, wake and cut requests short, and may be called from any thread."""
 
     def __init__(self, config, api=None, console=None):
         self.config = config
@@ -5383,7 +5384,8 @@ class Agent:
 
     def stop(self):
         """Stop claiming; keep supervising until running flows finish (or the drain timeout).
-        Any thread may call it: it never blocks (no lock is waited for, nothing is written)."""
+        Any thread may call it: it never blocks (no lock is waited for, nothing is written;
+        at most a timer thread is started, to cut a claim the loop has on its way)."""
         self._stopping = True
         self._wakeup.wake()
         self._retry_wakeup.wake()
