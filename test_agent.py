@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -2022,10 +2023,24 @@ class ClientTests(unittest.TestCase):
         port = self.serve(ClosesAfterEachAnswer)
         api = agent.PrefectAPI("http://127.0.0.1:%d/api" % port, max_retries=0)
         self.addCleanup(api.close)
-        for _ in range(3):
-            time.sleep(0.1)  # let the server's close arrive first
-            self.assertEqual(api.read_pool("pool")["name"], "pool")
+        self.assertEqual(api.read_pool("pool")["name"], "pool")
+        for _ in range(2):
+            self.wait_for_the_servers_close(api)
+            sent = []
+            original = agent.HTTPConnection.request
+            with mock.patch.object(agent.HTTPConnection, "request",
+                                   lambda *args: sent.append(args[1:3]) or original(*args)):
+                self.assertEqual(api.read_pool("pool")["name"], "pool")
+            # Once: not first on the closed connection, then again (which max_retries=0 allows).
+            self.assertEqual(len(sent), 1, "the request was first sent on the closed connection")
         self.assertEqual(len(served), 3)
+
+    @staticmethod
+    def wait_for_the_servers_close(api):
+        """Until the server's close (FIN) of this thread's kept-alive connection has reached it:
+        a close still on its way cannot be seen, and leaves nothing to test."""
+        sock = api._local.connection.sock
+        wait_for(lambda: select.select([sock], [], [], 0)[0], what="the server's close")
 
     def test_an_idle_connection_is_reused_until_the_server_closes_it(self):
         served, close_after_answer, connections = [], [], itertools.count()
@@ -2057,7 +2072,7 @@ class ClientTests(unittest.TestCase):
         close_after_answer.append(True)
         api.read_pool("pool")
         close_after_answer.clear()
-        time.sleep(0.1)  # the server's close arrives
+        self.wait_for_the_servers_close(api)
         sent = []
         original = agent.HTTPConnection.request
         with mock.patch.object(agent.HTTPConnection, "request",
