@@ -5005,14 +5005,16 @@ class Pid1Tests(AgentTestCase):
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(5)]
         agent_proc = AgentProcess(self, self.fake, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
         wait_for(lambda: len(self.started_ids()) == len(runs), what="runs started")
-        time.sleep(1.5)  # the orphans have exited by now: PID 1 must have reaped them
         inner = [int(p) for p in os.listdir("/proc") if p.isdigit() and
                  self.parent_of(int(p)) == agent_proc.proc.pid]
         self.assertEqual(len(inner), 1, "expected the agent as unshare's only child")
         agent_pid = inner[0]
-        zombies = [p for p in os.listdir("/proc") if p.isdigit() and
-                   self.parent_of(int(p)) == agent_pid and process_state(int(p)) == "Z"]
-        self.assertEqual(zombies, [])
+
+        def children():  # the runs, then the orphans (alive, or zombies until reaped)
+            return [(int(p), process_state(int(p))) for p in os.listdir("/proc")
+                    if p.isdigit() and self.parent_of(int(p)) == agent_pid]
+        # The orphans sleep 0.3 s; each exit leaves a zombie that only PID 1 can reap.
+        wait_for(lambda: not children(), what="every run and orphan exited and reaped")
         os.kill(agent_pid, signal.SIGTERM)
         self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
 
