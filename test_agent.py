@@ -3424,7 +3424,12 @@ class WatchingTests(AgentTestCase):
             wait_for(lambda: len(self.started_ids()) == len(runs), timeout=120, what="150 starts")
             wait_for(lambda: not running.agent.in_flight_count(), timeout=60, what="all exits")
             # in_flight drops as each child is reaped, so none may be left a zombie now
-            self.assertEqual(zombie_children(), [])
+            zombies = zombie_children()
+            pids = wait_for(lambda: all(self.fake.run(r).get("infrastructure_pid") for r in runs)
+                            and {int(self.fake.run(r)["infrastructure_pid"].rpartition(":")[2])
+                                 for r in runs}, what="every run's pid recorded")
+        # Only the runs' own: an earlier test's agent, stopped, left its children unreaped.
+        self.assertEqual([pid for pid in zombies if pid in pids], [])
 
     def test_children_that_exit_while_a_burst_of_exits_is_handled_are_reaped_at_once(self):
         # Each exit is journaled and reported; here that takes 50 ms, and 40 children exit at
@@ -3442,15 +3447,16 @@ class WatchingTests(AgentTestCase):
 
         first_seen = {}  # zombie pid -> when it was first seen a zombie
 
-        def oldest_zombie_age():
-            now, zombies = time.monotonic(), zombie_children()
+        def oldest_zombie_age():  # of the runs' own zombies (see the test above)
+            now, zombies = time.monotonic(), zombie_children(among=ours)
             return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
 
         with mock.patch.object(agent.Journal, "update", slow_update), RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
+            ours = {int(p) for p in read(pids).split()}  # sh's pid: it execs sleep
             exiting.set()
-            for pid in [int(p) for p in read(pids).split()]:
+            for pid in ours:
                 os.kill(pid, signal.SIGTERM)
                 oldest_zombie_age()
                 time.sleep(0.02)
@@ -3465,11 +3471,11 @@ class WatchingTests(AgentTestCase):
         self.assertIn("status code 4", state["message"])
 
 
-def zombie_children():
-    """Zombie processes whose parent is this test process."""
+def zombie_children(among=None):
+    """Zombie processes whose parent is this test process (those whose pids are in `among`)."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or (among is not None and int(entry) not in among):
             continue
         try:
             with open("/proc/%s/stat" % entry) as handle:
