@@ -3604,6 +3604,20 @@ class AgentProcess:
             self.proc.wait(10)
 
 
+def wait_for_the_memory_trim(pid):
+    """Until agent.py process `pid` has run release_freed_memory (run_after_the_script starts
+    it 1 s after start-up; its thread ends right after). It alone imports ctypes, so it has
+    run once the _ctypes extension is in the process's memory map."""
+    if (3, 12) <= sys.version_info[:3] < (3, 12, 3):
+        return  # no trimmer there: the agent runs inside the script
+    import importlib.util
+    spec = importlib.util.find_spec("_ctypes")
+    if spec is None or not (spec.origin or "").endswith(".so"):
+        return  # no ctypes (nothing to load), or built in (nothing to see)
+    library = os.path.basename(spec.origin)
+    wait_for(lambda: library in read("/proc/%d/maps" % pid), what="the memory trim after start-up")
+
+
 def thread_kill():
     """tgkill(pid, tid, signum) for one thread of another process (Linux), or None where
     this test does not know the system call's number."""
@@ -4489,7 +4503,9 @@ class ConnectionFloodTests(AgentTestCase):
             sock.close()
         ended = time.monotonic()
         self.assertEqual(health_of(self.health_port)[0], 200, agent_proc.output())
-        self.assertLess(time.monotonic() - ended, 1.0)
+        # At once, not after the flood's connections time out (REQUEST_SECONDS, 5 s); a busy
+        # machine may take a second or two.
+        self.assertLess(time.monotonic() - ended, agent.HealthServer.REQUEST_SECONDS - 1)
         self.run_to_completion(dep, "a run after the flood")
         self.assert_alive_and_quiet(agent_proc)
         self.assertNotIn("open files", agent_proc.output())
@@ -4512,7 +4528,7 @@ class ConnectionFloodTests(AgentTestCase):
         return sock
 
     def assert_closed_by_the_agent(self, sock):
-        sock.settimeout(5)
+        sock.settimeout(30)
         self.assertEqual(sock.recv(1), b"")
 
     def test_a_connection_that_sends_nothing_is_closed_after_a_timeout(self):
@@ -4522,8 +4538,11 @@ class ConnectionFloodTests(AgentTestCase):
                 self.assert_closed_by_the_agent(self.connect(port))
 
     def test_beyond_the_cap_the_oldest_idle_connection_is_closed(self):
+        # Timeouts far off: on a busy machine they must not close the newer ones first.
         with mock.patch.object(agent.HealthServer, "MAX_CONNECTIONS", 3), \
-                mock.patch.object(agent.ControlChannel, "MAX_LOGINS", 3):
+                mock.patch.object(agent.ControlChannel, "MAX_LOGINS", 3), \
+                mock.patch.object(agent.HealthServer, "REQUEST_SECONDS", 120), \
+                mock.patch.object(agent.ControlChannel, "LOGIN_SECONDS", 120):
             for port in self.servers_in_this_process():
                 oldest, *newer = [self.connect(port) for _ in range(4)]
                 self.assert_closed_by_the_agent(oldest)
@@ -4547,11 +4566,11 @@ class ConnectionFloodTests(AgentTestCase):
                                                      "COMPLETED"))
         agent_proc = self.start_agent()
         self.run_to_completion(dep, "a run before the shortage")
+        pid = agent_proc.proc.pid
         # On Python 3.8 a thread that ends while no descriptor is free aborts the process
         # (glibc loads libgcc_s to end it): let release_freed_memory's, due 1 s after
         # start-up, end first.
-        time.sleep(1.2)
-        pid = agent_proc.proc.pid
+        wait_for_the_memory_trim(pid)
         used = {int(fd) for fd in os.listdir("/proc/%d/fd" % pid)}
         lowest_free = min(set(range(len(used) + 1)) - used)
         # Every descriptor the agent opens from now on fails with EMFILE.
