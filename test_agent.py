@@ -2002,7 +2002,7 @@ class ClientTests(unittest.TestCase):
         other.join()
         self.assertEqual(self.fake.connections_made, 2)
         api.close()
-        wait_for(lambda: self.fake.connections_open == 0, timeout=5, what="both closed")
+        wait_for(lambda: self.fake.connections_open == 0, what="both closed")
 
     def test_reopens_a_connection_the_server_closed_while_idle(self):
         served = []
@@ -3676,7 +3676,7 @@ ENGINE_CHILD = REPORT_STATES + (
     "    with open(notes, 'a') as handle:\n"
     "        handle.write(text + '\\n')\n"
     "port, token = int(os.environ['PREFECT__CONTROL_PORT']), os.environ['PREFECT__CONTROL_TOKEN']\n"
-    "intruder = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "intruder = socket.create_connection(('127.0.0.1', port), timeout=60)\n"
     "intruder.sendall(b'0123456789abcdef0123456789abcdef\\n')\n"
     "note('intruder closed' if intruder.recv(1) == b'' else 'intruder kept')\n"
     "def on_term(signum, frame):\n"
@@ -3686,7 +3686,7 @@ ENGINE_CHILD = REPORT_STATES + (
     "        exec(compile(REPORT, 'report', 'exec'))\n"
     "    sys.exit(1)\n"
     "signal.signal(signal.SIGTERM, on_term)\n"
-    "engine = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "engine = socket.create_connection(('127.0.0.1', port), timeout=60)\n"
     "engine.sendall(token.encode() + b'\\n' + b'\\x00PF\\x02\\x01')\n"
     "answer = b''\n"
     "while len(answer) < 5:\n"
@@ -3926,7 +3926,8 @@ class SchedulingTests(AgentTestCase):
         wait_for(lambda: run_id in self.start_times(), what="started")
         started = self.start_times()[run_id]
         self.assertGreaterEqual(started, due, "started %.3f s early" % (due - started))
-        self.assertLess(started, due + 1.0, "started %.3f s late" % (started - due))
+        # On time, give or take what a machine with every core busy adds to a start.
+        self.assertLess(started, due + 3.0, "started %.3f s late" % (started - due))
         agent_proc.signal(signal.SIGTERM)
         self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
 
@@ -4244,18 +4245,18 @@ class ChattyRunTests(AgentTestCase):
             wait_for(lambda: running.agent.in_flight_count() == 2, what="chatty run started")
             runs = [self.fake.add_run(short, pool="pool") for _ in range(5)]
             wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in runs),
-                     timeout=20, what="the short runs reported")
+                     timeout=60, what="the short runs reported")
             ended = {line.split()[0]: float(line.split()[1]) for line in read(exits).splitlines()}
             reported = {r: agent.parse_timestamp(self.fake.run(r)["state"]["timestamp"]) for r in runs}
             self.assertLess(max(reported[r] - ended[r] for r in runs), 5.0)
             self.fake.set_run_state(cancelled, "CANCELLING")
-            wait_for(lambda: final_type(self.fake, cancelled) == "CANCELLED", timeout=10,
+            wait_for(lambda: final_type(self.fake, cancelled) == "CANCELLED", timeout=30,
                      what="the cancellation")
             sizes = [os.path.getsize(running.agent.journal.output_path(chatty))]
             self.assertLess(max(sizes), 200 * 1024 * 1024)
             self.assertIsNone(running.agent.supervisor.child(chatty).returncode)
             self.fake.set_run_state(chatty, "CANCELLING")
-            wait_for(lambda: final_type(self.fake, chatty) == "CANCELLED", timeout=10,
+            wait_for(lambda: final_type(self.fake, chatty) == "CANCELLED", timeout=30,
                      what="the chatty run cancelled")
         self.assertIn("skipped", running.console.getvalue())
 
@@ -4293,7 +4294,7 @@ class BlockedConsoleTests(AgentTestCase):
         console = BlockedConsole()
         with mock.patch.object(agent.ConsolePrinter, "MAX_WAITING_BYTES", 256 * 1024), \
                 RunningAgent(self.fake, console=console) as running:
-            wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=10,
+            wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=30,
                      what="the short run reported while the console blocks")
             wait_for(lambda: running.agent.supervisor.printer.dropped, timeout=30,
                      what="more output than the printer keeps waiting")  # 8 MB of lines
@@ -4468,7 +4469,7 @@ class ConnectionFloodTests(AgentTestCase):
         return AgentProcess(self, self.fake, "--agent-address",
                             "http://127.0.0.1:%d" % self.health_port, prefix=(PY, "-c", limited))
 
-    def run_to_completion(self, dep, what, timeout=20):
+    def run_to_completion(self, dep, what, timeout=60):
         run_id = self.fake.add_run(dep, pool="pool")
         wait_for(lambda: final_type(self.fake, run_id) == "COMPLETED", timeout=timeout, what=what)
 
@@ -4640,8 +4641,8 @@ class FlagParityTests(AgentTestCase):
         env = {"PREFECT_WORKER_HEARTBEAT_SECONDS": "1", "PREFECT_API_REQUEST_TIMEOUT": "7"}
         with RunningAgent(self.fake, env=env) as running:
             self.assertEqual(running.agent.api.request_timeout, 7.0)
-            wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3, timeout=5,
-                     what="a heartbeat a second")
+            wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3,
+                     what="a heartbeat a second (not one in 30 s, the default)")
         beats = self.fake.calls("POST", "/heartbeat")
         self.assertEqual(beats[0][3]["heartbeat_interval_seconds"], 1)
         for name in env:
@@ -4848,7 +4849,7 @@ class LeftoverProcessTests(AgentTestCase):
             pids = [int(p) for p in read(pids_path).split()]
             self.addCleanup(lambda: [os.kill(p, signal.SIGKILL) for p in pids if pid_alive(p)])
             if "--keep-leftover-processes" not in flags:
-                wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10,
+                wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=30,
                          what="every process the run left behind stopped")
         return run, pids
 
@@ -4894,7 +4895,7 @@ class ReportOrderTests(AgentTestCase):
             open(flag, "w").close()
             wait_for(lambda: not running.agent.in_flight_count(), what="first run ended")
             later = self.fake.add_run(self.deployment(command="false"), pool="pool")
-            wait_for(lambda: final_type(self.fake, later) == "CRASHED", timeout=10,
+            wait_for(lambda: final_type(self.fake, later) == "CRASHED", timeout=30,
                      what="the second run reported while the first one's report fails")
             self.assertEqual(final_type(self.fake, stuck), "PENDING")
             self.fake.clear_faults()
@@ -6502,7 +6503,7 @@ class FileModeTests(AgentTestCase):
                                           "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls")}):
             with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
                 wait_for(lambda: os.path.exists(cidfile) and
-                         os.stat(cidfile).st_mode & 0o777 == 0o600, timeout=5, what="a 0600 cidfile")
+                         os.stat(cidfile).st_mode & 0o777 == 0o600, what="a 0600 cidfile")
                 self.assert_private(state_dir, ["output/%s.log.cid" % run])
                 self.fake.set_run_state(run, "CANCELLING")
                 wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
@@ -6688,7 +6689,7 @@ class ProxyTests(unittest.TestCase):
                 env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
                 done = subprocess.run([PY, AGENT_PY, "-p", "pool", "--api", api_url, "--state-dir",
                                        state_dir], env=dict(env, **{variable: proxy}),
-                                      capture_output=True, text=True, timeout=10,
+                                      capture_output=True, text=True, timeout=60,
                                       stdin=subprocess.DEVNULL)
                 self.assertEqual(done.returncode, 2, done.stderr)
                 self.assertEqual(done.stderr, "agent.py: error: %s\n" % expected)
