@@ -3838,10 +3838,10 @@ class CancellationTests(AgentTestCase):
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % theirs, {"state": {"type": "PENDING"}})
         api_call(self.fake, "PATCH", "/flow_runs/%s" % theirs, {"infrastructure_pid": "elsewhere:1"})
         self.fake.set_run_state(theirs, "CANCELLING")
-        with RunningAgent(self.fake) as running:
-            wait_for(lambda: len(self.fake.calls("POST", "/flow_runs/filter")) >= 0 and
-                     running.agent.last_poll, what="polls")
-            time.sleep(0.6)
+        polls = lambda: len(self.fake.calls("POST", "/get_scheduled_flow_runs"))
+        with RunningAgent(self.fake):
+            # Each pass checks for cancellations right after its poll: three passes at least.
+            wait_for(lambda: polls() >= 4, what="four polls")
         self.assertEqual(final_type(self.fake, theirs), "CANCELLING")
 
 
