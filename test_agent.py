@@ -1486,7 +1486,7 @@ class RunningAgent:
     def _run(self):
         try:
             self.exit_code = self.agent.run()
-        except BaseException as exc:  # surfaced by the test through .error
+        except BaseException as exc:  # raised again on exit (or see .error)
             self.error = exc
 
     def __enter__(self):
@@ -1497,6 +1497,8 @@ class RunningAgent:
         self.agent.stop()
         self.thread.join(30)
         assert not self.thread.is_alive(), "agent did not stop within 30 s"
+        if self.error is not None and exc[0] is None:  # else the test's own error says more
+            raise AssertionError("Agent.run() raised %r" % (self.error,)) from self.error
 
 
 def final_type(fake, run_id):
