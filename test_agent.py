@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -28,6 +29,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 import unittest
 import urllib.error
 import urllib.parse
@@ -1385,18 +1387,38 @@ def read(path):
         return handle.read()
 
 
+class LogLine(str):
+    """The text of one line agent_log() kept, as logged (a traceback included); `.level` is
+    the level it was logged at (agent.INFO, agent.WARNING, ...). The level is not in the
+    text: lines_with(lines, "WARNING") finds nothing, use at_or_above()."""
+
+    def __new__(cls, level, text):
+        line = str.__new__(cls, text)
+        line.level = level
+        return line
+
+    def __repr__(self):
+        return "%s:%s" % (agent.Log.NAMES.get(self.level, self.level), str.__repr__(self))
+
+
 @contextlib.contextmanager
 def agent_log(level):
-    """The text of agent.py's log lines at `level` ("INFO", "WARNING", ...) and above, as they
-    are logged (a traceback included), kept off the test output."""
+    """agent.py's log lines at `level` ("INFO", "WARNING", ...) and above, each a LogLine (its
+    text, with its level in .level), kept off the test output."""
     lines = []
     with mock.patch.object(agent.log, "level", getattr(agent, level)), \
-            mock.patch.object(agent.log, "emit", lambda level, text: lines.append(text)):
+            mock.patch.object(agent.log, "emit",
+                              lambda level, text: lines.append(LogLine(level, text))):
         yield lines
 
 
 def lines_with(lines, text):
     return [line for line in lines if text in line]
+
+
+def at_or_above(lines, level):
+    """Those of agent_log()'s lines logged at `level` (agent.WARNING, ...) or above."""
+    return [line for line in lines if line.level >= level]
 
 
 def wait_for(predicate, timeout=15.0, what="condition"):
@@ -1469,7 +1491,7 @@ class RunningAgent:
     def _run(self):
         try:
             self.exit_code = self.agent.run()
-        except BaseException as exc:  # surfaced by the test through .error
+        except BaseException as exc:  # raised again on exit (or see .error)
             self.error = exc
 
     def __enter__(self):
@@ -1480,6 +1502,8 @@ class RunningAgent:
         self.agent.stop()
         self.thread.join(30)
         assert not self.thread.is_alive(), "agent did not stop within 30 s"
+        if self.error is not None and exc[0] is None:  # else the test's own error says more
+            raise AssertionError("Agent.run() raised %r" % (self.error,)) from self.error
 
 
 def final_type(fake, run_id):
@@ -1985,7 +2009,7 @@ class ClientTests(unittest.TestCase):
         other.join()
         self.assertEqual(self.fake.connections_made, 2)
         api.close()
-        wait_for(lambda: self.fake.connections_open == 0, timeout=5, what="both closed")
+        wait_for(lambda: self.fake.connections_open == 0, what="both closed")
 
     def test_reopens_a_connection_the_server_closed_while_idle(self):
         served = []
@@ -2006,10 +2030,24 @@ class ClientTests(unittest.TestCase):
         port = self.serve(ClosesAfterEachAnswer)
         api = agent.PrefectAPI("http://127.0.0.1:%d/api" % port, max_retries=0)
         self.addCleanup(api.close)
-        for _ in range(3):
-            time.sleep(0.1)  # let the server's close arrive first
-            self.assertEqual(api.read_pool("pool")["name"], "pool")
+        self.assertEqual(api.read_pool("pool")["name"], "pool")
+        for _ in range(2):
+            self.wait_for_the_servers_close(api)
+            sent = []
+            original = agent.HTTPConnection.request
+            with mock.patch.object(agent.HTTPConnection, "request",
+                                   lambda *args: sent.append(args[1:3]) or original(*args)):
+                self.assertEqual(api.read_pool("pool")["name"], "pool")
+            # Once: not first on the closed connection, then again (which max_retries=0 allows).
+            self.assertEqual(len(sent), 1, "the request was first sent on the closed connection")
         self.assertEqual(len(served), 3)
+
+    @staticmethod
+    def wait_for_the_servers_close(api):
+        """Until the server's close (FIN) of this thread's kept-alive connection has reached it:
+        a close still on its way cannot be seen, and leaves nothing to test."""
+        sock = api._local.connection.sock
+        wait_for(lambda: select.select([sock], [], [], 0)[0], what="the server's close")
 
     def test_an_idle_connection_is_reused_until_the_server_closes_it(self):
         served, close_after_answer, connections = [], [], itertools.count()
@@ -2041,7 +2079,7 @@ class ClientTests(unittest.TestCase):
         close_after_answer.append(True)
         api.read_pool("pool")
         close_after_answer.clear()
-        time.sleep(0.1)  # the server's close arrives
+        self.wait_for_the_servers_close(api)
         sent = []
         original = agent.HTTPConnection.request
         with mock.patch.object(agent.HTTPConnection, "request",
@@ -2525,7 +2563,8 @@ class HostileAnswerTests(AgentTestCase):
             self.assertEqual(len([line for line in logged if bad in line]), 1,
                              [line[:200] for line in logged if bad in line])
         self.assertFalse([line for line in logged if "unexpected" in line or "Traceback" in line])
-        self.assertFalse([r[1] for r in self.fake.requests if "../" in r[1] or deep in r[1]])
+        self.assertFalse([r[1] for r in self.fake.requests  # quoted or not
+                          if "../" in r[1] or "%2F" in r[1] or deep in r[1]])
 
     #: Deeper than json.loads goes on any Python here (3.8 stops near 1,000 levels, 3.13 later).
     UNPARSABLE = b'{"a":' * 20000 + b"1" + b"}" * 20000
@@ -3417,7 +3456,12 @@ class WatchingTests(AgentTestCase):
             wait_for(lambda: len(self.started_ids()) == len(runs), timeout=120, what="150 starts")
             wait_for(lambda: not running.agent.in_flight_count(), timeout=60, what="all exits")
             # in_flight drops as each child is reaped, so none may be left a zombie now
-            self.assertEqual(zombie_children(), [])
+            zombies = zombie_children()
+            pids = wait_for(lambda: all(self.fake.run(r).get("infrastructure_pid") for r in runs)
+                            and {int(self.fake.run(r)["infrastructure_pid"].rpartition(":")[2])
+                                 for r in runs}, what="every run's pid recorded")
+        # Only the runs' own: an earlier test's agent, stopped, left its children unreaped.
+        self.assertEqual([pid for pid in zombies if pid in pids], [])
 
     def test_children_that_exit_while_a_burst_of_exits_is_handled_are_reaped_at_once(self):
         # Each exit is journaled and reported; here that takes 50 ms, and 40 children exit at
@@ -3435,15 +3479,16 @@ class WatchingTests(AgentTestCase):
 
         first_seen = {}  # zombie pid -> when it was first seen a zombie
 
-        def oldest_zombie_age():
-            now, zombies = time.monotonic(), zombie_children()
+        def oldest_zombie_age():  # of the runs' own zombies (see the test above)
+            now, zombies = time.monotonic(), zombie_children(among=ours)
             return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
 
         with mock.patch.object(agent.Journal, "update", slow_update), RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
+            ours = {int(p) for p in read(pids).split()}  # sh's pid: it execs sleep
             exiting.set()
-            for pid in [int(p) for p in read(pids).split()]:
+            for pid in ours:
                 os.kill(pid, signal.SIGTERM)
                 oldest_zombie_age()
                 time.sleep(0.02)
@@ -3458,11 +3503,11 @@ class WatchingTests(AgentTestCase):
         self.assertIn("status code 4", state["message"])
 
 
-def zombie_children():
-    """Zombie processes whose parent is this test process."""
+def zombie_children(among=None):
+    """Zombie processes whose parent is this test process (those whose pids are in `among`)."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or (among is not None and int(entry) not in among):
             continue
         try:
             with open("/proc/%s/stat" % entry) as handle:
@@ -3591,6 +3636,20 @@ class AgentProcess:
             self.proc.wait(10)
 
 
+def wait_for_the_memory_trim(pid):
+    """Until agent.py process `pid` has run release_freed_memory (run_after_the_script starts
+    it 1 s after start-up; its thread ends right after). It alone imports ctypes, so it has
+    run once the _ctypes extension is in the process's memory map."""
+    if (3, 12) <= sys.version_info[:3] < (3, 12, 3):
+        return  # no trimmer there: the agent runs inside the script
+    import importlib.util
+    spec = importlib.util.find_spec("_ctypes")
+    if spec is None or not (spec.origin or "").endswith(".so"):
+        return  # no ctypes (nothing to load), or built in (nothing to see)
+    library = os.path.basename(spec.origin)
+    wait_for(lambda: library in read("/proc/%d/maps" % pid), what="the memory trim after start-up")
+
+
 def thread_kill():
     """tgkill(pid, tid, signum) for one thread of another process (Linux), or None where
     this test does not know the system call's number."""
@@ -3649,7 +3708,7 @@ ENGINE_CHILD = REPORT_STATES + (
     "    with open(notes, 'a') as handle:\n"
     "        handle.write(text + '\\n')\n"
     "port, token = int(os.environ['PREFECT__CONTROL_PORT']), os.environ['PREFECT__CONTROL_TOKEN']\n"
-    "intruder = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "intruder = socket.create_connection(('127.0.0.1', port), timeout=60)\n"
     "intruder.sendall(b'0123456789abcdef0123456789abcdef\\n')\n"
     "note('intruder closed' if intruder.recv(1) == b'' else 'intruder kept')\n"
     "def on_term(signum, frame):\n"
@@ -3659,7 +3718,7 @@ ENGINE_CHILD = REPORT_STATES + (
     "        exec(compile(REPORT, 'report', 'exec'))\n"
     "    sys.exit(1)\n"
     "signal.signal(signal.SIGTERM, on_term)\n"
-    "engine = socket.create_connection(('127.0.0.1', port), timeout=5)\n"
+    "engine = socket.create_connection(('127.0.0.1', port), timeout=60)\n"
     "engine.sendall(token.encode() + b'\\n' + b'\\x00PF\\x02\\x01')\n"
     "answer = b''\n"
     "while len(answer) < 5:\n"
@@ -3811,10 +3870,10 @@ class CancellationTests(AgentTestCase):
         api_call(self.fake, "POST", "/flow_runs/%s/set_state" % theirs, {"state": {"type": "PENDING"}})
         api_call(self.fake, "PATCH", "/flow_runs/%s" % theirs, {"infrastructure_pid": "elsewhere:1"})
         self.fake.set_run_state(theirs, "CANCELLING")
-        with RunningAgent(self.fake) as running:
-            wait_for(lambda: len(self.fake.calls("POST", "/flow_runs/filter")) >= 0 and
-                     running.agent.last_poll, what="polls")
-            time.sleep(0.6)
+        polls = lambda: len(self.fake.calls("POST", "/get_scheduled_flow_runs"))
+        with RunningAgent(self.fake):
+            # Each pass checks for cancellations right after its poll: three passes at least.
+            wait_for(lambda: polls() >= 4, what="four polls")
         self.assertEqual(final_type(self.fake, theirs), "CANCELLING")
 
 
@@ -3970,7 +4029,8 @@ class SchedulingTests(AgentTestCase):
         wait_for(lambda: run_id in self.start_times(), what="started")
         started = self.start_times()[run_id]
         self.assertGreaterEqual(started, due, "started %.3f s early" % (due - started))
-        self.assertLess(started, due + 1.0, "started %.3f s late" % (started - due))
+        # On time, give or take what a machine with every core busy adds to a start.
+        self.assertLess(started, due + 3.0, "started %.3f s late" % (started - due))
         agent_proc.signal(signal.SIGTERM)
         self.assertEqual(agent_proc.wait(15), 0, agent_proc.output())
 
@@ -4346,18 +4406,18 @@ class ChattyRunTests(AgentTestCase):
             wait_for(lambda: running.agent.in_flight_count() == 2, what="chatty run started")
             runs = [self.fake.add_run(short, pool="pool") for _ in range(5)]
             wait_for(lambda: all(final_type(self.fake, r) == "CRASHED" for r in runs),
-                     timeout=20, what="the short runs reported")
+                     timeout=60, what="the short runs reported")
             ended = {line.split()[0]: float(line.split()[1]) for line in read(exits).splitlines()}
             reported = {r: agent.parse_timestamp(self.fake.run(r)["state"]["timestamp"]) for r in runs}
             self.assertLess(max(reported[r] - ended[r] for r in runs), 5.0)
             self.fake.set_run_state(cancelled, "CANCELLING")
-            wait_for(lambda: final_type(self.fake, cancelled) == "CANCELLED", timeout=10,
+            wait_for(lambda: final_type(self.fake, cancelled) == "CANCELLED", timeout=30,
                      what="the cancellation")
             sizes = [os.path.getsize(running.agent.journal.output_path(chatty))]
             self.assertLess(max(sizes), 200 * 1024 * 1024)
             self.assertIsNone(running.agent.supervisor.child(chatty).returncode)
             self.fake.set_run_state(chatty, "CANCELLING")
-            wait_for(lambda: final_type(self.fake, chatty) == "CANCELLED", timeout=10,
+            wait_for(lambda: final_type(self.fake, chatty) == "CANCELLED", timeout=30,
                      what="the chatty run cancelled")
         self.assertIn("skipped", running.console.getvalue())
 
@@ -4395,7 +4455,7 @@ class BlockedConsoleTests(AgentTestCase):
         console = BlockedConsole()
         with mock.patch.object(agent.ConsolePrinter, "MAX_WAITING_BYTES", 256 * 1024), \
                 RunningAgent(self.fake, console=console) as running:
-            wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=10,
+            wait_for(lambda: final_type(self.fake, short) == "CRASHED", timeout=30,
                      what="the short run reported while the console blocks")
             wait_for(lambda: running.agent.supervisor.printer.dropped, timeout=30,
                      what="more output than the printer keeps waiting")  # 8 MB of lines
@@ -4589,7 +4649,7 @@ class ConnectionFloodTests(AgentTestCase):
         return AgentProcess(self, self.fake, "--agent-address",
                             "http://127.0.0.1:%d" % self.health_port, prefix=(PY, "-c", limited))
 
-    def run_to_completion(self, dep, what, timeout=20):
+    def run_to_completion(self, dep, what, timeout=60):
         run_id = self.fake.add_run(dep, pool="pool")
         wait_for(lambda: final_type(self.fake, run_id) == "COMPLETED", timeout=timeout, what=what)
 
@@ -4624,7 +4684,9 @@ class ConnectionFloodTests(AgentTestCase):
             sock.close()
         ended = time.monotonic()
         self.assertEqual(health_of(self.health_port)[0], 200, agent_proc.output())
-        self.assertLess(time.monotonic() - ended, 1.0)
+        # At once, not after the flood's connections time out (REQUEST_SECONDS, 5 s); a busy
+        # machine may take a second or two.
+        self.assertLess(time.monotonic() - ended, agent.HealthServer.REQUEST_SECONDS - 1)
         self.run_to_completion(dep, "a run after the flood")
         self.assert_alive_and_quiet(agent_proc)
         self.assertNotIn("open files", agent_proc.output())
@@ -4647,7 +4709,7 @@ class ConnectionFloodTests(AgentTestCase):
         return sock
 
     def assert_closed_by_the_agent(self, sock):
-        sock.settimeout(5)
+        sock.settimeout(30)
         self.assertEqual(sock.recv(1), b"")
 
     def test_a_connection_that_sends_nothing_is_closed_after_a_timeout(self):
@@ -4657,8 +4719,11 @@ class ConnectionFloodTests(AgentTestCase):
                 self.assert_closed_by_the_agent(self.connect(port))
 
     def test_beyond_the_cap_the_oldest_idle_connection_is_closed(self):
+        # Timeouts far off: on a busy machine they must not close the newer ones first.
         with mock.patch.object(agent.HealthServer, "MAX_CONNECTIONS", 3), \
-                mock.patch.object(agent.ControlChannel, "MAX_LOGINS", 3):
+                mock.patch.object(agent.ControlChannel, "MAX_LOGINS", 3), \
+                mock.patch.object(agent.HealthServer, "REQUEST_SECONDS", 120), \
+                mock.patch.object(agent.ControlChannel, "LOGIN_SECONDS", 120):
             for port in self.servers_in_this_process():
                 oldest, *newer = [self.connect(port) for _ in range(4)]
                 self.assert_closed_by_the_agent(oldest)
@@ -4682,11 +4747,11 @@ class ConnectionFloodTests(AgentTestCase):
                                                      "COMPLETED"))
         agent_proc = self.start_agent()
         self.run_to_completion(dep, "a run before the shortage")
+        pid = agent_proc.proc.pid
         # On Python 3.8 a thread that ends while no descriptor is free aborts the process
         # (glibc loads libgcc_s to end it): let release_freed_memory's, due 1 s after
         # start-up, end first.
-        time.sleep(1.2)
-        pid = agent_proc.proc.pid
+        wait_for_the_memory_trim(pid)
         used = {int(fd) for fd in os.listdir("/proc/%d/fd" % pid)}
         lowest_free = min(set(range(len(used) + 1)) - used)
         # Every descriptor the agent opens from now on fails with EMFILE.
@@ -4756,8 +4821,8 @@ class FlagParityTests(AgentTestCase):
         env = {"PREFECT_WORKER_HEARTBEAT_SECONDS": "1", "PREFECT_API_REQUEST_TIMEOUT": "7"}
         with RunningAgent(self.fake, env=env) as running:
             self.assertEqual(running.agent.api.request_timeout, 7.0)
-            wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3, timeout=5,
-                     what="a heartbeat a second")
+            wait_for(lambda: len(self.fake.calls("POST", "/heartbeat")) >= 3,
+                     what="a heartbeat a second (not one in 30 s, the default)")
         beats = self.fake.calls("POST", "/heartbeat")
         self.assertEqual(beats[0][3]["heartbeat_interval_seconds"], 1)
         for name in env:
@@ -4860,18 +4925,20 @@ class WorkerHealthcheckTests(AgentTestCase):
             parse({"PREFECT_WORKER_WEBSERVER_PORT": "http"}, "--with-healthcheck")
 
     def test_healthy_within_thirty_poll_intervals_of_the_last_poll_as_prefect_says(self):
-        with RunningAgent(self.fake, "--poll-interval", "2") as running:
+        # A stand-in with the attributes the report reads: a live agent polls on, and moves
+        # last_poll under the test's feet.
+        config = types.SimpleNamespace(poll_seconds=2.0)
+        polled = types.SimpleNamespace(config=config, started=1000.0, last_poll=5000.0)
+        self.assertEqual(agent.worker_health_report(polled, 5000.0 + 60),
+                         (200, {"message": "OK"}))
+        self.assertEqual(agent.worker_health_report(polled, 5000.0 + 61),
+                         (503, {"message": "Worker may be unresponsive at this time"}))
+        fresh = types.SimpleNamespace(config=config, started=1000.0, last_poll=None)
+        self.assertEqual(agent.worker_health_report(fresh, 1000.0 + 60)[0], 200)  # from the start
+        self.assertEqual(agent.worker_health_report(fresh, 1000.0 + 61)[0], 503)
+        with RunningAgent(self.fake, "--poll-interval", "2") as running:  # a real one reads so
             wait_for(lambda: running.agent.last_poll, what="first poll")
-            now = running.agent.last_poll
-            self.assertEqual(agent.worker_health_report(running.agent, now + 60),
-                             (200, {"message": "OK"}))
-            self.assertEqual(agent.worker_health_report(running.agent, now + 61),
-                             (503, {"message": "Worker may be unresponsive at this time"}))
-            running.agent.last_poll = None  # before the first poll: counted from the start
-            started = running.agent.started
-            self.assertEqual(agent.worker_health_report(running.agent, started + 60)[0], 200)
-            self.assertEqual(agent.worker_health_report(running.agent, started + 61)[0], 503)
-            running.agent.last_poll = now
+            self.assertEqual(agent.worker_health_report(running.agent), (200, {"message": "OK"}))
 
     def test_a_real_agent_serves_it_beside_its_own_check_on_one_address(self):
         port = free_port()
@@ -4962,7 +5029,7 @@ class LeftoverProcessTests(AgentTestCase):
             pids = [int(p) for p in read(pids_path).split()]
             self.addCleanup(lambda: [os.kill(p, signal.SIGKILL) for p in pids if pid_alive(p)])
             if "--keep-leftover-processes" not in flags:
-                wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10,
+                wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=30,
                          what="every process the run left behind stopped")
         return run, pids
 
@@ -5008,7 +5075,7 @@ class ReportOrderTests(AgentTestCase):
             open(flag, "w").close()
             wait_for(lambda: not running.agent.in_flight_count(), what="first run ended")
             later = self.fake.add_run(self.deployment(command="false"), pool="pool")
-            wait_for(lambda: final_type(self.fake, later) == "CRASHED", timeout=10,
+            wait_for(lambda: final_type(self.fake, later) == "CRASHED", timeout=30,
                      what="the second run reported while the first one's report fails")
             self.assertEqual(final_type(self.fake, stuck), "PENDING")
             self.fake.clear_faults()
@@ -5157,14 +5224,16 @@ class Pid1Tests(AgentTestCase):
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(5)]
         agent_proc = AgentProcess(self, self.fake, prefix=["unshare", "--pid", "--fork", "--mount-proc"])
         wait_for(lambda: len(self.started_ids()) == len(runs), what="runs started")
-        time.sleep(1.5)  # the orphans have exited by now: PID 1 must have reaped them
         inner = [int(p) for p in os.listdir("/proc") if p.isdigit() and
                  self.parent_of(int(p)) == agent_proc.proc.pid]
         self.assertEqual(len(inner), 1, "expected the agent as unshare's only child")
         agent_pid = inner[0]
-        zombies = [p for p in os.listdir("/proc") if p.isdigit() and
-                   self.parent_of(int(p)) == agent_pid and process_state(int(p)) == "Z"]
-        self.assertEqual(zombies, [])
+
+        def children():  # the runs, then the orphans (alive, or zombies until reaped)
+            return [(int(p), process_state(int(p))) for p in os.listdir("/proc")
+                    if p.isdigit() and self.parent_of(int(p)) == agent_pid]
+        # The orphans sleep 0.3 s; each exit leaves a zombie that only PID 1 can reap.
+        wait_for(lambda: not children(), what="every run and orphan exited and reaped")
         os.kill(agent_pid, signal.SIGTERM)
         self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
 
@@ -5910,7 +5979,7 @@ class InfrastructureBlockTests(AgentTestCase):
         said = lines_with(logs, "Prefect 2 agent pool")
         self.assertEqual(len(said), 1, logs)
         self.assertIn("'docker-container' and 'process' blocks", said[0])
-        self.assertFalse(lines_with(logs, "WARNING"), logs)
+        self.assertEqual(at_or_above(logs, agent.WARNING), [])
 
 
 def systemd_unit_settings(unit):
@@ -6710,7 +6779,7 @@ class FileModeTests(AgentTestCase):
                                           "FAKE_DOCKER_RECORD": os.path.join(self.tmp, "calls")}):
             with agent_log("WARNING"), RunningAgent(self.fake, "--state-dir", state_dir):
                 wait_for(lambda: os.path.exists(cidfile) and
-                         os.stat(cidfile).st_mode & 0o777 == 0o600, timeout=5, what="a 0600 cidfile")
+                         os.stat(cidfile).st_mode & 0o777 == 0o600, what="a 0600 cidfile")
                 self.assert_private(state_dir, ["output/%s.log.cid" % run])
                 self.fake.set_run_state(run, "CANCELLING")
                 wait_for(lambda: final_type(self.fake, run) == "CANCELLED", what="cancelled")
@@ -6896,7 +6965,7 @@ class ProxyTests(unittest.TestCase):
                 env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
                 done = subprocess.run([PY, AGENT_PY, "-p", "pool", "--api", api_url, "--state-dir",
                                        state_dir], env=dict(env, **{variable: proxy}),
-                                      capture_output=True, text=True, timeout=10,
+                                      capture_output=True, text=True, timeout=60,
                                       stdin=subprocess.DEVNULL)
                 self.assertEqual(done.returncode, 2, done.stderr)
                 self.assertEqual(done.stderr, "agent.py: error: %s\n" % expected)
