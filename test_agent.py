@@ -3460,7 +3460,8 @@ class WatchingTests(AgentTestCase):
             pids = wait_for(lambda: all(self.fake.run(r).get("infrastructure_pid") for r in runs)
                             and {int(self.fake.run(r)["infrastructure_pid"].rpartition(":")[2])
                                  for r in runs}, what="every run's pid recorded")
-        # Only the runs' own: an earlier test's agent, stopped, left its children unreaped.
+        # Only the runs' own: another child of this process (one an earlier test killed and
+        # did not wait for, say) is no zombie of this agent's making.
         self.assertEqual([pid for pid in zombies if pid in pids], [])
 
     def test_children_that_exit_while_a_burst_of_exits_is_handled_are_reaped_at_once(self):
