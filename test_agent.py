@@ -1526,6 +1526,7 @@ class AgentTestCase(unittest.TestCase):
         self.tmp = tempfile.mkdtemp(prefix="agentpy-test-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.markers = os.path.join(self.tmp, "markers")
+        self.gate = os.path.join(self.tmp, "gate")  # see gated()
 
     def started_ids(self):
         try:
@@ -1542,15 +1543,27 @@ class AgentTestCase(unittest.TestCase):
             json.dump({"runs": entries, "logs": []}, handle)
         return state_dir
 
-    def assert_kill_9_and_restart_end_every_run_once(self, runs, *flags):
+    def gated(self):
+        """Python code (os imported) that waits until the test opens the gate: a run that
+        must outlive an agent's restart, however long a loaded machine takes over it."""
+        return "import time\nwhile not os.path.exists(%r): time.sleep(0.05)\n" % self.gate
+
+    def open_gate(self):
+        open(self.gate, "w").close()
+
+    def assert_kill_9_and_restart_end_every_run_once(self, runs, *flags, gated):
         """`runs` ({run: the final state it must reach}) start under an agent process that is
         killed with SIGKILL (no chance to clean up); a second one on its journal adopts them,
-        and each ends as it must, started once."""
+        and each ends as it must, started once. The `gated` runs among them (gated()) end
+        once the second agent has adopted them."""
         first = AgentProcess(self, self.fake, *flags)
         wait_for(lambda: len(self.started_ids()) == len(runs), what="every run started")
         first.proc.kill()
         first.wait(10)
         second = AgentProcess(self, self.fake, *flags, state_dir=first.state_dir)
+        wait_for(lambda: second.output().count("adopted process") >= gated,
+                 timeout=30, what="the gated runs adopted")
+        self.open_gate()
         wait_for(lambda: all(final_type(self.fake, r) in agent_final() for r in runs),
                  timeout=30, what="every run final")
         second.signal(signal.SIGTERM)
@@ -3884,18 +3897,21 @@ def agent_final():
 
 
 class ShutdownTests(AgentTestCase):
-    def long_run(self, seconds):
+    def long_run(self, seconds=None):
+        """A run that reports COMPLETED after `seconds`, or (None) once the gate opens."""
+        wait = self.gated() if seconds is None else "import time; time.sleep(%s)\n" % seconds
         dep = self.deployment(command=marker_command(
-            self.markers, "import time; time.sleep(%s)\n" % seconds + REPORT_STATES, "RUNNING",
-            "COMPLETED"))
+            self.markers, wait + REPORT_STATES, "RUNNING", "COMPLETED"))
         return self.fake.add_run(dep, pool="pool")
 
     def test_first_sigterm_drains_running_flows_claims_no_more_and_exits_0(self):
-        run = self.long_run(1.5)
+        run = self.long_run()
         agent_proc = AgentProcess(self, self.fake)
         wait_for(lambda: run in self.started_ids(), what="run started")
         agent_proc.signal(signal.SIGTERM)
         later = self.fake.add_run(self.fake.run(run)["deployment_id"], pool="pool")
+        wait_for(lambda: "Received SIGTERM" in agent_proc.output(), what="the stop taken")
+        self.open_gate()
         self.assertEqual(agent_proc.wait(30), 0, agent_proc.output())
         self.assertEqual(final_type(self.fake, run), "COMPLETED")
         self.assertEqual(final_type(self.fake, later), "SCHEDULED")
@@ -4021,10 +4037,11 @@ class SchedulingTests(AgentTestCase):
                 if line.strip()} if os.path.exists(self.markers) else {}
 
     def test_a_run_claimed_ahead_starts_at_its_scheduled_time_not_before(self):
-        # 4 s ahead: an agent started while other test processes load both cores can take
-        # over 1.5 s to claim, which would leave too little time for the check to mean much.
-        run_id, due = self.stamped_run(4.0)
+        # The run is made once the agent polls, 4 s ahead: an agent's start-up on a machine
+        # with every core busy can take seconds, which would leave the check no time.
         agent_proc = AgentProcess(self, self.fake, "--prefetch-seconds", "30")
+        wait_for(lambda: self.fake.calls("POST", "get_scheduled_flow_runs"), what="first poll")
+        run_id, due = self.stamped_run(4.0)
         wait_for(lambda: final_type(self.fake, run_id) == "PENDING", what="claimed ahead")
         self.assertLess(time.time(), due - 0.5, "claimed too late for the test to mean anything")
         self.assertEqual(self.start_times(), {})
@@ -4084,14 +4101,14 @@ class SchedulingTests(AgentTestCase):
 class RecoveryTests(AgentTestCase):
     def test_kill_9_mid_run_then_restart_finishes_every_run_exactly_once(self):
         slow_ok = self.deployment(command=marker_command(
-            self.markers, "import time; time.sleep(2)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
+            self.markers, self.gated() + REPORT_STATES, "RUNNING", "COMPLETED"))
         slow_fail = self.deployment(command=marker_command(
-            self.markers, "import time; time.sleep(2); sys.exit(3)"))
+            self.markers, self.gated() + "sys.exit(3)"))
         quick = self.deployment(command=marker_command(self.markers, REPORT_STATES, "COMPLETED"))
         runs = {self.fake.add_run(slow_ok, pool="pool"): "COMPLETED",
                 self.fake.add_run(slow_fail, pool="pool"): "CRASHED",
                 self.fake.add_run(quick, pool="pool"): "COMPLETED"}
-        self.assert_kill_9_and_restart_end_every_run_once(runs)
+        self.assert_kill_9_and_restart_end_every_run_once(runs, gated=2)
 
     def claimed_before_a_restart(self, then=None):
         """(run, state dir) for a run claimed by an agent that died before starting it; `then`
@@ -4289,13 +4306,15 @@ class AtMostOnceTests(AgentTestCase):
     def test_a_kill_right_after_the_process_started_does_not_start_it_again(self):
         # The issue's reproduction: the run's command kills the agent the first time.
         once, starts = os.path.join(self.tmp, "once"), os.path.join(self.tmp, "starts")
-        script = "[ -e %s ] || { : > %s; kill -9 $PPID; }; echo $$ >> %s; sleep 2" % (
-            once, once, starts)
+        script = ("[ -e %s ] || { : > %s; kill -9 $PPID; }; echo $$ >> %s; "
+                  "while [ ! -e %s ]; do sleep 0.05; done" % (once, once, starts, self.gate))
         run = self.fake.add_run(self.deployment(command="sh -c %s" % shlex.quote(script)),
                                 pool="pool")
         first = AgentProcess(self, self.fake)
         self.assertEqual(first.wait(30), -signal.SIGKILL)
         second = AgentProcess(self, self.fake, state_dir=first.state_dir)
+        wait_for(lambda: "adopted process" in second.output(), timeout=30, what="adopted")
+        self.open_gate()
         wait_for(lambda: final_type(self.fake, run) in agent_final(), timeout=30, what="final")
         second.signal(signal.SIGTERM)
         self.assertEqual(second.wait(15), 0, second.output())
@@ -5966,13 +5985,13 @@ class InfrastructureBlockTests(AgentTestCase):
 
     def test_a_block_run_survives_kill_9_and_restart_and_runs_once(self):
         slow = self.block_deployment("process", {"command": shlex.split(marker_command(
-            self.markers, "import time; time.sleep(2)\n" + REPORT_STATES, "RUNNING",
-            "COMPLETED"))})
+            self.markers, self.gated() + REPORT_STATES, "RUNNING", "COMPLETED"))})
         failing = self.block_deployment("process", {"command": shlex.split(marker_command(
-            self.markers, "import time; time.sleep(2); sys.exit(3)"))})
+            self.markers, self.gated() + "sys.exit(3)"))})
         runs = {self.fake.add_run(slow, pool=self.POOL, queue="agentq"): "COMPLETED",
                 self.fake.add_run(failing, pool=self.POOL, queue="agentq"): "CRASHED"}
-        self.assert_kill_9_and_restart_end_every_run_once(runs, "-p", self.POOL, "-q", "agentq")
+        self.assert_kill_9_and_restart_end_every_run_once(runs, "-p", self.POOL, "-q", "agentq",
+                                                          gated=2)
 
     def test_the_agent_pool_says_blocks_decide(self):
         self.block_deployment("process", {})
@@ -6606,13 +6625,18 @@ class SupervisordTests(AgentTestCase):
 
     def test_supervisorctl_stop_lets_the_running_flow_finish_and_ends_stopped(self):
         dep = self.deployment(command=marker_command(
-            self.markers, "import time; time.sleep(1.5)\n" + REPORT_STATES, "RUNNING", "COMPLETED"))
+            self.markers, self.gated() + REPORT_STATES, "RUNNING", "COMPLETED"))
         run = self.fake.add_run(dep, pool="pool")
         conf = self.supervisor_conf()
         daemon = subprocess.Popen([self.supervisord, "-n", "-c", conf], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.addCleanup(lambda: (daemon.terminate(), daemon.wait(30)))
         wait_for(lambda: run in self.started_ids(), timeout=30, what="run started under supervisord")
+        agent_log_path = os.path.join(self.tmp, "agent.log")
+        opener = threading.Thread(target=lambda: (wait_for(
+            lambda: "Received SIGTERM" in read(agent_log_path), timeout=60), self.open_gate()))
+        opener.start()  # the run ends once the agent has taken the stop, however slow that is
+        self.addCleanup(opener.join, 60)
         stopped = self.ctl(conf, "stop", "prefect-agent-pool")
         self.assertIn("stopped", stopped)
         self.assertEqual(final_type(self.fake, run), "COMPLETED", read(os.path.join(self.tmp, "agent.log")))
