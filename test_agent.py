@@ -5212,7 +5212,8 @@ class OutageTests(AgentTestCase):
 
 class OutageAcrossRestartTests(AgentTestCase):
     def test_log_lines_and_reports_owed_when_the_agent_stops_are_delivered_by_the_next_start(self):
-        dep = self.deployment(command=py_command("import sys; print('bye'); sys.exit(4)"))
+        dep = self.deployment(command=py_command(
+            "import os, sys\n" + self.gated() + "print('bye'); sys.exit(4)"))
         run = self.fake.add_run(dep, pool="pool")
         state_dir = os.path.join(self.tmp, "state")
         flush_seconds, agent.REPORT_FLUSH_SECONDS = agent.REPORT_FLUSH_SECONDS, 0.5
@@ -5220,6 +5221,7 @@ class OutageAcrossRestartTests(AgentTestCase):
         with RunningAgent(self.fake, "--state-dir", state_dir, api_retries=0) as running:
             wait_for(lambda: self.fake.run(run).get("infrastructure_pid"), what="launched")
             self.fake.fail_next(10 ** 6, status=503)
+            self.open_gate()  # the run ends into the outage, not before it
             wait_for(lambda: not running.agent.in_flight_count(), what="child exit")
         self.assertEqual(final_type(self.fake, run), "PENDING")
         self.fake.clear_faults()
