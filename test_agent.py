@@ -3478,42 +3478,56 @@ class WatchingTests(AgentTestCase):
         self.assertEqual([pid for pid in zombies if pid in pids], [])
 
     def test_children_that_exit_while_a_burst_of_exits_is_handled_are_reaped_at_once(self):
-        # Each exit is journaled and reported; here that takes 300 ms, and 40 children exit at
-        # 100 ms intervals: 12 s of exits to handle, and exits keep coming while they are
-        # handled. The reaper must not make those wait for a whole stretch of handling as
-        # zombies (they did, for seconds, in a benchmark where 500 runs ended together); it
-        # reaps every REAP_SECONDS (0.1 s), and 3.5 s leaves room for a machine whose cores
-        # are all busy (2 s was once not enough under -j 8).
+        # Each exit is journaled and reported; here that takes 150 ms, longer than
+        # REAP_SECONDS, and 40 children exit at 20 ms intervals, faster than their exits are
+        # handled. The reaper must not make the later ones wait for all of it as zombies (it
+        # did, for seconds, in a benchmark where 500 runs ended together): between any two
+        # exits it handles, while children are left to exit, it reaps again. Counted in
+        # order, not timed, so that a machine with every core busy cannot fail it.
         pids = os.path.join(self.tmp, "pids")
         dep = self.deployment(command="sh -c %s" % shlex.quote("echo $$ >> %s; exec sleep 60" % pids))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(40)]
         real_update = agent.Journal.update
+        real_finish, real_collect = agent.Supervisor._finish, agent.Supervisor._collect_exits
         exiting = threading.Event()
+        events = []  # ("finish", 0) and ("collect", exits reaped), in order, once exiting
 
         def slow_update(journal, run_id, durable=False, **fields):
-            time.sleep(0.3 if exiting.is_set() else 0)
+            time.sleep(0.15 if exiting.is_set() else 0)
             return real_update(journal, run_id, durable, **fields)
 
-        first_seen = {}  # zombie pid -> when it was first seen a zombie
+        def finish(supervisor, child):
+            events.append(("finish", 0))
+            return real_finish(supervisor, child)
 
-        def oldest_zombie_age():  # of the runs' own zombies (see the test above)
-            now, zombies = time.monotonic(), zombie_children(among=ours)
-            return max([now - first_seen.setdefault(pid, now) for pid in zombies] or [0])
+        def collect(supervisor, children):
+            exited = real_collect(supervisor, children)
+            if exiting.is_set():
+                events.append(("collect", len(exited)))
+            return exited
 
-        with mock.patch.object(agent.Journal, "update", slow_update), RunningAgent(self.fake) as running:
+        with mock.patch.object(agent.Journal, "update", slow_update), \
+                mock.patch.object(agent.Supervisor, "_finish", finish), \
+                mock.patch.object(agent.Supervisor, "_collect_exits", collect), \
+                RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
             ours = {int(p) for p in read(pids).split()}  # sh's pid: it execs sleep
             exiting.set()
             for pid in ours:
                 os.kill(pid, signal.SIGTERM)
-                self.assertLess(oldest_zombie_age(), 3.5, "a child left a zombie while exits were handled")
-                time.sleep(0.1)
-            deadline = time.monotonic() + 60
-            while running.agent.in_flight_count() and time.monotonic() < deadline:
-                self.assertLess(oldest_zombie_age(), 3.5, "a child left a zombie while exits were handled")
                 time.sleep(0.02)
-            self.assertFalse(running.agent.in_flight_count())
+            wait_for(lambda: not running.agent.in_flight_count(), timeout=60, what="every exit")
+        reaped, handled_since_reap = 0, 0
+        for kind, count in events:
+            if kind == "collect":
+                reaped, handled_since_reap = reaped + count, 0
+                continue
+            handled_since_reap += 1
+            if reaped < len(runs):
+                self.assertLess(handled_since_reap, 2, "two exits handled with no reaping between "
+                                "them while %d children were yet to be reaped" % (len(runs) - reaped))
+        self.assertEqual(reaped, len(runs))
 
     def test_a_child_whose_grandchild_lives_on_is_still_reaped_and_reported(self):
         run, state = self.final_state_of("sh -c 'sleep 30 & exit 4'")
