@@ -3512,6 +3512,9 @@ class WatchingTests(AgentTestCase):
                 RunningAgent(self.fake) as running:
             wait_for(lambda: os.path.exists(pids) and len(read(pids).split()) == len(runs),
                      timeout=60, what="40 children")
+            # A child can write its pid before the supervisor watches it: wait for all 40.
+            wait_for(lambda: len(running.agent.supervisor.children()) == len(runs),
+                     timeout=60, what="40 children watched")
             ours = {int(p) for p in read(pids).split()}  # sh's pid: it execs sleep
             exiting.set()
             for pid in ours:
