@@ -1376,10 +1376,18 @@ class FakePrefectTests(unittest.TestCase):
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_PY = os.path.join(HERE, "agent.py")
 PY = sys.executable
-# Agents started by these tests keep their journals here, never in the user's own state dir.
+# Agents started by these tests keep their journals under here, never in the user's own state
+# dir, and each test in a --state-dir of its own: tests run side by side, and an agent that
+# found another test's journal would recover its runs (and wait for its containers). An agent
+# started without --state-dir fails at once: its default state home is a file.
 STATE_ROOT = tempfile.mkdtemp(prefix="agentpy-test-state-")
 atexit.register(shutil.rmtree, STATE_ROOT, True)
-os.environ["XDG_STATE_HOME"] = STATE_ROOT
+os.environ["XDG_STATE_HOME"] = os.path.join(STATE_ROOT, "pass-a-state-dir")
+open(os.environ["XDG_STATE_HOME"], "w").close()
+
+
+def state_dir_flag():
+    return ["--state-dir", tempfile.mkdtemp(dir=STATE_ROOT)]
 
 
 def read(path):
@@ -1842,7 +1850,8 @@ class SettingsSourcesTests(unittest.TestCase):
         self.addCleanup(fake.stop)
         self.write("prefect-home/profiles.toml", '[profiles.local]\nPREFECT_API_URL = "%s"\n'
                    'PREFECT_API_KEY = "s3cret-key"\n' % fake.url)
-        proc = subprocess.run([PY, AGENT_PY, "-p", "pool", "--run-once"], capture_output=True,
+        proc = subprocess.run([PY, AGENT_PY, "-p", "pool", "--run-once"] + state_dir_flag(),
+                              capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL,
                               env=dict(os.environ, PREFECT_HOME=self.home, PREFECT_PROFILE="local"))
         self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -2923,7 +2932,8 @@ class PoolTests(AgentTestCase):
         fake.start()
         self.addCleanup(fake.stop)
         env = dict(os.environ, PREFECT_API_KEY="wrong-secret")
-        proc = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--hide-welcome"],
+        proc = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--hide-welcome"] +
+                              state_dir_flag(),
                               capture_output=True, text=True, timeout=60, env=env,
                               stdin=subprocess.DEVNULL)
         self.assertEqual(proc.returncode, 1)
@@ -3100,7 +3110,7 @@ class ClaimTests(AgentTestCase):
         dep = self.deployment(command=marker_command(self.markers, "import time; time.sleep(0.5)"))
         runs = [self.fake.add_run(dep, pool="pool") for _ in range(3)]
         proc = subprocess.run([PY, AGENT_PY, "--api", self.fake.url, "-p", "pool", "--run-once",
-                               "--prefetch-seconds", "0", "--hide-welcome"],
+                               "--prefetch-seconds", "0", "--hide-welcome"] + state_dir_flag(),
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(self.started_ids()), sorted(runs))
@@ -3112,7 +3122,7 @@ class ClaimTests(AgentTestCase):
         self.deployment()
         began = time.monotonic()
         proc = subprocess.run([PY, AGENT_PY, "--api", self.fake.url, "-p", "pool", "--run-once",
-                               "--hide-welcome"], capture_output=True, text=True, timeout=60,
+                               "--hide-welcome"] + state_dir_flag(), capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertLess(time.monotonic() - began, agent.DEFAULT_POLL_SECONDS / 2)
@@ -3592,19 +3602,20 @@ class ShippedFilesTests(unittest.TestCase):
         fake = FakePrefect()
         fake.start()
         self.addCleanup(fake.stop)
-        proc = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--run-once"],
+        proc = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--run-once"] +
+                              state_dir_flag(),
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("Agent started! Looking for work from work pool 'pool'...", proc.stdout)
         self.assertIn(" queues: every queue of the pool\n", proc.stdout)
         queues = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-q", "agentq", "-m", "etl-",
-                                 "--run-once"], capture_output=True, text=True, timeout=60,
-                                stdin=subprocess.DEVNULL)
+                                 "--run-once"] + state_dir_flag(), capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL)
         self.assertIn("work pool 'default-agent-pool'", queues.stdout)
         self.assertIn(" queues: 'agentq', those starting with 'etl-'\n", queues.stdout)
         hidden = subprocess.run([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--run-once",
-                                 "--hide-welcome"], capture_output=True, text=True, timeout=60,
-                                stdin=subprocess.DEVNULL)
+                                 "--hide-welcome"] + state_dir_flag(), capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL)
         self.assertNotIn("Agent started!", hidden.stdout)
 
     def test_sigterm_stops_a_polling_agent_with_exit_0(self):
@@ -3612,7 +3623,7 @@ class ShippedFilesTests(unittest.TestCase):
         fake.start()
         self.addCleanup(fake.stop)
         proc = subprocess.Popen([PY, AGENT_PY, "--api", fake.url, "-p", "pool", "--hide-welcome",
-                                 "--poll-interval", "0.2"], stdout=subprocess.PIPE,
+                                 "--poll-interval", "0.2"] + state_dir_flag(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         wait_for(lambda: fake.workers("pool"), what="first heartbeat")
         proc.send_signal(signal.SIGTERM)
@@ -8275,6 +8286,8 @@ class RealServerConformance(unittest.TestCase):
             sys.executable, AGENT_PY, "start"] + serve + ["--api", api, "--name", name,
             "--python", self.flow_python, "--poll-interval", "1", "--prefetch-seconds", "5"] + \
             list(extra)
+        if "--state-dir" not in extra:  # the test's own: a restart within it finds its journal
+            argv += ["--state-dir", os.path.join(self.tmp, "agent-state")]
         env = dict(os.environ)
         # The agent must hand its --api to children itself.
         for k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
@@ -8489,8 +8502,7 @@ class RealServerConformance(unittest.TestCase):
             "command": "sh -c 'sleep 6; exit 3'"})
         runs = [self.rest.create_flow_run(dep["id"])["id"] for _ in range(3)]
         crashing = self.rest.create_flow_run(crash["id"])["id"]
-        state_dir = os.path.join(self.tmp, "agent-state")
-        first = self.start_agent("--state-dir", state_dir)
+        first = self.start_agent()
         end = time.monotonic() + self.remaining(90)
         while time.monotonic() < end and len(set(self.flow_starts())) < len(runs):
             self.check_agents_alive()
@@ -8498,7 +8510,7 @@ class RealServerConformance(unittest.TestCase):
         first.kill()
         first.wait(10)
         self.agents = [a for a in self.agents if a[0] is not first]  # its death was the point
-        self.start_agent("--state-dir", state_dir)
+        self.start_agent()
         finals = {r: state_of(self.wait_final(r, 90))[0] for r in runs + [crashing]}
         if finals != dict({r: "COMPLETED" for r in runs}, **{crashing: "CRASHED"}):
             self.fail_with_logs("unexpected final states %r" % finals)
@@ -8510,12 +8522,10 @@ class RealServerConformance(unittest.TestCase):
         self.make_pool()
         dep = self.real_flow_deployment(env={"FLOW_SLEEP": "4"})
         run = self.rest.create_flow_run(dep["id"])["id"]
-        state_dir = os.path.join(self.tmp, "agent-state")
-        first = self.start_agent("--state-dir", state_dir,
-                                 prefix=[sys.executable, "-c", KILL_AT_STEP, "popen", "1"])
+        first = self.start_agent(prefix=[sys.executable, "-c", KILL_AT_STEP, "popen", "1"])
         first.wait(60)
         self.agents = [a for a in self.agents if a[0] is not first]  # its death was the point
-        self.start_agent("--state-dir", state_dir)
+        self.start_agent()
         final = state_of(self.wait_final(run, 90))[0]
         if final != "COMPLETED":
             self.fail_with_logs("ended %s, not COMPLETED" % final)
@@ -8528,8 +8538,7 @@ class RealServerConformance(unittest.TestCase):
         dep = self.make_deployment("agentpy-conformance-cmd", job_variables={
             "command": "sh -c 'sleep 3'"})
         run = self.rest.create_flow_run(dep["id"])["id"]
-        state_dir = os.path.join(self.tmp, "agent-state")
-        first = self.start_agent("--state-dir", state_dir)
+        first = self.start_agent()
         end = time.monotonic() + self.remaining(60)
         while time.monotonic() < end and not self.rest.read_run(run).get("infrastructure_pid"):
             self.check_agents_alive()
@@ -8541,7 +8550,7 @@ class RealServerConformance(unittest.TestCase):
             "type": "CANCELLING", "state_details": {"transition_id": str(uuid.uuid4())}}})
         self.assertEqual(answer["status"], "ACCEPT", answer)
         time.sleep(4)  # the process ends while no agent watches
-        self.start_agent("--state-dir", state_dir)
+        self.start_agent()
         self.expect_final(run, "CANCELLED", 30)
 
     # -- docker pools: real containers (DOCKER_IMAGE_VARIABLE: an image with prefect) ---------
