@@ -382,6 +382,9 @@ REPORT_FLUSH_SECONDS = 10.0
 SUPERVISOR_JOIN_SECONDS = 10.0
 #: Seconds before a start that found no file descriptor free is tried again.
 START_RETRY_SECONDS = 1.0
+#: The Prefect server versions (major, minor) agent.py is tested against, oldest and newest
+#: of each line: the README's compatibility table, which bench/versions.py measures.
+TESTED_SERVERS = (((2, 10), (2, 20)), ((3, 0), (3, 9)))
 
 
 class UsageError(Exception):
@@ -1717,6 +1720,12 @@ class PrefectAPI:
         self._csrf_token = answer.get("token") if isinstance(answer, dict) else None
 
     # -- the calls Prefect's own workers make (checked on a 3.8.8 server) ------
+
+    def server_version(self):
+        """The server's own version, asked once and not retried. GET /admin/version answers
+        it ("3.9.1", "2.14.16": checked on both); GET /version answers the API schema's
+        ("0.8.4" on 2.14 to 3.9 alike)."""
+        return self.request("GET", "/admin/version", retries=0)
 
     def _get_or_none(self, path):
         """GET path; None when the server answers that it does not exist (404)."""
@@ -5282,6 +5291,7 @@ class Agent:
         self._ignored_signals, self._ignored_signals_logged = {}, {}
         self._recovered = False
         self._said_pool_missing = False
+        self._named_server = False
         self._processes_of_runs = {}  # run id -> its processes, found at recovery
         self._next_sync = 0.0
         self._outage_since = None
@@ -5342,6 +5352,8 @@ class Agent:
                     self._heartbeat()
                 self.last_contact = time.monotonic()
                 self._api_recovered()
+                if not self._named_server:
+                    self._name_server()
             except (AuthRefused, UsageError):
                 raise
             except Exception as exc:
@@ -5472,6 +5484,28 @@ class Agent:
                      time.monotonic() - self._outage_since, self._outage_failures)
         self._outage_since = None
         self._outage_failures = 0
+
+    def _name_server(self):
+        """One line naming the server's version, once the first pass has reached it (its
+        runs are claimed by then); a warning if no release of that line was tested."""
+        self._named_server = True
+        try:
+            version = self.api.server_version()
+        except (APIError, APIUnreachable, AuthRefused) as exc:
+            if isinstance(exc, AuthRefused):  # the version only, as polls pass: not the key
+                exc = "GET /admin/version was refused"
+            if not isinstance(exc, Stopped):
+                log.info("The Prefect server did not say its version: %s", exc)
+            return
+        release = re.match(r"(\d+)\.(\d+)", version) if isinstance(version, str) else None
+        tested = ", ".join("%d.%d to %d.%d" % (low + high) for low, high in TESTED_SERVERS)
+        if release and any(low <= (int(release[1]), int(release[2])) <= high
+                           for low, high in TESTED_SERVERS):
+            log.info("Prefect server %s", version)
+        else:
+            log.warning("Prefect server %s is not a version agent.py is tested with (%s): "
+                        "runs may fail to start or to end in the right state; the README's "
+                        "compatibility table lists what is tested", _id_text(version)[:60], tested)
 
     # -- pool, queues, heartbeat ------------------------------------------------
 

@@ -328,10 +328,11 @@ class FakePrefect(object):
         # False: store states without their transition id, as Prefect 2.10 to 2.14.16 do
         # (checked on 2.14.16: its answers and reads have no transition_id key at all).
         self.keeps_transition_ids = True
+        self.server_version = "3.8.8"  # what GET /admin/version answers
         uid = r"([0-9a-fA-F-]{32,36})"
         self._routes = [(m, re.compile(p + "$"), f) for m, p, f in (
             ("GET", r"/version", lambda b, q: (200, "0.8.4")),
-            ("GET", r"/admin/version", lambda b, q: (200, "3.8.8")),
+            ("GET", r"/admin/version", lambda b, q: (200, self.server_version)),
             ("GET", r"/csrf-token", self._csrf_token),
             ("POST", r"/work_pools/", self._create_pool),
             ("GET", r"/work_pools/([^/]+)", lambda b, q, name: (200, self._get_pool(name))),
@@ -1024,7 +1025,7 @@ class FakePrefectTests(unittest.TestCase):
     def test_template_constant_matches_what_prefect_generates(self):
         python = os.environ.get("AGENT_TEST_FLOW_PYTHON", "").strip()
         if not python:
-            require_real("AGENT_TEST_FLOW_PYTHON, a Python with prefect 3.8.8")
+            require_real("AGENT_TEST_FLOW_PYTHON, a Python with prefect 3")
         generated = subprocess.run([python, "-c", (
             "import json; from prefect.workers.process import ProcessWorker; "
             "print(json.dumps(ProcessWorker.get_default_base_job_template()))")],
@@ -2939,6 +2940,57 @@ class PoolTests(AgentTestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertIn("refused our credentials", proc.stderr)
         self.assertNotIn("wrong-secret", proc.stderr + proc.stdout)
+
+
+class ServerVersionTests(AgentTestCase):
+    """(issue 23) The agent names the server's version once it has reached it, and warns
+    once when no release of that line was tested; the question costs one request, never a run."""
+
+    def version_lines(self, *, runs=1):
+        """The agent's lines about the server's version, after `runs` runs COMPLETED."""
+        dep = self.deployment(command=py_command(REPORT_STATES, "RUNNING", "COMPLETED"))
+        ids = [self.fake.add_run(dep, pool="pool") for _ in range(runs)]
+        asked_before = len(self.fake.calls("GET", "/admin/version"))
+        with agent_log("INFO") as logs, RunningAgent(self.fake) as running:
+            wait_for(lambda: all(final_type(self.fake, r) == "COMPLETED" for r in ids),
+                     what="the runs completed")
+            polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
+            wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) > polls + 1,
+                     what="two more polls")
+            self.assertIsNone(running.agent._outage_since)
+        self.assertEqual(len(self.fake.calls("GET", "/admin/version")), asked_before + 1,
+                         "asked once")
+        self.assertEqual(at_or_above(logs, agent.ERROR), [])
+        return [line for line in logs if "server" in line and "version" in line or
+                line.startswith("Prefect server")]
+
+    def test_a_tested_server_is_named_in_one_line(self):
+        for version in ("3.9.1", "3.0.11", "2.10.21", "2.20.27", "3.9.2.dev4+g1234"):
+            with self.subTest(version=version):
+                self.fake.server_version = version
+                (line,) = self.version_lines()
+                self.assertEqual((line.level, line), (agent.INFO, "Prefect server " + version))
+
+    def test_an_untested_server_is_one_warning_naming_the_tested_versions(self):
+        for version in ("3.10.0", "2.9.5", "1.4.2", "4.0.0", "nightly", {"version": "3.9.1"},
+                        "3.11\x1b[31m\n12:00:00 ERROR forged"):
+            with self.subTest(version=version):
+                self.fake.server_version = version
+                (line,) = self.version_lines()
+                self.assertEqual(line.level, agent.WARNING)
+                self.assertIn("is not a version agent.py is tested with (2.10 to 2.20, 3.0 to "
+                              "3.9)", line)
+                self.assertNotIn("\n", line)
+                self.assertNotIn("\x1b", line)
+
+    def test_a_server_that_does_not_say_costs_one_line_and_one_request(self):
+        for status in (404, 500, 403, 503):
+            with self.subTest(status=status):
+                self.fake.fail_next(1, status=status, path_contains="/admin/version")
+                (line,) = self.version_lines()
+                self.assertEqual(line.level, agent.INFO)
+                self.assertIn("The Prefect server did not say its version: GET /admin/version "
+                              + ("was refused" if status == 403 else "answered %d" % status), line)
 
 
 # -- 4. claiming --------------------------------------------------------------------
