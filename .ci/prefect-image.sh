@@ -12,11 +12,10 @@
 #                          `bash $CONTAINER_RUNTIME_SCRIPT` (idempotent "up") and evals its exports
 #   CONTAINER_RUNTIME_SCRIPT  default: .ci/container_runtime.sh, kept in the repository so
 #                          that a bare clone runs CI
-#   PREFECT_VERSION        default 3.8.8
-#   FASTAPI_PIN            default 0.128.0 (installed over prefect's own fastapi; empty = skip).
-#                          prefect 3.8.8 declares fastapi>=0.139.0, but newer FastAPI breaks the
-#                          import of prefect.server (Body(min_items=...)); the client/engine does
-#                          not need the pin, the server does.
+#   PREFECT_VERSION        default 3.9.1
+#   FASTAPI_PIN            a fastapi version installed over prefect's own; default none. 3.0 to
+#                          3.8 declare fastapi>=0.139.0, whose import of prefect.server fails
+#                          (Body(min_items=...)): their server needs 0.128.0, their client not.
 #   PREFECT_TEST_IMAGE     tag to build, default local/bookworm-prefect:$PREFECT_VERSION
 #   PREFECT_WHEEL_DIR      default $CONTAINER_STATE_DIR/prefect-wheels-$PREFECT_VERSION-cpXY
 #   HOST_PYTHON            python used for `pip download`, default python3 (any version works:
@@ -28,8 +27,8 @@
 #                          download falls back to pendulum 0.4 and `import prefect` fails.
 set -euo pipefail
 
-PREFECT_VERSION="${PREFECT_VERSION:-3.8.8}"
-FASTAPI_PIN="${FASTAPI_PIN-0.128.0}"
+PREFECT_VERSION="${PREFECT_VERSION:-3.9.1}"
+FASTAPI_PIN="${FASTAPI_PIN-}"
 TAG="${PREFECT_TEST_IMAGE:-local/bookworm-prefect:$PREFECT_VERSION}"
 RUNTIME="${CONTAINER_RUNTIME_SCRIPT:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/container_runtime.sh}"
 STATE_DIR="${CONTAINER_STATE_DIR:-/var/lib/container-runtime-bench}"
