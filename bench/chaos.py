@@ -3,7 +3,7 @@
 
     python bench/chaos.py [--quick] [--only NAME] [--require-all] [--keep] [--agent PATH]
 
-Starts a Prefect 3.8.8 server (SQLite, a free loopback port, the venv .ci/run builds) and runs
+Starts a Prefect 3.9.1 server (SQLite, a free loopback port, the venv .ci/run builds) and runs
 agent.py as a subprocess against it through these scenarios:
 
   kill9-steps        SIGKILL the agent at the Nth fsync / Popen / HTTP request (before it is
@@ -1504,7 +1504,7 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (agent logs)")
     parser.add_argument("--agent", default=AGENT_PY, help="agent.py to test (default: the repo's)")
     parser.add_argument("--prefect-venv", default=default_venv(),
-                        help="venv with prefect 3.8.8 (created like .ci/run does if missing)")
+                        help="venv with prefect 3.9.1 (created like .ci/run does if missing)")
     args = parser.parse_args(argv)
     p = params(args.quick)
     signal.signal(signal.SIGTERM, interrupted)

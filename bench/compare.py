@@ -7,7 +7,7 @@
     python bench/compare.py --rtt-ms 0,80 [--wan-runs 100,500] [--wan-repeat 1]
                             [--database sqlite,postgres] [--agent PATH] [--json PATH]
 
-Both agents run on one real Prefect 3.8.8 server, in alternation (agent.py, worker, agent.py,
+Both agents run on one real Prefect 3.9.1 server, in alternation (agent.py, worker, agent.py,
 ...), each round on a fresh work pool with identical deployments, and talk to the server
 through a recording reverse proxy in this script, which times their requests. Every flow run
 is a trivial bash command that appends "RUN_ID EPOCHREALTIME PID" to a marker file, so the
@@ -80,12 +80,10 @@ README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 WAN_RESULTS_MD = os.path.join(REPO, "bench", "RESULTS-wan.md")
 WAN_README_START, WAN_README_END = "<!-- wan:start -->", "<!-- wan:end -->"
 
-PREFECT_VERSION = "3.8.8"
-# Same recipe and stamp as .ci/run: prefect first, the fastapi pin in a second pip command
-# (asking for both at once is a resolver conflict), vermin because .ci/run expects it in a
-# venv that carries the stamp.
-FASTAPI_PIN = "fastapi==0.128.0"
-STAMP = ".agentpy-ci-ok-%s-%s" % (PREFECT_VERSION, FASTAPI_PIN)
+PREFECT_VERSION = "3.9.1"
+# Same recipe and stamp as .ci/run (vermin because .ci/run expects it in a venv that carries
+# the stamp).
+STAMP = ".agentpy-ci-ok-%s" % PREFECT_VERSION
 HEALTH_TIMEOUT = 180.0
 
 AGENT, WORKER = "agent.py", "Prefect worker"
@@ -514,14 +512,12 @@ class Proxy(http.server.ThreadingHTTPServer):
 def ensure_venv(venv, base_python):
     if os.path.exists(os.path.join(venv, STAMP)):
         return
-    log("creating venv %s (prefect==%s, then %s, then vermin)" % (venv, PREFECT_VERSION,
-                                                                   FASTAPI_PIN))
+    log("creating venv %s (prefect==%s, then vermin)" % (venv, PREFECT_VERSION))
     shutil.rmtree(venv, ignore_errors=True)
     os.makedirs(os.path.dirname(venv), exist_ok=True)
     python = os.path.join(venv, "bin", "python")
     steps = [[base_python, "-m", "venv", venv],
              [python, "-m", "pip", "install", "-q", "prefect==" + PREFECT_VERSION],
-             [python, "-m", "pip", "install", "-q", FASTAPI_PIN],
              [python, "-m", "pip", "install", "-q", "vermin"],
              [python, "-c", "import prefect, fastapi; assert prefect.__version__ == %r, "
                             "prefect.__version__" % PREFECT_VERSION]]
