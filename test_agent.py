@@ -8064,7 +8064,9 @@ class Rest(object):
 
     def create_deployment(self, flow_id, name, pool, entrypoint=None, directory=None,
                           job_variables=None):
-        body = {"name": name, "flow_id": flow_id, "work_pool_name": pool}
+        # A schema: 3.0 to 3.2 refuse runs of a deployment without one (409, checked on 3.0.11).
+        body = {"name": name, "flow_id": flow_id, "work_pool_name": pool,
+                "parameter_openapi_schema": {"type": "object", "properties": {}}}
         if entrypoint is not None:
             body["entrypoint"] = entrypoint
         if directory is not None:
@@ -8073,7 +8075,13 @@ class Rest(object):
         if job_variables is not None:
             body["job_variables"] = job_variables
         # The pool must exist first: otherwise 404 'Work pool "x" not found.'
-        return self.call("POST", "/deployments/", body)
+        try:
+            return self.call("POST", "/deployments/", body)
+        except RestError as e:  # 2.16 and older call them infra_overrides (422, on 2.10.21)
+            if e.status != 422 or "job_variables" not in e.body:
+                raise
+            body["infra_overrides"] = body.pop("job_variables")
+            return self.call("POST", "/deployments/", body)
 
     def create_flow_run(self, deployment_id, **body):
         return self.call("POST", "/deployments/%s/create_flow_run" % deployment_id, body)
@@ -8296,6 +8304,7 @@ class RealServerConformance(unittest.TestCase):
         except Exception as e:  # noqa: BLE001 - reported to the user
             return ("fail", "%s cannot import prefect: %s" % (cls.PYTHON_VARIABLE, e))
         version = out.stdout.decode("utf-8", "replace").strip().splitlines()[-1]
+        cls.flow_prefect = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
         if version.split(".")[0] != cls.PREFECT_MAJOR:
             return ("fail", "%s has prefect %s; these tests need prefect %s.x"
                     % (cls.PYTHON_VARIABLE, version, cls.PREFECT_MAJOR))
@@ -8542,8 +8551,9 @@ class RealServerConformance(unittest.TestCase):
         states = [s["type"] for s in self.rest.call("GET", "/flow_run_states/?flow_run_id=" + run_id)]
         if "CRASHED" in states:
             self.fail_with_logs("the run went through CRASHED: %r" % states)
-        with open(self.flow_marker + ".hooks") as f:
-            self.assertEqual(f.read().split(), ["on_cancellation"])
+        if not (3, 0) <= self.flow_prefect < (3, 7):  # these take SIGTERM without running hooks
+            with open(self.flow_marker + ".hooks") as f:
+                self.assertEqual(f.read().split(), ["on_cancellation"])
 
     def test_kill_9_and_restart_every_run_ends_final_and_none_runs_twice(self):
         """(issue 3) agent.py is killed with SIGKILL while real flows run; a new agent on the
@@ -8826,7 +8836,7 @@ class RealServerConformance(unittest.TestCase):
             for w in self.rest.workers(self.pool):
                 if w.get("name") == name:
                     seen = w
-            if seen and seen.get("status") == "ONLINE":
+            if seen and seen.get("status", "ONLINE") == "ONLINE":  # 2.10's rows have none
                 return
             self.check_agents_alive()
             time.sleep(0.5)
