@@ -1723,8 +1723,8 @@ class PrefectAPI:
 
     def server_version(self):
         """The server's own version, asked once and not retried. GET /admin/version answers
-        it ("3.9.1", "2.14.16": checked on both); GET /version answers the API schema's
-        ("0.8.4" on 2.14 to 3.9 alike)."""
+        it ("3.9.1", "2.10.21": checked on both); GET /version answers the API schema's
+        ("0.8.4" on 3.8.8)."""
         return self.request("GET", "/admin/version", retries=0)
 
     def _get_or_none(self, path):
@@ -5501,7 +5501,7 @@ class Agent:
         tested = ", ".join("%d.%d to %d.%d" % (low + high) for low, high in TESTED_SERVERS)
         if release and any(low <= (int(release[1]), int(release[2])) <= high
                            for low, high in TESTED_SERVERS):
-            log.info("Prefect server %s", version)
+            log.info("Prefect server %.60s", version)
         else:
             log.warning("Prefect server %s is not a version agent.py is tested with (%s): "
                         "runs may fail to start or to end in the right state; the README's "

@@ -2970,6 +2970,10 @@ class ServerVersionTests(AgentTestCase):
                 self.fake.server_version = version
                 (line,) = self.version_lines()
                 self.assertEqual((line.level, line), (agent.INFO, "Prefect server " + version))
+        self.fake.server_version = forged = "3.9.1\n12:00:00 | ERROR | forged" + "x" * 10000
+        (line,) = self.version_lines()  # one line, cut short
+        self.assertEqual((line.level, line), (agent.INFO, "Prefect server " + forged[:60].replace(
+            "\n", "\\n")))
 
     def test_an_untested_server_is_one_warning_naming_the_tested_versions(self):
         for version in ("3.10.0", "2.9.5", "1.4.2", "4.0.0", "nightly", {"version": "3.9.1"},
