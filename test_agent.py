@@ -2946,14 +2946,14 @@ class ServerVersionTests(AgentTestCase):
     """(issue 23) The agent names the server's version once it has reached it, and warns
     once when no release of that line was tested; the question costs one request, never a run."""
 
-    def version_lines(self, *, runs=1):
-        """The agent's lines about the server's version, after `runs` runs COMPLETED."""
-        dep = self.deployment(command=py_command(REPORT_STATES, "RUNNING", "COMPLETED"))
-        ids = [self.fake.add_run(dep, pool="pool") for _ in range(runs)]
+    def version_lines(self):
+        """The agent's lines about the server's version, once a run COMPLETED and two more
+        polls came."""
+        run = self.fake.add_run(self.deployment(command=py_command(
+            REPORT_STATES, "RUNNING", "COMPLETED")), pool="pool")
         asked_before = len(self.fake.calls("GET", "/admin/version"))
         with agent_log("INFO") as logs, RunningAgent(self.fake) as running:
-            wait_for(lambda: all(final_type(self.fake, r) == "COMPLETED" for r in ids),
-                     what="the runs completed")
+            wait_for(lambda: final_type(self.fake, run) == "COMPLETED", what="the run completed")
             polls = len(self.fake.calls("POST", "get_scheduled_flow_runs"))
             wait_for(lambda: len(self.fake.calls("POST", "get_scheduled_flow_runs")) > polls + 1,
                      what="two more polls")
