@@ -1469,7 +1469,7 @@ def config_for(fake, *flags, env=None):
     argv = ["--api", fake.url, "--poll-interval", "0.2", "--prefetch-seconds", "0",
             "--hide-welcome", "--name", "test-agent"] + list(flags)
     if "--state-dir" not in argv:
-        argv += ["--state-dir", tempfile.mkdtemp(dir=STATE_ROOT)]
+        argv += state_dir_flag()
     if "--pool" not in argv and "-p" not in argv:
         argv += ["--pool", "pool"]
     return agent.parse_config(agent.parse_flags(argv), env or {})
@@ -8347,12 +8347,11 @@ class RealServerConformance(unittest.TestCase):
         api = kw.get("api") or self.api
         log_path = os.path.join(self.tmp, "agent-%d.log" % len(self.agents))
         serve = kw.get("serve") or ["--pool", self.pool]  # what to take runs from
+        # The test's own state dir: a restart within the test finds its journal.
         argv = list(kw.get("prefix", ())) + [
             sys.executable, AGENT_PY, "start"] + serve + ["--api", api, "--name", name,
-            "--python", self.flow_python, "--poll-interval", "1", "--prefetch-seconds", "5"] + \
-            list(extra)
-        if "--state-dir" not in extra:  # the test's own: a restart within it finds its journal
-            argv += ["--state-dir", os.path.join(self.tmp, "agent-state")]
+            "--python", self.flow_python, "--poll-interval", "1", "--prefetch-seconds", "5",
+            "--state-dir", os.path.join(self.tmp, "agent-state")] + list(extra)
         env = dict(os.environ)
         # The agent must hand its --api to children itself.
         for k in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):
