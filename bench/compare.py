@@ -81,9 +81,6 @@ WAN_RESULTS_MD = os.path.join(REPO, "bench", "RESULTS-wan.md")
 WAN_README_START, WAN_README_END = "<!-- wan:start -->", "<!-- wan:end -->"
 
 PREFECT_VERSION = "3.9.1"
-# Same recipe and stamp as .ci/run (vermin because .ci/run expects it in a venv that carries
-# the stamp).
-STAMP = ".agentpy-ci-ok-%s" % PREFECT_VERSION
 HEALTH_TIMEOUT = 180.0
 
 AGENT, WORKER = "agent.py", "Prefect worker"
@@ -509,22 +506,26 @@ class Proxy(http.server.ThreadingHTTPServer):
 
 # -- venv and server ---------------------------------------------------------------------------
 
-def ensure_venv(venv, base_python):
-    if os.path.exists(os.path.join(venv, STAMP)):
+def ensure_venv(venv, base_python, version=PREFECT_VERSION, pins=()):
+    """A venv with prefect==version, then `pins` (asked for with prefect at once, some are a
+    resolver conflict) and vermin, made once: with no pins, .ci/run's recipe and stamp."""
+    stamp = os.path.join(venv, "-".join([".agentpy-ci-ok", version] + list(pins)))
+    if os.path.exists(stamp):
         return
-    log("creating venv %s (prefect==%s, then vermin)" % (venv, PREFECT_VERSION))
+    log("creating venv %s (prefect==%s, then %s)" % (venv, version, " ".join(
+        list(pins) + ["vermin"])))
     shutil.rmtree(venv, ignore_errors=True)
     os.makedirs(os.path.dirname(venv), exist_ok=True)
     python = os.path.join(venv, "bin", "python")
     steps = [[base_python, "-m", "venv", venv],
-             [python, "-m", "pip", "install", "-q", "prefect==" + PREFECT_VERSION],
-             [python, "-m", "pip", "install", "-q", "vermin"],
-             [python, "-c", "import prefect, fastapi; assert prefect.__version__ == %r, "
-                            "prefect.__version__" % PREFECT_VERSION]]
+             [python, "-m", "pip", "install", "-q", "prefect==" + version],
+             [python, "-m", "pip", "install", "-q", "vermin"] + list(pins),
+             [python, "-c", "import prefect.server.api.server, prefect; assert "
+                            "prefect.__version__ == %r, prefect.__version__" % version]]
     for step in steps:
         if subprocess.call(step) != 0:
             raise BenchError("creating the venv failed at: %s" % " ".join(step))
-    open(os.path.join(venv, STAMP), "w").close()
+    open(stamp, "w").close()
 
 
 def free_port():

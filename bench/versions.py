@@ -15,19 +15,20 @@ runs the first four cases (.ci/run's form). Exit 0 only when every cell passed.
 Stdlib only. The first run installs eleven versions of prefect (a few minutes each).
 """
 import argparse
-import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+
+from compare import BenchError, ensure_venv, start_server, stop_group  # noqa: E402
+
+REPO = os.path.dirname(BENCH)
 README = os.path.join(REPO, "README.md")
 START, END = "<!-- versions:start -->", "<!-- versions:end -->"
 
@@ -62,82 +63,10 @@ LIMITS = {
     ("2.10.", "worker online"): "n/a: 2.10's worker rows have no status",
     ("3.", "-q, Process block"): "n/a: Prefect 2 only",
 }
-HEALTH_SECONDS = 180
 
 
 def log(text):
     print("[versions %s] %s" % (time.strftime("%H:%M:%S"), text), flush=True)
-
-
-def venv_for(version, cache):
-    """A venv's Python with prefect==version and its pins, made once."""
-    venv = os.path.join(cache, "venv-prefect-" + version)
-    python = os.path.join(venv, "bin", "python")
-    stamp = os.path.join(venv, ".ok-" + "-".join([version] + VERSIONS[version]))
-    if os.path.exists(stamp):
-        return python
-    log("installing prefect %s %s" % (version, " ".join(VERSIONS[version])))
-    shutil.rmtree(venv, ignore_errors=True)
-    steps = [[sys.executable, "-m", "venv", venv],
-             [python, "-m", "pip", "install", "-q", "prefect==" + version]]
-    if VERSIONS[version]:
-        steps.append([python, "-m", "pip", "install", "-q"] + VERSIONS[version])
-    steps.append([python, "-c", "import prefect.server.api.server, prefect; "
-                  "assert prefect.__version__ == %r, prefect.__version__" % version])
-    for step in steps:
-        done = subprocess.run(step, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if done.returncode:
-            raise RuntimeError("%s failed:\n%s" % (" ".join(step), done.stdout.decode()[-2000:]))
-    open(stamp, "w").close()
-    return python
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`prefect server start` of a venv, in a session and a PREFECT_HOME of its own."""
-
-    def __init__(self, python):
-        self.home = tempfile.mkdtemp(prefix="agentpy-versions-")
-        self.api = "http://127.0.0.1:%d/api" % free_port()
-        env = dict(os.environ, PREFECT_HOME=self.home, PREFECT_UI_ENABLED="false",
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_DATABASE_CONNECTION_URL"):
-            env.pop(name, None)
-        prefect = os.path.join(os.path.dirname(python), "prefect")
-        self.log_path = os.path.join(self.home, "server.log")
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                 self.api.rsplit(":", 1)[1].split("/")[0]], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-
-    def wait_healthy(self):
-        end = time.monotonic() + HEALTH_SECONDS
-        while time.monotonic() < end and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(self.api + "/health", timeout=5) as answer:
-                    if json.load(answer) is True:
-                        return
-            except (OSError, ValueError):
-                time.sleep(1)
-        with open(self.log_path, errors="replace") as handle:
-            raise RuntimeError("the server did not become healthy:\n" + handle.read()[-2000:])
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def run_cases(version, python, api, cases):
@@ -206,19 +135,20 @@ def main(argv=None):
     started = time.monotonic()
     for version in versions:
         began = time.monotonic()
+        venv = os.path.join(cache, "venv-prefect-" + version)
+        tmp = tempfile.mkdtemp(prefix="agentpy-versions-")
         server = None
         try:
-            python = venv_for(version, cache)
-            server = Server(python)
-            server.wait_healthy()
-            log("prefect %s at %s: running %d cases" % (version, server.api, len(cases)))
-            cells = run_cases(version, python, server.api, cases)
-        except RuntimeError as exc:
+            ensure_venv(venv, sys.executable, version, VERSIONS[version])
+            server, api = start_server(venv, tmp)
+            log("prefect %s at %s: running %d cases" % (version, api, len(cases)))
+            cells = run_cases(version, os.path.join(venv, "bin", "python"), api, cases)
+        except BenchError as exc:
             log("prefect %s: %s" % (version, exc))
             cells = {}
         finally:
-            if server is not None:
-                server.stop()
+            stop_group(server, 30)
+            shutil.rmtree(tmp, ignore_errors=True)
         log("prefect %s: %s (%.1f min)" % (version, cells, (time.monotonic() - began) / 60))
         rows.append((version, cells))
     text = table(rows, cases)
